@@ -1,0 +1,38 @@
+// Run-time choice of the CPU instruction set. The SIMD inner loops (simd/*.h) are compiled once per
+// ISA level by isa_kernels.cpp; the kernels in this folder do tiling and threading in baseline code
+// and call the inner loops of the level picked here, once, from what the CPU reports.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "corral/kernels/types.h"
+
+namespace corral::cpu {
+
+// y[r, 0:n] (+)= x[r, :] . W for r < rows over a panel of n output columns. OutIn: w points at
+// the panel's first row of W[out, in]; InOut: at the panel's first column of W[in, out]. Rows of
+// W are ldw elements apart, k is the inner dimension.
+using GemmPanelFn = void (*)(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows,
+                             const void* w, int64_t ldw, int64_t n, int64_t k, bool accumulate);
+
+// Inner loops of one ISA level, indexed by weight dtype (see float_index).
+struct IsaKernels {
+  const char* name;
+  GemmPanelFn gemm_outin[3];
+  GemmPanelFn gemm_inout[3];
+};
+
+// 0, 1, 2 for float32, bfloat16, float16; throws DTypeError naming `what` otherwise.
+int float_index(DType dtype, const char* what);
+
+// The inner loops in use: the best level this CPU supports, or $CORRAL_CPU_ISA if set.
+const IsaKernels& isa();
+
+// Levels this build and this CPU both support, best first (e.g. "avx512", "avx2", "generic").
+std::vector<std::string> supported_isas();
+
+// Switches the level in use (for tests and benchmarks); throws InvalidInputError if unsupported.
+void select_isa(const std::string& name);
+
+}  // namespace corral::cpu

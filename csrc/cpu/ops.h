@@ -1,0 +1,44 @@
+// The CPU implementations behind the device switch in csrc/dispatch.cpp; each has the contract
+// of the kernels:: function of the same name (csrc/include/corral/kernels/).
+#pragma once
+
+#include "corral/kernels/attention.h"
+#include "corral/kernels/linear.h"
+#include "corral/kernels/moe.h"
+#include "corral/kernels/rope.h"
+
+namespace corral::cpu {
+
+void linear(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, const MatrixRef& w,
+            bool accumulate);
+void rms_norm(float* y, const float* x, const void* w, DType w_dtype, int64_t rows, int64_t dim,
+              float eps);
+void silu_mul(float* out, int64_t ld_out, const float* gate, const float* up, int64_t ld_in,
+              int64_t rows, int64_t n);
+void rope_interleaved(float* x, int64_t ld, int64_t tokens, int64_t heads, int64_t head_dim,
+                      const int32_t* positions, const float* inv_freq);
+void embedding(float* out, const void* table, DType dtype, int64_t vocab, int64_t dim,
+               const int32_t* ids, int64_t tokens);
+void argmax(int32_t* out, const float* logits, int64_t rows, int64_t vocab);
+void sample_temperature(int32_t* out, const float* logits, int64_t rows, int64_t vocab,
+                        const float* temperature, const float* uniform);
+void kv_cache_write(const PagedKv& cache, const float* k, const float* v, int64_t ld,
+                    int64_t tokens, const int64_t* slots);
+void paged_attention(float* out, const float* q, int64_t heads, const PagedKv& cache,
+                     const AttentionBatch& batch, float scale, int64_t chunk_size);
+void attn_temperature_scale(float* q, int64_t ld, int64_t rows, int64_t width,
+                            const int32_t* positions, float attn_scale, float floor_scale);
+void swiglu_mlp(float* out, const float* x, int64_t rows, const MatrixRef& gate, const MatrixRef& up,
+                const MatrixRef& down);
+void moe(float* out, const float* x, int64_t tokens, const MoeWeights& w, int top_k,
+         int64_t* expert_tokens);
+
+// Calls f(item) for item < items on the CPU threads (OpenMP); inline when the work is small.
+template <class F>
+void parallel_for(int64_t items, int64_t work_per_item, F&& f) {
+  const bool parallel = items > 1 && items * work_per_item > (1 << 15);
+#pragma omp parallel for schedule(static) if (parallel)
+  for (int64_t i = 0; i < items; ++i) f(i);
+}
+
+}  // namespace corral::cpu

@@ -1,0 +1,111 @@
+// Register-tiled inner loops of kernels::linear: one panel of output columns for all rows.
+#pragma once
+
+#include "simd/vec.h"
+
+namespace corral::cpu::CORRAL_ISA_NS {
+
+// Accumulators per register tile: AVX-512 has 32 vector registers, AVX2 and the baseline 16.
+#if defined(__AVX512F__)
+constexpr int kRowsPerTile = 4;
+#else
+constexpr int kRowsPerTile = 2;
+#endif
+
+// W stored [out, in]: y[r, j] = dot(x[r, :], w[j, :]) for r < rows, j < n; w rows ldw apart.
+// MR rows of x against 4 rows of W share every vector load.
+template <class W, int MR, int NR>
+CORRAL_INLINE void dot_tile(float* y, int64_t ldy, const float* x, int64_t ldx, const W* w,
+                            int64_t ldw, int64_t k, bool accumulate) {
+  VecF acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = vzero();
+  int64_t p = 0;
+  for (; p + kVecWidth <= k; p += kVecWidth) {
+    VecF wv[NR];
+    for (int j = 0; j < NR; ++j) wv[j] = vload(w + j * ldw + p);
+    for (int i = 0; i < MR; ++i) {
+      const VecF xv = vload(x + i * ldx + p);
+      for (int j = 0; j < NR; ++j) acc[i][j] = vfma(xv, wv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NR; ++j) {
+      float s = vsum(acc[i][j]);
+      for (int64_t q = p; q < k; ++q) s += x[i * ldx + q] * to_float(w[j * ldw + q]);
+      y[i * ldy + j] = accumulate ? y[i * ldy + j] + s : s;
+    }
+  }
+}
+
+template <class W, int MR>
+CORRAL_INLINE void dot_rows(float* y, int64_t ldy, const float* x, int64_t ldx, const W* w,
+                            int64_t ldw, int64_t n, int64_t k, bool accumulate) {
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) dot_tile<W, MR, 4>(y + j, ldy, x, ldx, w + j * ldw, ldw, k, accumulate);
+  for (; j < n; ++j) dot_tile<W, MR, 1>(y + j, ldy, x, ldx, w + j * ldw, ldw, k, accumulate);
+}
+
+template <class W>
+void gemm_outin(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, const void* wv,
+                int64_t ldw, int64_t n, int64_t k, bool accumulate) {
+  const W* w = static_cast<const W*>(wv);
+  int64_t r = 0;
+  for (; r + kRowsPerTile <= rows; r += kRowsPerTile)
+    dot_rows<W, kRowsPerTile>(y + r * ldy, ldy, x + r * ldx, ldx, w, ldw, n, k, accumulate);
+  for (; r < rows; ++r) dot_rows<W, 1>(y + r * ldy, ldy, x + r * ldx, ldx, w, ldw, n, k, accumulate);
+}
+
+// W stored [in, out] (rows ldw apart): y[r, 0:n] = sum_p x[r, p] * w[p, 0:n]. Each W row segment
+// is loaded once per MR rows of x; NV vectors of columns per tile.
+template <class W, int MR, int NV>
+CORRAL_INLINE void axpy_tile(float* y, int64_t ldy, const float* x, int64_t ldx, const W* w,
+                             int64_t ldw, int64_t k, bool accumulate) {
+  VecF acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NV; ++j) acc[i][j] = vzero();
+  for (int64_t p = 0; p < k; ++p) {
+    VecF wv[NV];
+    for (int j = 0; j < NV; ++j) wv[j] = vload(w + p * ldw + j * kVecWidth);
+    for (int i = 0; i < MR; ++i) {
+      const VecF xb = vset1(x[i * ldx + p]);
+      for (int j = 0; j < NV; ++j) acc[i][j] = vfma(xb, wv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NV; ++j) {
+      float* dst = y + i * ldy + j * kVecWidth;
+      vstore(dst, accumulate ? vadd(vload(dst), acc[i][j]) : acc[i][j]);
+    }
+  }
+}
+
+template <class W, int MR>
+CORRAL_INLINE void axpy_rows(float* y, int64_t ldy, const float* x, int64_t ldx, const W* w,
+                             int64_t ldw, int64_t n, int64_t k, bool accumulate) {
+  constexpr int kNV = 4;
+  int64_t j = 0;
+  for (; j + kNV * kVecWidth <= n; j += kNV * kVecWidth)
+    axpy_tile<W, MR, kNV>(y + j, ldy, x, ldx, w + j, ldw, k, accumulate);
+  for (; j + kVecWidth <= n; j += kVecWidth)
+    axpy_tile<W, MR, 1>(y + j, ldy, x, ldx, w + j, ldw, k, accumulate);
+  for (; j < n; ++j) {  // columns past the last full vector
+    for (int i = 0; i < MR; ++i) {
+      float s = 0.f;
+      for (int64_t p = 0; p < k; ++p) s += x[i * ldx + p] * to_float(w[p * ldw + j]);
+      y[i * ldy + j] = accumulate ? y[i * ldy + j] + s : s;
+    }
+  }
+}
+
+template <class W>
+void gemm_inout(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, const void* wv,
+                int64_t ldw, int64_t n, int64_t k, bool accumulate) {
+  const W* w = static_cast<const W*>(wv);
+  int64_t r = 0;
+  for (; r + kRowsPerTile <= rows; r += kRowsPerTile)
+    axpy_rows<W, kRowsPerTile>(y + r * ldy, ldy, x + r * ldx, ldx, w, ldw, n, k, accumulate);
+  for (; r < rows; ++r) axpy_rows<W, 1>(y + r * ldy, ldy, x + r * ldx, ldx, w, ldw, n, k, accumulate);
+}
+
+}  // namespace corral::cpu::CORRAL_ISA_NS

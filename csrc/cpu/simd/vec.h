@@ -1,0 +1,100 @@
+// One float vector type for the ISA level of the including translation unit (AVX-512, AVX2, or
+// plain C++ that the compiler vectorizes for the baseline). Included only by isa_kernels.cpp,
+// which is compiled once per level inside namespace corral::cpu::CORRAL_ISA_NS.
+#pragma once
+
+#include "corral/kernels/types.h"
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#ifndef CORRAL_ISA_NS
+#error "compile through isa_kernels.cpp, which sets CORRAL_ISA_NS"
+#endif
+
+namespace corral::cpu::CORRAL_ISA_NS {
+
+#if defined(__AVX512F__)
+
+struct VecF {
+  __m512 v;
+};
+constexpr int kVecWidth = 16;
+CORRAL_INLINE VecF vzero() { return {_mm512_setzero_ps()}; }
+CORRAL_INLINE VecF vset1(float a) { return {_mm512_set1_ps(a)}; }
+CORRAL_INLINE VecF vload(const float* p) { return {_mm512_loadu_ps(p)}; }
+CORRAL_INLINE VecF vload(const bf16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))};
+}
+CORRAL_INLINE VecF vload(const f16* p) {
+  return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
+}
+CORRAL_INLINE void vstore(float* p, VecF a) { _mm512_storeu_ps(p, a.v); }
+CORRAL_INLINE VecF vfma(VecF a, VecF b, VecF c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+CORRAL_INLINE VecF vadd(VecF a, VecF b) { return {_mm512_add_ps(a.v, b.v)}; }
+CORRAL_INLINE VecF vmul(VecF a, VecF b) { return {_mm512_mul_ps(a.v, b.v)}; }
+CORRAL_INLINE float vsum(VecF a) { return _mm512_reduce_add_ps(a.v); }
+
+#elif defined(__AVX2__)
+
+struct VecF {
+  __m256 v;
+};
+constexpr int kVecWidth = 8;
+CORRAL_INLINE VecF vzero() { return {_mm256_setzero_ps()}; }
+CORRAL_INLINE VecF vset1(float a) { return {_mm256_set1_ps(a)}; }
+CORRAL_INLINE VecF vload(const float* p) { return {_mm256_loadu_ps(p)}; }
+CORRAL_INLINE VecF vload(const bf16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))};
+}
+CORRAL_INLINE VecF vload(const f16* p) {
+  return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))};
+}
+CORRAL_INLINE void vstore(float* p, VecF a) { _mm256_storeu_ps(p, a.v); }
+CORRAL_INLINE VecF vfma(VecF a, VecF b, VecF c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+CORRAL_INLINE VecF vadd(VecF a, VecF b) { return {_mm256_add_ps(a.v, b.v)}; }
+CORRAL_INLINE VecF vmul(VecF a, VecF b) { return {_mm256_mul_ps(a.v, b.v)}; }
+CORRAL_INLINE float vsum(VecF a) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+
+#else
+
+// Baseline: fixed-size arrays the compiler maps onto whatever vector unit the target has.
+struct VecF {
+  float v[4];
+};
+constexpr int kVecWidth = 4;
+CORRAL_INLINE VecF vzero() { return {{0.f, 0.f, 0.f, 0.f}}; }
+CORRAL_INLINE VecF vset1(float a) { return {{a, a, a, a}}; }
+template <class T>
+CORRAL_INLINE VecF vload(const T* p) {
+  VecF r;
+  for (int i = 0; i < 4; ++i) r.v[i] = to_float(p[i]);
+  return r;
+}
+CORRAL_INLINE void vstore(float* p, VecF a) {
+  for (int i = 0; i < 4; ++i) p[i] = a.v[i];
+}
+CORRAL_INLINE VecF vfma(VecF a, VecF b, VecF c) {
+  for (int i = 0; i < 4; ++i) c.v[i] += a.v[i] * b.v[i];
+  return c;
+}
+CORRAL_INLINE VecF vadd(VecF a, VecF b) {
+  for (int i = 0; i < 4; ++i) a.v[i] += b.v[i];
+  return a;
+}
+CORRAL_INLINE VecF vmul(VecF a, VecF b) {
+  for (int i = 0; i < 4; ++i) a.v[i] *= b.v[i];
+  return a;
+}
+CORRAL_INLINE float vsum(VecF a) { return (a.v[0] + a.v[1]) + (a.v[2] + a.v[3]); }
+
+#endif
+
+}  // namespace corral::cpu::CORRAL_ISA_NS

@@ -1,0 +1,50 @@
+#include "runtime.h"
+
+#include <cuda_runtime_api.h>
+
+#include "check.h"
+
+namespace corral::cuda {
+
+int device_count(std::string* why) {
+  int n = 0;
+  const cudaError_t err = cudaGetDeviceCount(&n);
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky error so later calls start clean
+    if (why) *why = cudaGetErrorString(err);
+    return 0;
+  }
+  if (n == 0 && why) *why = "no CUDA device found";
+  return n;
+}
+
+void set_device(int index) { CORRAL_CUDA_CHECK(cudaSetDevice(index)); }
+
+void* malloc_device(size_t bytes) {
+  void* p = nullptr;
+  CORRAL_CUDA_CHECK(cudaMalloc(&p, bytes));
+  return p;
+}
+
+void free_device(void* ptr) noexcept { cudaFree(ptr); }
+
+void copy_async(void* dst, const void* src, size_t bytes, CopyKind kind, void* stream) {
+  const cudaMemcpyKind k = kind == CopyKind::HostToDevice   ? cudaMemcpyHostToDevice
+                           : kind == CopyKind::DeviceToHost ? cudaMemcpyDeviceToHost
+                                                            : cudaMemcpyDeviceToDevice;
+  CORRAL_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, k, static_cast<cudaStream_t>(stream)));
+}
+
+void* create_stream() {
+  cudaStream_t s = nullptr;
+  CORRAL_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  return s;
+}
+
+void destroy_stream(void* stream) noexcept { cudaStreamDestroy(static_cast<cudaStream_t>(stream)); }
+
+void synchronize(void* stream) {
+  CORRAL_CUDA_CHECK(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)));
+}
+
+}  // namespace corral::cuda

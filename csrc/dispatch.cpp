@@ -1,0 +1,121 @@
+// The device switch: every kernels:: entry point checks its arguments' device once, here, and
+// calls the CPU or the CUDA implementation. Nothing else in Corral tests for CUDA at compile time.
+#include <string>
+
+#include "corral/error.h"
+#include "corral/kernels/activation.h"
+#include "corral/kernels/attention.h"
+#include "corral/kernels/embedding.h"
+#include "corral/kernels/linear.h"
+#include "corral/kernels/mlp.h"
+#include "corral/kernels/moe.h"
+#include "corral/kernels/norm.h"
+#include "corral/kernels/rope.h"
+#include "corral/kernels/sampling.h"
+#include "cpu/ops.h"
+#if CORRAL_WITH_CUDA
+#include "cuda/ops.h"
+#endif
+
+namespace corral::kernels {
+
+namespace {
+
+bool is_cuda(const Stream& s) { return s.device.type == DeviceType::CUDA; }
+
+[[noreturn]] void no_cuda(const char* op) {
+#if CORRAL_WITH_CUDA
+  throw NotSupportedError(std::string(op) + " has no CUDA implementation yet");
+#else
+  throw DeviceError(std::string(op) + ": this build of Corral has no CUDA backend");
+#endif
+}
+
+// Ops whose only implementation is the CPU one.
+void require_cpu(const Stream& s, const char* op) {
+  if (is_cuda(s)) no_cuda(op);
+}
+
+}  // namespace
+
+void linear(const Stream& s, float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows,
+            const MatrixRef& w, bool accumulate) {
+  require_cpu(s, "linear");
+  cpu::linear(y, ldy, x, ldx, rows, w, accumulate);
+}
+
+void rms_norm(const Stream& s, void* y, const void* x, DType act, const void* w, DType w_dtype,
+              int64_t rows, int64_t dim, float eps) {
+  if (is_cuda(s)) {
+#if CORRAL_WITH_CUDA
+    return cuda::rms_norm(s.handle, y, x, act, w, w_dtype, rows, dim, eps);
+#else
+    no_cuda("rms_norm");
+#endif
+  }
+  if (act != DType::F32)
+    throw DTypeError(std::string("rms_norm: CPU activations are float32, got ") + dtype_name(act));
+  cpu::rms_norm(static_cast<float*>(y), static_cast<const float*>(x), w, w_dtype, rows, dim, eps);
+}
+
+void silu_mul(const Stream& s, float* out, int64_t ld_out, const float* gate, const float* up,
+              int64_t ld_in, int64_t rows, int64_t n) {
+  require_cpu(s, "silu_mul");
+  cpu::silu_mul(out, ld_out, gate, up, ld_in, rows, n);
+}
+
+void rope_interleaved(const Stream& s, float* x, int64_t ld, int64_t tokens, int64_t heads,
+                      int64_t head_dim, const int32_t* positions, const float* inv_freq) {
+  require_cpu(s, "rope_interleaved");
+  cpu::rope_interleaved(x, ld, tokens, heads, head_dim, positions, inv_freq);
+}
+
+void embedding(const Stream& s, float* out, const void* table, DType dtype, int64_t vocab,
+               int64_t dim, const int32_t* ids, int64_t tokens) {
+  require_cpu(s, "embedding");
+  cpu::embedding(out, table, dtype, vocab, dim, ids, tokens);
+}
+
+void argmax(const Stream& s, int32_t* out, const float* logits, int64_t rows, int64_t vocab) {
+  require_cpu(s, "argmax");
+  cpu::argmax(out, logits, rows, vocab);
+}
+
+void sample_temperature(const Stream& s, int32_t* out, const float* logits, int64_t rows,
+                        int64_t vocab, const float* temperature, const float* uniform) {
+  require_cpu(s, "sample_temperature");
+  cpu::sample_temperature(out, logits, rows, vocab, temperature, uniform);
+}
+
+void kv_cache_write(const Stream& s, const PagedKv& cache, const float* k, const float* v,
+                    int64_t ld, int64_t tokens, const int64_t* slots) {
+  require_cpu(s, "kv_cache_write");
+  cpu::kv_cache_write(cache, k, v, ld, tokens, slots);
+}
+
+void paged_attention(const Stream& s, float* out, const float* q, int64_t heads,
+                     const PagedKv& cache, const AttentionBatch& batch, float scale,
+                     int64_t chunk_size) {
+  require_cpu(s, "paged_attention");
+  cpu::paged_attention(out, q, heads, cache, batch, scale, chunk_size);
+}
+
+void attn_temperature_scale(const Stream& s, float* q, int64_t ld, int64_t rows, int64_t width,
+                            const int32_t* positions, float attn_scale, float floor_scale) {
+  require_cpu(s, "attn_temperature_scale");
+  cpu::attn_temperature_scale(q, ld, rows, width, positions, attn_scale, floor_scale);
+}
+
+void swiglu_mlp(const Stream& s, float* out, const float* x, int64_t rows, const MatrixRef& gate,
+                const MatrixRef& up, const MatrixRef& down) {
+  require_cpu(s, "swiglu_mlp");
+  cpu::swiglu_mlp(out, x, rows, gate, up, down);
+}
+
+void moe(const Stream& s, float* out, const float* x, int64_t tokens, const MoeWeights& w,
+         int top_k, int64_t* expert_tokens) {
+  require_cpu(s, "moe");
+  cpu::moe(out, x, tokens, w, top_k, expert_tokens);
+}
+
+}  // namespace corral::kernels

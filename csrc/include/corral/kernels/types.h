@@ -1,0 +1,127 @@
+// Plain types shared by every kernel: element dtypes, devices, streams, and scalar half-precision
+// conversions. Nothing here allocates or knows about models.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+// Helpers defined in headers are always inlined: the CPU kernels compile some headers once per
+// ISA level, and an out-of-line copy built for AVX-512 must never be shared with baseline code.
+#define CORRAL_INLINE inline __attribute__((always_inline))
+
+namespace corral {
+
+enum class DType : uint8_t { F32, F16, BF16, F8_E4M3, I32, I64 };
+
+CORRAL_INLINE size_t dtype_size(DType t) {
+  switch (t) {
+    case DType::F32: return 4;
+    case DType::F16: return 2;
+    case DType::BF16: return 2;
+    case DType::F8_E4M3: return 1;
+    case DType::I32: return 4;
+    case DType::I64: return 8;
+  }
+  return 0;
+}
+
+CORRAL_INLINE const char* dtype_name(DType t) {
+  switch (t) {
+    case DType::F32: return "float32";
+    case DType::F16: return "float16";
+    case DType::BF16: return "bfloat16";
+    case DType::F8_E4M3: return "float8_e4m3";
+    case DType::I32: return "int32";
+    case DType::I64: return "int64";
+  }
+  return "?";
+}
+
+enum class DeviceType : uint8_t { CPU, CUDA };
+
+struct Device {
+  DeviceType type = DeviceType::CPU;
+  int index = 0;
+};
+
+// Where a kernel runs. On CUDA `handle` is the cudaStream_t (nullptr: the default stream).
+struct Stream {
+  Device device;
+  void* handle = nullptr;
+};
+
+// Storage types of 16-bit floats; arithmetic is always done in float.
+struct bf16 {
+  uint16_t bits;
+};
+struct f16 {
+  uint16_t bits;
+};
+
+CORRAL_INLINE float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+CORRAL_INLINE uint32_t float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+CORRAL_INLINE float to_float(float x) { return x; }
+CORRAL_INLINE float to_float(bf16 x) { return bits_to_float(uint32_t(x.bits) << 16); }
+
+CORRAL_INLINE float to_float(f16 x) {
+  const uint32_t sign = uint32_t(x.bits & 0x8000) << 16;
+  const uint32_t exp = (x.bits >> 10) & 0x1f;
+  uint32_t mant = x.bits & 0x3ff;
+  if (exp == 0x1f) return bits_to_float(sign | 0x7f800000u | (mant << 13));  // inf / nan
+  if (exp != 0) return bits_to_float(sign | ((exp + 112) << 23) | (mant << 13));
+  if (mant == 0) return bits_to_float(sign);
+  // subnormal half: value = mant * 2^-24
+  float v = float(mant) * 5.9604644775390625e-8f;
+  return sign ? -v : v;
+}
+
+// Round to nearest even, as torch does when casting float32 to bfloat16.
+CORRAL_INLINE bf16 to_bf16(float f) {
+  uint32_t u = float_to_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16{uint16_t((u >> 16) | 0x40)};  // quiet nan
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return bf16{uint16_t(u >> 16)};
+}
+
+CORRAL_INLINE f16 to_f16(float f) {
+  const uint32_t u = float_to_bits(f);
+  const uint16_t sign = uint16_t((u >> 16) & 0x8000);
+  const uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return f16{uint16_t(sign | 0x7e00)};   // nan
+  if (a >= 0x477ff000u) return f16{uint16_t(sign | 0x7c00)};  // overflows to inf after rounding
+  if (a < 0x38800000u) {                                      // subnormal or zero in half
+    const float v = bits_to_float(a) * 16777216.0f;            // scale by 2^24, round to int
+    return f16{uint16_t(sign | uint16_t(__builtin_nearbyintf(v)))};
+  }
+  uint32_t r = a - 0x38000000u;  // rebias exponent 127 -> 15 (still shifted by 13)
+  r += 0xfffu + ((r >> 13) & 1u);
+  return f16{uint16_t(sign | (r >> 13))};
+}
+
+template <class T>
+CORRAL_INLINE T from_float(float x);
+template <>
+CORRAL_INLINE float from_float<float>(float x) {
+  return x;
+}
+template <>
+CORRAL_INLINE bf16 from_float<bf16>(float x) {
+  return to_bf16(x);
+}
+template <>
+CORRAL_INLINE f16 from_float<f16>(float x) {
+  return to_f16(x);
+}
+
+}  // namespace corral

@@ -1,0 +1,114 @@
+// corral._core.Engine: the C++ engine, with the GIL released while it computes.
+#include <pybind11/numpy.h>
+#include <pybind11/stl.h>
+
+#include "bindings.h"
+#include "corral/engine.h"
+
+namespace py = pybind11;
+
+namespace corral::bindings {
+
+namespace {
+
+py::dict config_dict(const ModelConfig& c) {
+  py::dict d;
+  d["vocab_size"] = c.vocab_size;
+  d["hidden_size"] = c.hidden_size;
+  d["num_layers"] = c.num_layers;
+  d["num_heads"] = c.num_heads;
+  d["num_kv_heads"] = c.num_kv_heads;
+  d["head_dim"] = c.head_dim;
+  d["num_experts"] = c.num_experts;
+  d["top_k"] = c.top_k;
+  d["attention_chunk_size"] = c.attention_chunk_size;
+  d["max_position_embeddings"] = c.max_position_embeddings;
+  d["bos_token_id"] = c.bos_token_id;
+  d["eos_token_ids"] = c.eos_token_ids;
+  d["multimodal"] = c.multimodal;
+  py::list layers;
+  for (const LayerSpec& s : c.layers) {
+    py::dict l;
+    l["use_rope"] = s.use_rope;
+    l["chunked"] = s.chunked;
+    l["qk_norm"] = s.qk_norm;
+    l["temperature_tuning"] = s.temperature_tuning;
+    l["moe"] = s.moe;
+    layers.append(l);
+  }
+  d["layers"] = layers;
+  return d;
+}
+
+}  // namespace
+
+void register_engine(py::module_& m) {
+  py::class_<EngineOptions>(m, "EngineOptions")
+      .def(py::init<>())
+      .def_readwrite("block_size", &EngineOptions::block_size)
+      .def_readwrite("kv_cache_bytes", &EngineOptions::kv_cache_bytes)
+      .def_readwrite("kv_cache_dtype", &EngineOptions::kv_cache_dtype)
+      .def_readwrite("max_model_len", &EngineOptions::max_model_len)
+      .def_readwrite("max_num_seqs", &EngineOptions::max_num_seqs)
+      .def_readwrite("max_num_batched_tokens", &EngineOptions::max_num_batched_tokens)
+      .def_readwrite("num_threads", &EngineOptions::num_threads)
+      .def_readwrite("seed", &EngineOptions::seed);
+
+  py::class_<SamplingParams>(m, "SamplingParams")
+      .def(py::init<>())
+      .def_readwrite("temperature", &SamplingParams::temperature)
+      .def_readwrite("max_tokens", &SamplingParams::max_tokens)
+      .def_readwrite("ignore_eos", &SamplingParams::ignore_eos)
+      .def_readwrite("stop_token_ids", &SamplingParams::stop_token_ids)
+      .def_readwrite("seed", &SamplingParams::seed);
+
+  py::class_<RequestUpdate>(m, "RequestUpdate")
+      .def_readonly("request_id", &RequestUpdate::request_id)
+      .def_readonly("new_token_ids", &RequestUpdate::new_token_ids)
+      .def_property_readonly("finished", &RequestUpdate::finished)
+      .def_property_readonly("finish_reason", [](const RequestUpdate& u) -> py::object {
+        if (!u.finished()) return py::none();
+        return py::str(finish_reason_name(u.finish_reason));
+      });
+
+  py::class_<Engine>(m, "Engine")
+      .def(py::init([](const std::string& dir, const EngineOptions& o) {
+             py::gil_scoped_release release;
+             return std::make_unique<Engine>(dir, o);
+           }),
+           py::arg("model_dir"), py::arg("options"))
+      .def_property_readonly("config", [](const Engine& e) { return config_dict(e.config()); })
+      .def_property_readonly("max_model_len", &Engine::max_model_len)
+      .def("add_request", &Engine::add_request, py::arg("prompt_token_ids"), py::arg("params"))
+      .def("step", &Engine::step, py::call_guard<py::gil_scoped_release>())
+      .def("abort", &Engine::abort, py::arg("request_id"))
+      .def("has_unfinished", &Engine::has_unfinished)
+      .def(
+          "prompt_logits",
+          [](Engine& e, const std::vector<int32_t>& tokens) {
+            py::array_t<float> out({py::ssize_t(tokens.size()), py::ssize_t(e.config().vocab_size)});
+            float* data = out.mutable_data();
+            {
+              py::gil_scoped_release release;
+              e.prompt_logits(tokens, data);
+            }
+            return out;
+          },
+          py::arg("token_ids"))
+      .def("stats", [](const Engine& e) {
+        const EngineStats s = e.stats();
+        py::dict d;
+        d["kv_blocks_total"] = s.kv_blocks_total;
+        d["kv_blocks_free"] = s.kv_blocks_free;
+        d["kv_blocks_used"] = s.kv_blocks_total - s.kv_blocks_free;
+        d["kv_block_size"] = s.kv_block_size;
+        d["kv_bytes_per_token"] = s.kv_bytes_per_token;
+        d["requests_waiting"] = s.requests_waiting;
+        d["requests_running"] = s.requests_running;
+        d["prefill_tokens_computed"] = s.prefill_tokens_computed;
+        d["decode_tokens_computed"] = s.decode_tokens_computed;
+        return d;
+      });
+}
+
+}  // namespace corral::bindings

@@ -1,0 +1,20 @@
+#include <omp.h>
+
+#include "bindings.h"
+#include "corral/device.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "Corral's C++ core: the engine, the model and the kernels";
+  corral::bindings::register_errors(m);
+  corral::bindings::register_engine(m);
+  py::module_ ops = m.def_submodule("ops", "Kernels on numpy arrays (for tests and benchmarks)");
+  corral::bindings::register_ops(ops);
+
+  m.def("cuda_backend_built", &corral::cuda_backend_built, "Whether this build has the CUDA backend");
+  m.def("cuda_device_count", &corral::cuda_device_count, "Usable CUDA devices (0 without a driver or GPU)");
+  m.def("cuda_status", &corral::cuda_status, "One line on CUDA's state here");
+  m.def("num_threads", [] { return omp_get_max_threads(); }, "Threads the CPU kernels use");
+  m.def("set_num_threads", [](int n) { omp_set_num_threads(n); }, py::arg("n"));
+}

@@ -1,0 +1,358 @@
+// corral._core.ops: each kernel on numpy arrays, so that tests can check it against a numpy
+// reference. 16-bit float arrays travel as uint16 bit patterns with a dtype name beside them.
+#include <pybind11/numpy.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <vector>
+
+#include "bindings.h"
+#include "corral/device.h"
+#include "corral/error.h"
+#include "corral/kernels/activation.h"
+#include "corral/kernels/attention.h"
+#include "corral/kernels/cpu_isa.h"
+#include "corral/kernels/embedding.h"
+#include "corral/kernels/linear.h"
+#include "corral/kernels/mlp.h"
+#include "corral/kernels/moe.h"
+#include "corral/kernels/norm.h"
+#include "corral/kernels/rope.h"
+#include "corral/kernels/sampling.h"
+
+namespace py = pybind11;
+
+namespace corral::bindings {
+
+namespace {
+
+using F32 = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using I32 = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+using I64 = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+
+DType parse_dtype(const std::string& name) {
+  if (name == "float32") return DType::F32;
+  if (name == "bfloat16") return DType::BF16;
+  if (name == "float16") return DType::F16;
+  throw DTypeError("dtype '" + name + "' is not one of float32, bfloat16, float16");
+}
+
+// An array holding elements of `dtype`: float32 data, or uint16 bit patterns for 16-bit floats.
+struct Typed {
+  py::array array;
+  DType dtype;
+  const void* data() const { return array.data(); }
+  int64_t dim(int i) const { return int64_t(array.shape(i)); }
+};
+
+Typed typed(const py::array& a, const std::string& dtype_name, const char* what) {
+  const DType t = parse_dtype(dtype_name);
+  py::array c = t == DType::F32 ? py::array(F32::ensure(a)) : py::array(py::array_t<uint16_t, py::array::c_style>::ensure(a));
+  if (!c) throw ShapeError(std::string(what) + ": expected a numeric array");
+  if (t != DType::F32 && a.dtype().kind() != 'u')
+    throw DTypeError(std::string(what) + ": " + dtype_name + " data must be passed as uint16 bit patterns");
+  return Typed{c, t};
+}
+
+void expect(bool ok, const std::string& msg) {
+  if (!ok) throw ShapeError(msg);
+}
+
+std::string shape_of(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+Device parse_device(const std::string& name) {
+  if (name == "cpu") return Device{DeviceType::CPU, 0};
+  if (name.rfind("cuda", 0) == 0) {
+    const int index = name.size() > 5 && name[4] == ':' ? std::stoi(name.substr(5)) : 0;
+    return Device{DeviceType::CUDA, index};
+  }
+  throw InvalidInputError("device '" + name + "' is not cpu or cuda[:N]");
+}
+
+MatrixRef matrix(const Typed& w, const std::string& layout, const char* what) {
+  expect(w.array.ndim() == 2, std::string(what) + " must be 2-D, got shape " + shape_of(w.array));
+  if (layout == "out_in") return MatrixRef{w.data(), w.dtype, WeightLayout::OutIn, w.dim(1), w.dim(0)};
+  if (layout == "in_out") return MatrixRef{w.data(), w.dtype, WeightLayout::InOut, w.dim(0), w.dim(1)};
+  throw InvalidInputError("layout must be 'out_in' or 'in_out', got '" + layout + "'");
+}
+
+const Stream kCpu{};
+
+}  // namespace
+
+void register_ops(py::module_& m) {
+  m.def("cpu_isas", &kernels::cpu_isas, "CPU ISA levels available here, best first");
+  m.def("cpu_isa", &kernels::cpu_isa, "The CPU ISA level in use");
+  m.def("set_cpu_isa", &kernels::set_cpu_isa, py::arg("name"));
+
+  m.def(
+      "linear",
+      [](F32 x, const py::array& w, const std::string& dtype, const std::string& layout) {
+        const Typed tw = typed(w, dtype, "w");
+        const MatrixRef mw = matrix(tw, layout, "w");
+        expect(x.ndim() == 2 && x.shape(1) == mw.in,
+               "x must be (rows, " + std::to_string(mw.in) + "), got " + shape_of(x));
+        F32 y({x.shape(0), py::ssize_t(mw.out)});
+        kernels::linear(kCpu, y.mutable_data(), mw.out, x.data(), mw.in, x.shape(0), mw);
+        return y;
+      },
+      py::arg("x"), py::arg("w"), py::arg("dtype") = "float32", py::arg("layout") = "out_in");
+
+  m.def(
+      "rms_norm",
+      [](const py::array& x, py::object w, float eps, const std::string& dtype, const std::string& w_dtype,
+         const std::string& device) {
+        const Typed tx = typed(x, dtype, "x");
+        expect(tx.array.ndim() == 2, "x must be 2-D, got shape " + shape_of(tx.array));
+        const int64_t rows = tx.dim(0), dim = tx.dim(1);
+        Typed tw{py::array(), DType::F32};
+        if (!w.is_none()) {
+          tw = typed(w.cast<py::array>(), w_dtype, "w");
+          expect(tw.array.ndim() == 1 && tw.dim(0) == dim, "w must be (" + std::to_string(dim) + ",), got " + shape_of(tw.array));
+        }
+        const size_t xbytes = size_t(rows * dim) * dtype_size(tx.dtype);
+        const size_t wbytes = w.is_none() ? 0 : size_t(dim) * dtype_size(tw.dtype);
+        py::array y(tx.array.dtype(), {rows, dim});
+        const Device dev = parse_device(device);
+        {
+          StreamOwner stream(dev);
+          DeviceBuffer dx(dev, xbytes), dy(dev, xbytes), dw(dev, wbytes);
+          copy_to_device(dx, tx.data(), xbytes, stream.get());
+          if (wbytes) copy_to_device(dw, tw.data(), wbytes, stream.get());
+          kernels::rms_norm(stream.get(), dy.data(), dx.data(), tx.dtype, wbytes ? dw.data() : nullptr, tw.dtype, rows,
+                            dim, eps);
+          copy_to_host(y.mutable_data(), dy, xbytes, stream.get());
+          stream.synchronize();
+        }
+        return y;
+      },
+      py::arg("x"), py::arg("w"), py::arg("eps"), py::arg("dtype") = "float32", py::arg("w_dtype") = "float32",
+      py::arg("device") = "cpu");
+
+  m.def(
+      "silu_mul",
+      [](F32 gate, F32 up) {
+        expect(gate.ndim() == 2 && up.ndim() == 2 && gate.shape(0) == up.shape(0) && gate.shape(1) == up.shape(1),
+               "gate and up must be 2-D of one shape, got " + shape_of(gate) + " and " + shape_of(up));
+        F32 out({gate.shape(0), gate.shape(1)});
+        kernels::silu_mul(kCpu, out.mutable_data(), gate.shape(1), gate.data(), up.data(), gate.shape(1), gate.shape(0),
+                          gate.shape(1));
+        return out;
+      },
+      py::arg("gate"), py::arg("up"));
+
+  m.def(
+      "rope_inv_freq",
+      [](int64_t head_dim, double theta, const std::string& type, double factor, double low, double high,
+         double original_max) {
+        RopeParams p;
+        p.theta = theta;
+        if (type == "llama3")
+          p.type = RopeParams::Type::Llama3;
+        else if (type != "default")
+          throw InvalidInputError("rope type must be default or llama3");
+        p.factor = factor;
+        p.low_freq_factor = low;
+        p.high_freq_factor = high;
+        p.original_max_position_embeddings = original_max;
+        F32 out({py::ssize_t(head_dim / 2)});
+        kernels::rope_inv_freq(out.mutable_data(), head_dim, p);
+        return out;
+      },
+      py::arg("head_dim"), py::arg("theta"), py::arg("type") = "default", py::arg("factor") = 1.0,
+      py::arg("low_freq_factor") = 1.0, py::arg("high_freq_factor") = 1.0,
+      py::arg("original_max_position_embeddings") = 8192.0);
+
+  m.def(
+      "rope_interleaved",
+      [](F32 x, I32 positions, F32 inv_freq) {
+        expect(x.ndim() == 3, "x must be (tokens, heads, head_dim), got " + shape_of(x));
+        const int64_t T = x.shape(0), heads = x.shape(1), d = x.shape(2);
+        expect(positions.ndim() == 1 && positions.shape(0) == T, "positions must be (" + std::to_string(T) + ",)");
+        expect(inv_freq.ndim() == 1 && inv_freq.shape(0) == d / 2 && d % 2 == 0,
+               "inv_freq must be (" + std::to_string(d / 2) + ",) for an even head_dim");
+        F32 out({T, heads, d});
+        std::copy(x.data(), x.data() + T * heads * d, out.mutable_data());
+        kernels::rope_interleaved(kCpu, out.mutable_data(), heads * d, T, heads, d, positions.data(), inv_freq.data());
+        return out;
+      },
+      py::arg("x"), py::arg("positions"), py::arg("inv_freq"));
+
+  m.def(
+      "embedding",
+      [](const py::array& table, I32 ids, const std::string& dtype) {
+        const Typed t = typed(table, dtype, "table");
+        expect(t.array.ndim() == 2, "table must be 2-D, got shape " + shape_of(t.array));
+        F32 out({ids.shape(0), py::ssize_t(t.dim(1))});
+        kernels::embedding(kCpu, out.mutable_data(), t.data(), t.dtype, t.dim(0), t.dim(1), ids.data(), ids.shape(0));
+        return out;
+      },
+      py::arg("table"), py::arg("ids"), py::arg("dtype") = "float32");
+
+  m.def(
+      "argmax",
+      [](F32 logits) {
+        expect(logits.ndim() == 2, "logits must be 2-D, got " + shape_of(logits));
+        I32 out({logits.shape(0)});
+        kernels::argmax(kCpu, out.mutable_data(), logits.data(), logits.shape(0), logits.shape(1));
+        return out;
+      },
+      py::arg("logits"));
+
+  m.def(
+      "sample_temperature",
+      [](F32 logits, F32 temperature, F32 uniform) {
+        expect(logits.ndim() == 2, "logits must be 2-D, got " + shape_of(logits));
+        const int64_t rows = logits.shape(0);
+        expect(temperature.size() == rows && uniform.size() == rows, "temperature and uniform need one value per row");
+        I32 out({rows});
+        kernels::sample_temperature(kCpu, out.mutable_data(), logits.data(), rows, logits.shape(1), temperature.data(),
+                                    uniform.data());
+        return out;
+      },
+      py::arg("logits"), py::arg("temperature"), py::arg("uniform"));
+
+  // The cache arrays are [num_blocks, kv_heads, block_size, head_dim], float32 or uint16 bits.
+  auto paged = [](py::array k_cache, py::array v_cache, const std::string& dtype) {
+    const DType t = parse_dtype(dtype);
+    for (const py::array* a : {&k_cache, &v_cache}) {
+      expect(a->ndim() == 4, "caches must be (num_blocks, kv_heads, block_size, head_dim), got " + shape_of(*a));
+      expect(a->dtype().itemsize() == py::ssize_t(dtype_size(t)) && (a->flags() & py::array::c_style),
+             "caches must be C-contiguous arrays of " + dtype + " (uint16 bits for 16-bit floats)");
+    }
+    expect(shape_of(k_cache) == shape_of(v_cache), "k_cache and v_cache must have one shape");
+    PagedKv c;
+    c.k = k_cache.mutable_data();
+    c.v = v_cache.mutable_data();
+    c.dtype = t;
+    c.num_blocks = k_cache.shape(0);
+    c.kv_heads = int32_t(k_cache.shape(1));
+    c.block_size = int32_t(k_cache.shape(2));
+    c.head_dim = int32_t(k_cache.shape(3));
+    return c;
+  };
+
+  m.def(
+      "kv_cache_write",
+      [paged](py::array k_cache, py::array v_cache, const std::string& dtype, F32 k, F32 v, I64 slots) {
+        const PagedKv c = paged(k_cache, v_cache, dtype);
+        const int64_t T = slots.shape(0), width = int64_t(c.kv_heads) * c.head_dim;
+        expect(k.ndim() == 2 && k.shape(0) == T && k.shape(1) == width && v.ndim() == 2 && v.shape(0) == T &&
+                   v.shape(1) == width,
+               "k and v must be (" + std::to_string(T) + ", " + std::to_string(width) + ")");
+        for (int64_t t = 0; t < T; ++t)
+          if (slots.data()[t] < 0 || slots.data()[t] >= c.num_blocks * c.block_size)
+            throw InvalidInputError("slot " + std::to_string(slots.data()[t]) + " is outside the cache");
+        kernels::kv_cache_write(kCpu, c, k.data(), v.data(), width, T, slots.data());
+      },
+      py::arg("k_cache"), py::arg("v_cache"), py::arg("dtype"), py::arg("k"), py::arg("v"), py::arg("slots"));
+
+  m.def(
+      "paged_attention",
+      [paged](F32 q, py::array k_cache, py::array v_cache, const std::string& dtype, I32 seq_starts, I32 positions,
+              I32 block_tables, float scale, int64_t chunk_size) {
+        const PagedKv c = paged(k_cache, v_cache, dtype);
+        expect(q.ndim() == 3 && q.shape(2) == c.head_dim, "q must be (rows, heads, head_dim), got " + shape_of(q));
+        const int64_t rows = q.shape(0), heads = q.shape(1);
+        const int64_t S = seq_starts.shape(0) - 1;
+        expect(S >= 0 && block_tables.ndim() == 2 && block_tables.shape(0) == S,
+               "block_tables must be (num_seqs, max_blocks) with num_seqs = len(seq_starts) - 1");
+        expect(positions.shape(0) == rows && seq_starts.data()[S] == rows && seq_starts.data()[0] == 0,
+               "positions must have one entry per row, and seq_starts must run from 0 to rows");
+        const int32_t mb = int32_t(block_tables.shape(1));
+        for (int64_t s = 0; s < S; ++s)
+          for (int64_t r = seq_starts.data()[s]; r < seq_starts.data()[s + 1]; ++r) {
+            const int64_t blk = positions.data()[r] / c.block_size;
+            expect(positions.data()[r] >= 0 && blk < mb, "position " + std::to_string(positions.data()[r]) +
+                                                              " of row " + std::to_string(r) + " is beyond its block table");
+            for (int64_t b = 0; b <= blk; ++b) {
+              const int32_t id = block_tables.data()[s * mb + b];
+              if (id < 0 || id >= c.num_blocks) throw InvalidInputError("block id " + std::to_string(id) + " is outside the cache");
+            }
+          }
+        const AttentionBatch batch{seq_starts.data(), int32_t(S), positions.data(), block_tables.data(), mb};
+        F32 out({rows, heads, py::ssize_t(c.head_dim)});
+        {
+          py::gil_scoped_release release;
+          kernels::paged_attention(kCpu, out.mutable_data(), q.data(), heads, c, batch, scale, chunk_size);
+        }
+        return out;
+      },
+      py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("dtype"), py::arg("seq_starts"),
+      py::arg("positions"), py::arg("block_tables"), py::arg("scale"), py::arg("chunk_size") = 0);
+
+  m.def(
+      "attn_temperature_scale",
+      [](F32 q, I32 positions, float attn_scale, float floor_scale) {
+        expect(q.ndim() == 2 && positions.shape(0) == q.shape(0), "q must be (rows, width) with one position per row");
+        F32 out({q.shape(0), q.shape(1)});
+        std::copy(q.data(), q.data() + q.size(), out.mutable_data());
+        kernels::attn_temperature_scale(kCpu, out.mutable_data(), q.shape(1), q.shape(0), q.shape(1), positions.data(),
+                                        attn_scale, floor_scale);
+        return out;
+      },
+      py::arg("q"), py::arg("positions"), py::arg("attn_scale"), py::arg("floor_scale"));
+
+  m.def(
+      "swiglu_mlp",
+      [](F32 x, const py::array& gate, const py::array& up, const py::array& down, const std::string& dtype) {
+        const Typed g = typed(gate, dtype, "gate"), u = typed(up, dtype, "up"), d = typed(down, dtype, "down");
+        const MatrixRef mg = matrix(g, "out_in", "gate"), mu = matrix(u, "out_in", "up"), md = matrix(d, "out_in", "down");
+        expect(x.ndim() == 2 && x.shape(1) == mg.in && mu.in == mg.in && mu.out == mg.out && md.in == mg.out &&
+                   md.out == mg.in,
+               "expected x (rows, H), gate and up (I, H), down (H, I)");
+        F32 out({x.shape(0), x.shape(1)});
+        std::fill(out.mutable_data(), out.mutable_data() + out.size(), 0.f);
+        kernels::swiglu_mlp(kCpu, out.mutable_data(), x.data(), x.shape(0), mg, mu, md);
+        return out;
+      },
+      py::arg("x"), py::arg("gate"), py::arg("up"), py::arg("down"), py::arg("dtype") = "float32");
+
+  m.def(
+      "moe",
+      [](F32 x, const py::array& router, const py::array& gate_up, const py::array& down, const py::array& shared_gate,
+         const py::array& shared_up, const py::array& shared_down, int top_k, const std::string& dtype) {
+        const Typed r = typed(router, dtype, "router"), gu = typed(gate_up, dtype, "gate_up"),
+                    dn = typed(down, dtype, "down"), sg = typed(shared_gate, dtype, "shared_gate"),
+                    su = typed(shared_up, dtype, "shared_up"), sd = typed(shared_down, dtype, "shared_down");
+        expect(x.ndim() == 2, "x must be (tokens, hidden), got " + shape_of(x));
+        const int64_t T = x.shape(0), H = x.shape(1);
+        expect(gu.array.ndim() == 3 && gu.dim(1) == H && gu.dim(2) % 2 == 0,
+               "gate_up must be (experts, hidden, 2 * inter), got " + shape_of(gu.array));
+        const int64_t E = gu.dim(0), I = gu.dim(2) / 2;
+        expect(dn.array.ndim() == 3 && dn.dim(0) == E && dn.dim(1) == I && dn.dim(2) == H,
+               "down must be (experts, inter, hidden), got " + shape_of(dn.array));
+        MoeWeights w;
+        w.router = matrix(r, "out_in", "router");
+        expect(w.router.in == H && w.router.out == E, "router must be (experts, hidden), got " + shape_of(r.array));
+        w.gate_up = gu.data();
+        w.down = dn.data();
+        w.experts_dtype = gu.dtype;
+        w.shared_gate = matrix(sg, "out_in", "shared_gate");
+        w.shared_up = matrix(su, "out_in", "shared_up");
+        w.shared_down = matrix(sd, "out_in", "shared_down");
+        expect(w.shared_gate.in == H && w.shared_up.in == H && w.shared_down.out == H &&
+                   w.shared_down.in == w.shared_gate.out && w.shared_up.out == w.shared_gate.out,
+               "shared expert must be gate and up (I, H), down (H, I)");
+        w.num_experts = E;
+        w.hidden = H;
+        w.inter = I;
+        F32 out({T, H});
+        std::fill(out.mutable_data(), out.mutable_data() + out.size(), 0.f);
+        I64 counts({E});
+        std::fill(counts.mutable_data(), counts.mutable_data() + E, 0);
+        {
+          py::gil_scoped_release release;
+          kernels::moe(kCpu, out.mutable_data(), x.data(), T, w, top_k, counts.mutable_data());
+        }
+        return py::make_tuple(out, counts);
+      },
+      py::arg("x"), py::arg("router"), py::arg("gate_up"), py::arg("down"), py::arg("shared_gate"),
+      py::arg("shared_up"), py::arg("shared_down"), py::arg("top_k"), py::arg("dtype") = "float32");
+}
+
+}  // namespace corral::bindings

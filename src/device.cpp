@@ -1,0 +1,151 @@
+// The runtime's device switch: memory, copies and streams on the CPU, or through csrc/cuda.
+#include "corral/device.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <utility>
+
+#include "corral/error.h"
+#if CORRAL_WITH_CUDA
+#include "cuda/runtime.h"
+#endif
+
+namespace corral {
+
+namespace {
+
+[[noreturn]] void no_backend() { throw DeviceError("this build of Corral has no CUDA backend"); }
+
+void use_cuda_device(Device d) {
+#if CORRAL_WITH_CUDA
+  std::string why;
+  const int n = cuda::device_count(&why);
+  if (d.index < 0 || d.index >= n)
+    throw DeviceError("CUDA device " + std::to_string(d.index) + " is not available (" +
+                      (n == 0 ? why : std::to_string(n) + " device(s)") + ")");
+  cuda::set_device(d.index);
+#else
+  (void)d;
+  no_backend();
+#endif
+}
+
+}  // namespace
+
+bool cuda_backend_built() { return CORRAL_WITH_CUDA != 0; }
+
+int cuda_device_count() {
+#if CORRAL_WITH_CUDA
+  return cuda::device_count(nullptr);
+#else
+  return 0;
+#endif
+}
+
+std::string cuda_status() {
+#if CORRAL_WITH_CUDA
+  std::string why;
+  const int n = cuda::device_count(&why);
+  return n > 0 ? std::to_string(n) + " device(s)" : why;
+#else
+  return "not built";
+#endif
+}
+
+DeviceBuffer::DeviceBuffer(Device device, size_t bytes) : device_(device), size_(bytes) {
+  if (device.type == DeviceType::CPU) {
+    data_ = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (!data_ && bytes) throw std::bad_alloc();
+    return;
+  }
+  use_cuda_device(device);
+#if CORRAL_WITH_CUDA
+  data_ = cuda::malloc_device(bytes);
+#endif
+}
+
+DeviceBuffer::~DeviceBuffer() { reset(); }
+
+DeviceBuffer::DeviceBuffer(DeviceBuffer&& o) noexcept
+    : device_(o.device_), data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)) {}
+
+DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& o) noexcept {
+  if (this != &o) {
+    reset();
+    device_ = o.device_;
+    data_ = std::exchange(o.data_, nullptr);
+    size_ = std::exchange(o.size_, 0);
+  }
+  return *this;
+}
+
+void DeviceBuffer::reset() noexcept {
+  if (!data_) return;
+  if (device_.type == DeviceType::CPU) std::free(data_);
+#if CORRAL_WITH_CUDA
+  else cuda::free_device(data_);
+#endif
+  data_ = nullptr;
+}
+
+StreamOwner::StreamOwner(Device device) {
+  stream_.device = device;
+  if (device.type == DeviceType::CUDA) {
+    use_cuda_device(device);
+#if CORRAL_WITH_CUDA
+    stream_.handle = cuda::create_stream();
+#endif
+  }
+}
+
+StreamOwner::~StreamOwner() {
+#if CORRAL_WITH_CUDA
+  if (stream_.handle) cuda::destroy_stream(stream_.handle);
+#endif
+}
+
+void StreamOwner::synchronize() const {
+  if (stream_.device.type == DeviceType::CPU) return;
+#if CORRAL_WITH_CUDA
+  cuda::synchronize(stream_.handle);
+#endif
+}
+
+namespace {
+void check_copy(const DeviceBuffer& b, size_t bytes) {
+  if (bytes > b.size())
+    throw InvalidInputError("copy of " + std::to_string(bytes) + " bytes overflows a buffer of " +
+                            std::to_string(b.size()));
+}
+}  // namespace
+
+void copy_to_device(DeviceBuffer& dst, const void* src, size_t bytes, const Stream& stream) {
+  check_copy(dst, bytes);
+  if (dst.device().type == DeviceType::CPU) {
+    std::memcpy(dst.data(), src, bytes);
+    return;
+  }
+#if CORRAL_WITH_CUDA
+  cuda::copy_async(dst.data(), src, bytes, cuda::CopyKind::HostToDevice, stream.handle);
+#else
+  (void)stream;
+  no_backend();
+#endif
+}
+
+void copy_to_host(void* dst, const DeviceBuffer& src, size_t bytes, const Stream& stream) {
+  check_copy(src, bytes);
+  if (src.device().type == DeviceType::CPU) {
+    std::memcpy(dst, src.data(), bytes);
+    return;
+  }
+#if CORRAL_WITH_CUDA
+  cuda::copy_async(dst, src.data(), bytes, cuda::CopyKind::DeviceToHost, stream.handle);
+#else
+  (void)stream;
+  no_backend();
+#endif
+}
+
+}  // namespace corral

@@ -1,0 +1,217 @@
+#include "corral/engine.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <string>
+
+#include "corral/error.h"
+#include "corral/kernels/sampling.h"
+
+namespace corral {
+
+struct Engine::Request {
+  int64_t id = 0;
+  std::vector<int32_t> tokens;  // prompt, then generated tokens
+  int64_t prompt_len = 0;
+  int64_t computed = 0;  // tokens whose K/V are in the cache
+  std::vector<int32_t> blocks;
+  SamplingParams params;
+  std::mt19937_64 rng;
+  int64_t generated() const { return int64_t(tokens.size()) - prompt_len; }
+};
+
+const char* finish_reason_name(FinishReason r) {
+  switch (r) {
+    case FinishReason::Length: return "length";
+    case FinishReason::Stop: return "stop";
+    default: return "";
+  }
+}
+
+namespace {
+
+DType parse_kv_dtype(const std::string& name, DType weights) {
+  if (name == "auto") return weights;
+  if (name == "float32" || name == "fp32") return DType::F32;
+  if (name == "bfloat16" || name == "bf16") return DType::BF16;
+  if (name == "float16" || name == "fp16") return DType::F16;
+  throw InvalidInputError("kv_cache_dtype '" + name + "' is not supported (auto, float32, bfloat16, float16)");
+}
+
+int64_t blocks_for(int64_t tokens, int32_t block_size) { return (tokens + block_size - 1) / block_size; }
+
+}  // namespace
+
+Engine::Engine(const std::string& model_dir, const EngineOptions& options)
+    : options_(options), seeder_(options.seed) {
+  if (options_.num_threads < 0) throw InvalidInputError("num_threads must be >= 0");
+  if (options_.max_num_seqs < 1) throw InvalidInputError("max_num_seqs must be >= 1");
+  if (options_.max_num_batched_tokens < 1) throw InvalidInputError("max_num_batched_tokens must be >= 1");
+  if (options_.max_model_len < 0) throw InvalidInputError("max_model_len must be >= 0");
+  if (options_.num_threads > 0) omp_set_num_threads(options_.num_threads);
+  model_ = std::make_unique<Llama4Model>(model_dir);
+  const ModelConfig& c = model_->config();
+  max_model_len_ = options_.max_model_len > 0 ? options_.max_model_len : c.max_position_embeddings;
+  KvCacheOptions kv;
+  kv.block_size = options_.block_size;
+  kv.bytes = options_.kv_cache_bytes;
+  kv.dtype = parse_kv_dtype(options_.kv_cache_dtype, model_->weights_dtype());
+  cache_ = std::make_unique<KvCache>(c, kv);
+}
+
+Engine::~Engine() = default;
+
+void Engine::validate_tokens(const std::vector<int32_t>& tokens, const char* what) const {
+  if (tokens.empty()) throw InvalidInputError(std::string(what) + " is empty");
+  const int64_t vocab = config().vocab_size;
+  for (size_t i = 0; i < tokens.size(); ++i)
+    if (tokens[i] < 0 || tokens[i] >= vocab)
+      throw InvalidInputError(std::string(what) + ": token id " + std::to_string(tokens[i]) + " at index " +
+                              std::to_string(i) + " is outside the vocabulary [0, " + std::to_string(vocab) + ")");
+}
+
+int64_t Engine::add_request(const std::vector<int32_t>& prompt, const SamplingParams& params) {
+  validate_tokens(prompt, "prompt");
+  const int64_t n = int64_t(prompt.size());
+  if (n >= max_model_len_)
+    throw InvalidInputError("prompt of " + std::to_string(n) + " tokens leaves no room to generate within max_model_len " +
+                            std::to_string(max_model_len_));
+  if (params.max_tokens < 1) throw InvalidInputError("max_tokens must be >= 1, got " + std::to_string(params.max_tokens));
+  if (!(params.temperature >= 0.f)) throw InvalidInputError("temperature must be >= 0");
+  if (blocks_for(n + 1, cache_->block_size()) > cache_->num_blocks())
+    throw OutOfKVCacheError("prompt of " + std::to_string(n) + " tokens needs more KV blocks than the whole cache has (" +
+                            std::to_string(cache_->num_blocks()) + " blocks of " +
+                            std::to_string(cache_->block_size()) + " tokens); raise kv_cache_bytes");
+  auto r = std::make_unique<Request>();
+  r->id = next_id_++;
+  r->tokens = prompt;
+  r->prompt_len = n;
+  r->params = params;
+  r->rng.seed(params.seed >= 0 ? uint64_t(params.seed) : seeder_());
+  const int64_t id = r->id;
+  requests_[id] = std::move(r);
+  return id;
+}
+
+bool Engine::reserve(std::vector<int32_t>& blocks, int64_t tokens) {
+  const int64_t need = blocks_for(tokens, cache_->block_size()) - int64_t(blocks.size());
+  return need <= 0 || cache_->allocate(need, blocks);
+}
+
+void Engine::finish(Request& r, FinishReason why, RequestUpdate& update) {
+  update.finish_reason = why;
+  cache_->release(r.blocks);
+}
+
+std::vector<RequestUpdate> Engine::step() {
+  // First come, first served: decode steps and prompt pieces share the token budget.
+  ForwardBatch batch;
+  std::vector<std::pair<Request*, int64_t>> scheduled;  // with the number of tokens each computes
+  std::vector<Request*> sampled;  // requests whose logits this step yields, in logit-row order
+  int64_t budget = options_.max_num_batched_tokens;
+  int64_t seqs = 0;
+  for (auto& [id, rp] : requests_) {
+    Request& r = *rp;
+    if (budget == 0 || seqs == options_.max_num_seqs) break;
+    const int64_t pending = int64_t(r.tokens.size()) - r.computed;
+    const int64_t n = std::min(pending, budget);
+    if (!reserve(r.blocks, r.computed + n)) continue;  // waits for blocks
+    const bool completes = r.computed + n == int64_t(r.tokens.size());
+    batch.add_sequence(r.tokens.data() + r.computed, n, r.computed, r.blocks, cache_->block_size(), completes);
+    scheduled.emplace_back(&r, n);
+    if (completes) sampled.push_back(&r);
+    budget -= n;
+    ++seqs;
+  }
+  if (batch.num_tokens() == 0) {
+    if (requests_.empty()) return {};
+    throw OutOfKVCacheError("KV cache is full: " + std::to_string(requests_.size()) +
+                            " requests need more blocks than the " + std::to_string(cache_->num_blocks()) +
+                            " blocks of " + std::to_string(cache_->block_size()) +
+                            " tokens hold; raise kv_cache_bytes or lower max_num_seqs");
+  }
+
+  const int64_t vocab = config().vocab_size, R = int64_t(sampled.size());
+  logits_.resize(size_t(std::max<int64_t>(R, 1) * vocab));
+  model_->forward(batch, *cache_, logits_.data());
+  for (auto& [r, n] : scheduled) {
+    (r->computed >= r->prompt_len ? decode_tokens_ : prefill_tokens_) += n;
+    r->computed += n;
+  }
+
+  std::vector<int32_t> next(R);
+  std::vector<float> temperature(R), uniform(R);
+  for (int64_t i = 0; i < R; ++i) {
+    temperature[i] = sampled[i]->params.temperature;
+    uniform[i] = std::uniform_real_distribution<float>(0.f, 1.f)(sampled[i]->rng);
+  }
+  kernels::sample_temperature(Stream{}, next.data(), logits_.data(), R, vocab, temperature.data(), uniform.data());
+
+  std::vector<RequestUpdate> updates;
+  const std::vector<int64_t>& eos = config().eos_token_ids;
+  for (int64_t i = 0; i < R; ++i) {
+    Request& r = *sampled[i];
+    const int32_t tok = next[i];
+    r.tokens.push_back(tok);
+    RequestUpdate u;
+    u.request_id = r.id;
+    u.new_token_ids.push_back(tok);
+    const auto& stops = r.params.stop_token_ids;
+    const bool is_eos = !r.params.ignore_eos && std::find(eos.begin(), eos.end(), tok) != eos.end();
+    if (is_eos || std::find(stops.begin(), stops.end(), tok) != stops.end())
+      finish(r, FinishReason::Stop, u);
+    else if (r.generated() >= r.params.max_tokens || int64_t(r.tokens.size()) >= max_model_len_)
+      finish(r, FinishReason::Length, u);
+    updates.push_back(std::move(u));
+  }
+  for (const RequestUpdate& u : updates)
+    if (u.finished()) requests_.erase(u.request_id);
+  return updates;
+}
+
+void Engine::abort(int64_t request_id) {
+  auto it = requests_.find(request_id);
+  if (it == requests_.end()) return;
+  cache_->release(it->second->blocks);
+  requests_.erase(it);
+}
+
+void Engine::prompt_logits(const std::vector<int32_t>& tokens, float* out) {
+  validate_tokens(tokens, "token_ids");
+  const int64_t n = int64_t(tokens.size());
+  if (n > max_model_len_)
+    throw InvalidInputError(std::to_string(n) + " tokens exceed max_model_len " + std::to_string(max_model_len_));
+  std::vector<int32_t> blocks;
+  struct Release {  // the blocks go back to the pool however this function exits
+    KvCache& cache;
+    std::vector<int32_t>& blocks;
+    ~Release() { cache.release(blocks); }
+  } release{*cache_, blocks};
+  if (!reserve(blocks, n))
+    throw OutOfKVCacheError(std::to_string(n) + " tokens need " + std::to_string(blocks_for(n, cache_->block_size())) +
+                            " KV blocks but only " + std::to_string(cache_->free_blocks()) + " are free");
+  const int64_t vocab = config().vocab_size;
+  for (int64_t start = 0; start < n; start += options_.max_num_batched_tokens) {
+    const int64_t len = std::min(options_.max_num_batched_tokens, n - start);
+    ForwardBatch batch;
+    batch.add_sequence(tokens.data() + start, len, start, blocks, cache_->block_size(), false);
+    for (int64_t i = 0; i < len; ++i) batch.logit_rows.push_back(int32_t(i));
+    model_->forward(batch, *cache_, out + start * vocab);
+    prefill_tokens_ += len;
+  }
+}
+
+EngineStats Engine::stats() const {
+  EngineStats s;
+  s.kv_blocks_total = cache_->num_blocks();
+  s.kv_blocks_free = cache_->free_blocks();
+  s.kv_block_size = cache_->block_size();
+  s.kv_bytes_per_token = int64_t(cache_->bytes_per_token());
+  for (const auto& [id, r] : requests_) (r->computed > 0 ? s.requests_running : s.requests_waiting) += 1;
+  s.prefill_tokens_computed = prefill_tokens_;
+  s.decode_tokens_computed = decode_tokens_;
+  return s;
+}
+
+}  // namespace corral

@@ -1,0 +1,103 @@
+// The generation engine: requests in, tokens out, one batched forward pass per step().
+// C++ services use it directly; the Python LLM class is a thin layer over it.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "corral/kv_cache.h"
+#include "corral/model.h"
+
+namespace corral {
+
+struct SamplingParams {
+  float temperature = 0.f;  // 0: greedy
+  int64_t max_tokens = 16;
+  bool ignore_eos = false;
+  std::vector<int64_t> stop_token_ids;  // stop on these besides the model's eos ids
+  int64_t seed = -1;                    // -1: drawn from the engine's generator
+};
+
+struct EngineOptions {
+  int32_t block_size = 16;
+  size_t kv_cache_bytes = 0;                 // 0: see KvCacheOptions
+  std::string kv_cache_dtype = "auto";       // auto (the weights' dtype), float32, bfloat16, float16
+  int64_t max_model_len = 0;                 // 0: the config's max_position_embeddings
+  int64_t max_num_seqs = 256;                // sequences in one step
+  int64_t max_num_batched_tokens = 8192;     // tokens in one step (longer prompts go in pieces)
+  int num_threads = 0;                       // 0: all cores
+  uint64_t seed = 0;
+};
+
+enum class FinishReason { None, Length, Stop };
+const char* finish_reason_name(FinishReason r);
+
+// What one step produced for one request.
+struct RequestUpdate {
+  int64_t request_id = 0;
+  std::vector<int32_t> new_token_ids;
+  FinishReason finish_reason = FinishReason::None;
+  bool finished() const { return finish_reason != FinishReason::None; }
+};
+
+struct EngineStats {
+  int64_t kv_blocks_total = 0;
+  int64_t kv_blocks_free = 0;
+  int64_t kv_block_size = 0;
+  int64_t kv_bytes_per_token = 0;
+  int64_t requests_waiting = 0;
+  int64_t requests_running = 0;
+  int64_t prefill_tokens_computed = 0;
+  int64_t decode_tokens_computed = 0;
+};
+
+class Engine {
+ public:
+  Engine(const std::string& model_dir, const EngineOptions& options);
+  ~Engine();
+
+  const ModelConfig& config() const { return model_->config(); }
+  const EngineOptions& options() const { return options_; }
+  int64_t max_model_len() const { return max_model_len_; }
+
+  // Queues a request. Throws InvalidInputError for an empty prompt, an id outside the
+  // vocabulary, a prompt that leaves no room to generate within max_model_len, or bad params;
+  // OutOfKVCacheError when the prompt alone exceeds the whole KV cache.
+  int64_t add_request(const std::vector<int32_t>& prompt, const SamplingParams& params);
+  // Runs one batched forward pass over the scheduled requests and samples one token for each
+  // request whose prompt is complete. Finished requests release their KV blocks. Throws
+  // OutOfKVCacheError (leaving every request intact) when no request can get the blocks it needs.
+  std::vector<RequestUpdate> step();
+  // Drops a request and frees its blocks; unknown ids are ignored.
+  void abort(int64_t request_id);
+  bool has_unfinished() const { return !requests_.empty(); }
+
+  // Logits at every position of `tokens` ([n, vocab] float32 into out), computed in pieces of
+  // max_num_batched_tokens through the KV cache, which is freed afterwards.
+  void prompt_logits(const std::vector<int32_t>& tokens, float* out);
+
+  EngineStats stats() const;
+
+ private:
+  struct Request;
+  void validate_tokens(const std::vector<int32_t>& tokens, const char* what) const;
+  bool reserve(std::vector<int32_t>& blocks, int64_t tokens);
+  void finish(Request& r, FinishReason why, RequestUpdate& update);
+
+  EngineOptions options_;
+  std::unique_ptr<Llama4Model> model_;
+  std::unique_ptr<KvCache> cache_;
+  int64_t max_model_len_ = 0;
+  int64_t next_id_ = 0;
+  std::map<int64_t, std::unique_ptr<Request>> requests_;  // by id, which is arrival order
+  std::mt19937_64 seeder_;
+  std::vector<float> logits_;
+  int64_t prefill_tokens_ = 0, decode_tokens_ = 0;
+};
+
+}  // namespace corral

@@ -1,0 +1,112 @@
+#include "corral/model.h"
+
+#include <cmath>
+
+#include "corral/error.h"
+#include "corral/kernels/attention.h"
+#include "corral/kernels/embedding.h"
+#include "corral/kernels/linear.h"
+#include "corral/kernels/mlp.h"
+#include "corral/kernels/moe.h"
+#include "corral/kernels/norm.h"
+#include "corral/kernels/rope.h"
+
+namespace corral {
+
+void ForwardBatch::add_sequence(const int32_t* tokens, int64_t n, int64_t position,
+                                const std::vector<int32_t>& blocks, int32_t block_size, bool want_logits) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t p = position + i;
+    token_ids.push_back(tokens[i]);
+    positions.push_back(int32_t(p));
+    slots.push_back(int64_t(blocks[p / block_size]) * block_size + p % block_size);
+  }
+  seq_starts.push_back(int32_t(token_ids.size()));
+  block_tables.push_back(blocks);
+  if (want_logits) logit_rows.push_back(int32_t(token_ids.size() - 1));
+}
+
+Llama4Model::Llama4Model(const std::string& dir)
+    : config_(load_config(dir + "/config.json")), checkpoint_(dir), weights_(load_weights(checkpoint_, config_)) {
+  inv_freq_.resize(config_.head_dim / 2);
+  kernels::rope_inv_freq(inv_freq_.data(), config_.head_dim, config_.rope);
+}
+
+void Llama4Model::forward(const ForwardBatch& batch, const KvCache& cache, float* logits) {
+  const ModelConfig& c = config_;
+  const int64_t T = batch.num_tokens(), H = c.hidden_size;
+  if (T == 0) return;
+  x_.resize(T * H);
+  a_.resize(T * H);
+  kernels::embedding(stream_, x_.data(), weights_.embed.data, weights_.embed.dtype, c.vocab_size, H,
+                     batch.token_ids.data(), T);
+
+  // Block tables as one padded [S, max_blocks] array for the attention kernel.
+  int32_t max_blocks = 1;
+  for (const auto& t : batch.block_tables) max_blocks = std::max(max_blocks, int32_t(t.size()));
+  std::vector<int32_t> tables(batch.block_tables.size() * max_blocks, 0);
+  for (size_t s = 0; s < batch.block_tables.size(); ++s)
+    std::copy(batch.block_tables[s].begin(), batch.block_tables[s].end(), tables.begin() + s * max_blocks);
+  const AttentionBatch ab{batch.seq_starts.data(), int32_t(batch.block_tables.size()), batch.positions.data(),
+                          tables.data(), max_blocks};
+
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    const LayerWeights& w = weights_.layers[l];
+    kernels::rms_norm(stream_, a_.data(), x_.data(), DType::F32, w.input_norm.data, w.input_norm.dtype, T, H,
+                      c.rms_norm_eps);
+    attention(l, batch, cache.layer(l), ab);
+    kernels::linear(stream_, x_.data(), H, attn_.data(), c.num_heads * c.head_dim, T, w.o, /*accumulate=*/true);
+    kernels::rms_norm(stream_, a_.data(), x_.data(), DType::F32, w.post_attention_norm.data,
+                      w.post_attention_norm.dtype, T, H, c.rms_norm_eps);
+    feed_forward(l, T);
+  }
+
+  // Final norm and lm_head on the requested rows only.
+  const int64_t R = int64_t(batch.logit_rows.size());
+  for (int64_t i = 0; i < R; ++i)
+    kernels::rms_norm(stream_, a_.data() + i * H, x_.data() + int64_t(batch.logit_rows[i]) * H, DType::F32,
+                      weights_.final_norm.data, weights_.final_norm.dtype, 1, H, c.rms_norm_eps);
+  kernels::linear(stream_, logits, c.vocab_size, a_.data(), H, R, weights_.lm_head);
+}
+
+void Llama4Model::attention(int64_t l, const ForwardBatch& batch, const PagedKv& kv, const AttentionBatch& ab) {
+  const ModelConfig& c = config_;
+  const LayerSpec& spec = c.layers[l];
+  const LayerWeights& w = weights_.layers[l];
+  const int64_t T = batch.num_tokens(), H = c.hidden_size, d = c.head_dim;
+  const int64_t qw = c.num_heads * d, kvw = c.num_kv_heads * d;
+  q_.resize(T * qw);
+  k_.resize(T * kvw);
+  v_.resize(T * kvw);
+  attn_.resize(T * qw);
+  kernels::linear(stream_, q_.data(), qw, a_.data(), H, T, w.q);
+  kernels::linear(stream_, k_.data(), kvw, a_.data(), H, T, w.k);
+  kernels::linear(stream_, v_.data(), kvw, a_.data(), H, T, w.v);
+  // Llama 4's order: RoPE, then QK norm (both RoPE layers only), then temperature (NoPE layers).
+  if (spec.use_rope) {
+    kernels::rope_interleaved(stream_, q_.data(), qw, T, c.num_heads, d, batch.positions.data(), inv_freq_.data());
+    kernels::rope_interleaved(stream_, k_.data(), kvw, T, c.num_kv_heads, d, batch.positions.data(), inv_freq_.data());
+  }
+  if (spec.qk_norm) {
+    kernels::rms_norm(stream_, q_.data(), q_.data(), DType::F32, nullptr, DType::F32, T * c.num_heads, d, c.rms_norm_eps);
+    kernels::rms_norm(stream_, k_.data(), k_.data(), DType::F32, nullptr, DType::F32, T * c.num_kv_heads, d,
+                      c.rms_norm_eps);
+  }
+  if (spec.temperature_tuning)
+    kernels::attn_temperature_scale(stream_, q_.data(), qw, T, qw, batch.positions.data(), c.attn_scale, c.floor_scale);
+  kernels::kv_cache_write(stream_, kv, k_.data(), v_.data(), kvw, T, batch.slots.data());
+  kernels::paged_attention(stream_, attn_.data(), q_.data(), c.num_heads, kv, ab, float(1.0 / std::sqrt(double(d))),
+                           spec.chunked ? c.attention_chunk_size : 0);
+}
+
+void Llama4Model::feed_forward(int64_t l, int64_t T) {
+  const ModelConfig& c = config_;
+  const LayerWeights& w = weights_.layers[l];
+  if (c.layers[l].moe) {
+    kernels::moe(stream_, x_.data(), a_.data(), T, w.moe, int(c.top_k));
+    return;
+  }
+  kernels::swiglu_mlp(stream_, x_.data(), a_.data(), T, w.mlp_gate, w.mlp_up, w.mlp_down);
+}
+
+}  // namespace corral

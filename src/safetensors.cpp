@@ -1,0 +1,153 @@
+#include "corral/safetensors.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include <nlohmann/json.hpp>
+
+#include "corral/error.h"
+
+namespace corral {
+
+namespace {
+
+using json = nlohmann::json;
+
+// Element sizes of every dtype the format defines; `kernel` is Corral's type where it has one.
+struct FormatDType {
+  const char* name;
+  size_t bytes;
+  std::optional<DType> kernel;
+};
+constexpr FormatDType kFormatDTypes[] = {
+    {"F64", 8, std::nullopt}, {"F32", 4, DType::F32},       {"F16", 2, DType::F16},
+    {"BF16", 2, DType::BF16}, {"F8_E4M3", 1, DType::F8_E4M3}, {"F8_E5M2", 1, std::nullopt},
+    {"I64", 8, DType::I64},   {"I32", 4, DType::I32},       {"I16", 2, std::nullopt},
+    {"I8", 1, std::nullopt},  {"U64", 8, std::nullopt},     {"U32", 4, std::nullopt},
+    {"U16", 2, std::nullopt}, {"U8", 1, std::nullopt},      {"BOOL", 1, std::nullopt},
+};
+
+const FormatDType* format_dtype(const std::string& name) {
+  for (const FormatDType& d : kFormatDTypes)
+    if (name == d.name) return &d;
+  return nullptr;
+}
+
+[[noreturn]] void corrupt(const std::string& path, const std::string& what) {
+  throw CorruptCheckpointError("safetensors file " + path + " " + what);
+}
+
+uint64_t read_le64(const char* p) {
+  uint64_t v = 0;
+  for (int i = 7; i >= 0; --i) v = (v << 8) | uint8_t(p[i]);
+  return v;
+}
+
+SafetensorsEntry parse_entry(const std::string& path, const std::string& name, const json& e) {
+  auto bad = [&](const std::string& why) { corrupt(path, "has a corrupt header entry for tensor '" + name + "': " + why); };
+  if (!e.is_object()) bad("not an object");
+  if (!e.contains("dtype") || !e.at("dtype").is_string()) bad("no dtype string");
+  if (!e.contains("shape") || !e.at("shape").is_array()) bad("no shape list");
+  if (!e.contains("data_offsets") || !e.at("data_offsets").is_array() || e.at("data_offsets").size() != 2)
+    bad("data_offsets must be [begin, end]");
+  SafetensorsEntry out;
+  out.dtype_name = e.at("dtype").get<std::string>();
+  const FormatDType* fd = format_dtype(out.dtype_name);
+  if (!fd) bad("unknown dtype '" + out.dtype_name + "'");
+  out.dtype = fd->kernel;
+  uint64_t count = 1;
+  for (const json& d : e.at("shape")) {
+    if (!d.is_number_unsigned()) bad("shape entries must be non-negative integers");
+    const uint64_t n = d.get<uint64_t>();
+    if (n != 0 && count > (uint64_t(1) << 62) / n) bad("shape is too large");
+    count *= n;
+    out.shape.push_back(int64_t(n));
+  }
+  for (const json& o : e.at("data_offsets"))
+    if (!o.is_number_unsigned()) bad("data_offsets must be non-negative integers");
+  out.begin = e.at("data_offsets")[0].get<uint64_t>();
+  out.end = e.at("data_offsets")[1].get<uint64_t>();
+  if (out.end < out.begin) bad("data_offsets end before they begin");
+  if (out.end - out.begin != count * fd->bytes)
+    bad("data_offsets span " + std::to_string(out.end - out.begin) + " bytes, but shape and dtype need " +
+        std::to_string(count * fd->bytes));
+  return out;
+}
+
+}  // namespace
+
+std::shared_ptr<const SafetensorsFile> SafetensorsFile::open(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    if (errno == ENOENT) throw FileMissingError("safetensors file " + path + " does not exist");
+    throw FileMissingError("safetensors file " + path + " cannot be opened: " + std::strerror(errno));
+  }
+  struct stat st {};
+  if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    corrupt(path, "is not a regular file");
+  }
+  std::shared_ptr<SafetensorsFile> f(new SafetensorsFile());
+  f->path_ = path;
+  f->size_ = size_t(st.st_size);
+  if (f->size_ > 0) {
+    void* m = mmap(nullptr, f->size_, PROT_READ, MAP_PRIVATE, fd, 0);
+    if (m == MAP_FAILED) {
+      const int err = errno;
+      ::close(fd);
+      corrupt(path, std::string("cannot be memory-mapped: ") + std::strerror(err));
+    }
+    f->base_ = static_cast<const char*>(m);
+  }
+  ::close(fd);  // the mapping keeps the file alive
+
+  if (f->size_ < 8)
+    corrupt(path, "is truncated: " + std::to_string(f->size_) + " bytes, fewer than the 8-byte header length");
+  const uint64_t header = read_le64(f->base_);
+  if (header > kMaxHeaderBytes)
+    corrupt(path, "has an oversized header: its length field says " + std::to_string(header) +
+                      " bytes, over the " + std::to_string(kMaxHeaderBytes) + "-byte limit (corrupt or not a safetensors file)");
+  if (8 + header > f->size_)
+    corrupt(path, "is truncated: the header needs " + std::to_string(header) + " bytes but the file has only " +
+                      std::to_string(f->size_ - 8) + " after the length field");
+  json root;
+  try {
+    root = json::parse(f->base_ + 8, f->base_ + 8 + header);
+  } catch (const json::parse_error& e) {
+    corrupt(path, std::string("has a corrupt header (not valid JSON): ") + e.what());
+  }
+  if (!root.is_object()) corrupt(path, "has a corrupt header (not a JSON object)");
+  f->data_offset_ = 8 + header;
+  const uint64_t data_bytes = f->size_ - f->data_offset_;
+  for (auto it = root.begin(); it != root.end(); ++it) {
+    if (it.key() == "__metadata__") continue;
+    SafetensorsEntry e = parse_entry(path, it.key(), it.value());
+    if (e.end > data_bytes)
+      corrupt(path, "is truncated: tensor '" + it.key() + "' needs bytes up to " + std::to_string(e.end) +
+                        " of the data section, which has only " + std::to_string(data_bytes));
+    f->entries_.emplace(it.key(), std::move(e));
+  }
+  return f;
+}
+
+SafetensorsFile::~SafetensorsFile() {
+  if (base_) munmap(const_cast<char*>(base_), size_);
+}
+
+const SafetensorsEntry* SafetensorsFile::find(const std::string& name) const {
+  auto it = entries_.find(name);
+  return it == entries_.end() ? nullptr : &it->second;
+}
+
+std::vector<std::string> SafetensorsFile::names() const {
+  std::vector<std::string> out;
+  for (const auto& [name, e] : entries_) out.push_back(name);
+  return out;
+}
+
+}  // namespace corral
