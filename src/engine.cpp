@@ -177,28 +177,53 @@ void Engine::abort(int64_t request_id) {
   requests_.erase(it);
 }
 
-void Engine::prompt_logits(const std::vector<int32_t>& tokens, float* out) {
-  validate_tokens(tokens, "token_ids");
-  const int64_t n = int64_t(tokens.size());
-  if (n > max_model_len_)
-    throw InvalidInputError(std::to_string(n) + " tokens exceed max_model_len " + std::to_string(max_model_len_));
-  std::vector<int32_t> blocks;
+void Engine::prompt_logits(const std::vector<std::vector<int32_t>>& prompts, float* out) {
+  int64_t total = 0;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    const std::string what = "prompts[" + std::to_string(i) + "]";
+    validate_tokens(prompts[i], what.c_str());
+    if (int64_t(prompts[i].size()) > max_model_len_)
+      throw InvalidInputError(what + " has " + std::to_string(prompts[i].size()) + " tokens, over max_model_len " +
+                              std::to_string(max_model_len_));
+    total += int64_t(prompts[i].size());
+  }
+  std::vector<std::vector<int32_t>> blocks(prompts.size());
   struct Release {  // the blocks go back to the pool however this function exits
     KvCache& cache;
-    std::vector<int32_t>& blocks;
-    ~Release() { cache.release(blocks); }
+    std::vector<std::vector<int32_t>>& blocks;
+    ~Release() {
+      for (auto& b : blocks) cache.release(b);
+    }
   } release{*cache_, blocks};
-  if (!reserve(blocks, n))
-    throw OutOfKVCacheError(std::to_string(n) + " tokens need " + std::to_string(blocks_for(n, cache_->block_size())) +
-                            " KV blocks but only " + std::to_string(cache_->free_blocks()) + " are free");
+  int64_t needed = 0;
+  for (const auto& prompt : prompts) needed += blocks_for(int64_t(prompt.size()), cache_->block_size());
+  if (needed > cache_->free_blocks())
+    throw OutOfKVCacheError(std::to_string(total) + " prompt tokens need " + std::to_string(needed) +
+                            " KV blocks but only " + std::to_string(cache_->free_blocks()) + " of the cache's " +
+                            std::to_string(cache_->num_blocks()) + " are free; raise kv_cache_bytes");
+  for (size_t i = 0; i < prompts.size(); ++i) reserve(blocks[i], int64_t(prompts[i].size()));
+
+  // Fill each pass with the next tokens in prompt order, so its logits land contiguously in out.
   const int64_t vocab = config().vocab_size;
-  for (int64_t start = 0; start < n; start += options_.max_num_batched_tokens) {
-    const int64_t len = std::min(options_.max_num_batched_tokens, n - start);
+  size_t p = 0;
+  int64_t offset = 0;  // tokens of prompt p already computed
+  while (p < prompts.size()) {
     ForwardBatch batch;
-    batch.add_sequence(tokens.data() + start, len, start, blocks, cache_->block_size(), false);
-    for (int64_t i = 0; i < len; ++i) batch.logit_rows.push_back(int32_t(i));
-    model_->forward(batch, *cache_, out + start * vocab);
-    prefill_tokens_ += len;
+    int64_t budget = options_.max_num_batched_tokens;
+    while (p < prompts.size() && budget > 0) {
+      const int64_t n = std::min(int64_t(prompts[p].size()) - offset, budget);
+      batch.add_sequence(prompts[p].data() + offset, n, offset, blocks[p], cache_->block_size(), false);
+      budget -= n;
+      offset += n;
+      if (offset == int64_t(prompts[p].size())) {
+        ++p;
+        offset = 0;
+      }
+    }
+    for (int64_t r = 0; r < batch.num_tokens(); ++r) batch.logit_rows.push_back(int32_t(r));
+    model_->forward(batch, *cache_, out);
+    out += batch.num_tokens() * vocab;
+    prefill_tokens_ += batch.num_tokens();
   }
 }
 

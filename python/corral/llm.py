@@ -84,9 +84,14 @@ class LLM:
     def max_model_len(self) -> int:
         return self._engine.max_model_len
 
-    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
-        """Logits at every position of the prompt: float32 array of shape (len(token_ids), vocab_size)."""
-        return self._engine.prompt_logits(_token_list(token_ids, "token_ids"))
+    def logits(self, token_ids: Sequence[int] | Sequence[Sequence[int]]) -> np.ndarray | list[np.ndarray]:
+        """Logits at every position of a prompt: a float32 array of shape (len(token_ids), vocab_size).
+
+        Given a list of prompts, runs them as one ragged batch and returns one array per prompt."""
+        if token_ids and not isinstance(token_ids[0], (int, np.integer)):
+            prompts = [_token_list(p, f"token_ids[{i}]") for i, p in enumerate(token_ids)]
+            return self._engine.prompt_logits(prompts)
+        return self._engine.prompt_logits([_token_list(token_ids, "token_ids")])[0]
 
     def generate(
         self,

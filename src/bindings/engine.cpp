@@ -85,16 +85,27 @@ void register_engine(py::module_& m) {
       .def("has_unfinished", &Engine::has_unfinished)
       .def(
           "prompt_logits",
-          [](Engine& e, const std::vector<int32_t>& tokens) {
-            py::array_t<float> out({py::ssize_t(tokens.size()), py::ssize_t(e.config().vocab_size)});
-            float* data = out.mutable_data();
+          [](Engine& e, const std::vector<std::vector<int32_t>>& prompts) {
+            int64_t total = 0;
+            for (const auto& p : prompts) total += int64_t(p.size());
+            const py::ssize_t vocab = py::ssize_t(e.config().vocab_size);
+            py::array_t<float> all({py::ssize_t(total), vocab});
+            float* data = all.mutable_data();
             {
               py::gil_scoped_release release;
-              e.prompt_logits(tokens, data);
+              e.prompt_logits(prompts, data);
+            }
+            // One view per prompt into the single array the batch wrote.
+            py::list out;
+            py::ssize_t row = 0;
+            for (const auto& p : prompts) {
+              py::slice rows(row, row + py::ssize_t(p.size()), 1);
+              out.append(all[py::make_tuple(rows, py::ellipsis())]);
+              row += py::ssize_t(p.size());
             }
             return out;
           },
-          py::arg("token_ids"))
+          py::arg("prompts"))
       .def("stats", [](const Engine& e) {
         const EngineStats s = e.stats();
         py::dict d;

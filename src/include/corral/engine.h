@@ -77,9 +77,10 @@ class Engine {
   void abort(int64_t request_id);
   bool has_unfinished() const { return !requests_.empty(); }
 
-  // Logits at every position of `tokens` ([n, vocab] float32 into out), computed in pieces of
-  // max_num_batched_tokens through the KV cache, which is freed afterwards.
-  void prompt_logits(const std::vector<int32_t>& tokens, float* out);
+  // Logits at every position of each prompt, all prompts batched together in forward passes of
+  // up to max_num_batched_tokens tokens. out is [total tokens, vocab] float32, the prompts' rows
+  // one after another. The prompts' KV blocks are freed afterwards.
+  void prompt_logits(const std::vector<std::vector<int32_t>>& prompts, float* out);
 
   EngineStats stats() const;
 
