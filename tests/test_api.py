@@ -38,7 +38,7 @@ def test_stop_token_ends_generation(llm):
 
 def test_eos_stops_unless_ignored(model_path, tmp_path):
     """The config's eos ids (an int or a list) stop generation; ignore_eos runs to max_tokens."""
-    p = ids(1, 7)
+    p = ids(4, 7)  # a prompt whose continuation does not just repeat one token
     run = corral.LLM(model_path).generate([p], corral.SamplingParams(max_tokens=8, ignore_eos=True))[0]
     run = run.outputs[0].token_ids
     first = next(i for i in range(1, len(run)) if run[i] not in run[:i])  # a token new at step i
