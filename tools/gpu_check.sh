@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# On a machine with an NVIDIA GPU and no internet: build Corral with the CUDA backend, run the
+# CUDA tests (pytest -m cuda) and the GPU benchmarks in bench/ (files named *_gpu.py), keep logs
+# under $OUT (or ./gpu-check-logs), and print a short summary last. Budget: under 8 minutes.
+#
+# The machine's python3 must have numpy, pytest, pybind11, scikit-build-core, torch, transformers.
+# nlohmann/json headers come from the nlohmann-json package if installed, else from
+# build/gpu-deps/include, which tools/stage_gpu_deps.sh fills on a machine with internet (carry
+# that folder along).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-$PWD/gpu-check-logs}"
+mkdir -p "$out"
+start=$(date +%s)
+summary=()
+status=0
+
+step() {  # step NAME TIMEOUT_S COMMAND...: runs with a timeout, logs to $out/NAME.log
+  local name=$1 limit=$2
+  shift 2
+  local t0=$(date +%s)
+  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  local rc=$?
+  summary+=("$(printf '%-12s rc=%-3s %4ss  %s' "$name" "$rc" "$(($(date +%s) - t0))" "$(tail -n 1 "$out/$name.log" | cut -c1-100)")")
+  [ "$rc" -eq 0 ] || status=1
+  return "$rc"
+}
+
+nvidia-smi >"$out/nvidia-smi.log" 2>&1 || true
+json_flag=()
+if [ -f build/gpu-deps/include/nlohmann/json.hpp ]; then
+  json_flag=(-C "cmake.define.CORRAL_JSON_INCLUDE=$PWD/build/gpu-deps/include")
+fi
+arch="${CORRAL_GPU_ARCH:-90}"  # the H200 is sm_90; CI compiles 80 and 90
+
+if step build 420 python3 -m pip install --no-build-isolation --no-deps -v . \
+    -C cmake.define.CORRAL_CUDA=ON -C "cmake.define.CMAKE_CUDA_ARCHITECTURES=$arch" "${json_flag[@]}"; then
+  step info 30 python3 -c "import corral._core as c; print('backend', c.cuda_backend_built(), '|', c.cuda_status())"
+  step cuda-tests 240 python3 -m pytest -m cuda tests -q -rs -p no:cacheprovider
+  for b in bench/*_gpu.py; do
+    [ -e "$b" ] || continue
+    step "$(basename "$b" .py)" 120 python3 "$b"
+  done
+fi
+
+echo "== gpu_check summary ($(($(date +%s) - start)) s, logs in $out) =="
+printf '%s\n' "${summary[@]}"
+exit "$status"
