@@ -1,5 +1,7 @@
 #include "corral/config.h"
 
+#include <sys/stat.h>
+
 #include <fstream>
 #include <sstream>
 
@@ -85,15 +87,14 @@ RopeParams read_rope(const Fields& f, int64_t max_position_embeddings) {
   const Fields rf{r, f.source, f.prefix + key + "."};
   p.theta = rf.number("rope_theta", theta);
   std::string type = "default";
-  for (const char* k : {"rope_type", "type"})
-    if (rf.has(k)) {
-      if (!r.at(k).is_string()) rf.fail(k, "must be a string, got " + r.at(k).dump());
-      type = r.at(k).get<std::string>();
-      break;
-    }
+  const char* type_key = rf.has("rope_type") ? "rope_type" : "type";  // older files write "type"
+  if (rf.has(type_key)) {
+    if (!r.at(type_key).is_string()) rf.fail(type_key, "must be a string, got " + r.at(type_key).dump());
+    type = r.at(type_key).get<std::string>();
+  }
   if (type == "default") return p;
   if (type != "llama3")
-    rf.fail("rope_type", "is '" + type + "', which Corral does not support (default, llama3)");
+    rf.fail(type_key, "is '" + type + "', which Corral does not support (default, llama3)");
   p.type = RopeParams::Type::Llama3;
   for (const char* k : {"factor", "low_freq_factor", "high_freq_factor"})
     if (!rf.has(k)) rf.fail(k, "is missing (required by llama3 RoPE scaling)");
@@ -215,8 +216,11 @@ ModelConfig parse_config(const std::string& json_text, const std::string& source
 }
 
 ModelConfig load_config(const std::string& path) {
+  struct stat st {};
+  if (stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode))
+    throw FileMissingError("model config " + path + " does not exist or is not a file");
   std::ifstream in(path, std::ios::binary);
-  if (!in) throw FileMissingError("model config " + path + " does not exist or cannot be read");
+  if (!in) throw FileMissingError("model config " + path + " cannot be read");
   std::stringstream ss;
   ss << in.rdbuf();
   return parse_config(ss.str(), path);

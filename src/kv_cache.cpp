@@ -3,11 +3,25 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <fstream>
 #include <string>
 
 #include "corral/error.h"
 
 namespace corral {
+
+namespace {
+
+// Bytes of memory available now (MemAvailable, which counts reclaimable page cache).
+size_t available_memory() {
+  std::ifstream meminfo("/proc/meminfo");
+  std::string line;
+  while (std::getline(meminfo, line))
+    if (line.rfind("MemAvailable:", 0) == 0) return size_t(std::stoull(line.substr(13))) * 1024;  // in kB
+  return size_t(sysconf(_SC_AVPHYS_PAGES)) * size_t(sysconf(_SC_PAGESIZE));
+}
+
+}  // namespace
 
 KvCache::KvCache(const ModelConfig& c, const KvCacheOptions& o)
     : block_size_(o.block_size), dtype_(o.dtype), num_layers_(c.num_layers), kv_heads_(c.num_kv_heads),
@@ -17,7 +31,7 @@ KvCache::KvCache(const ModelConfig& c, const KvCacheOptions& o)
     throw DTypeError(std::string("kv_cache_dtype ") + dtype_name(dtype_) + " is not supported (float32, bfloat16, float16)");
   bytes_per_token_ = size_t(2 * num_layers_ * kv_heads_ * head_dim_) * dtype_size(dtype_);
   size_t budget = o.bytes;
-  if (budget == 0) budget = size_t(sysconf(_SC_AVPHYS_PAGES)) * size_t(sysconf(_SC_PAGESIZE)) / 2;
+  if (budget == 0) budget = available_memory() / 2;
   const size_t block_bytes = bytes_per_token_ * size_t(block_size_);
   num_blocks_ = int64_t(budget / block_bytes);
   if (num_blocks_ < 1)

@@ -18,18 +18,21 @@ namespace {
 
 using json = nlohmann::json;
 
-// Element sizes of every dtype the format defines; `kernel` is Corral's type where it has one.
+// Element sizes in bits of every dtype the format defines; `kernel` is Corral's type where it has one.
 struct FormatDType {
   const char* name;
-  size_t bytes;
+  unsigned bits;
   std::optional<DType> kernel;
 };
 constexpr FormatDType kFormatDTypes[] = {
-    {"F64", 8, std::nullopt}, {"F32", 4, DType::F32},       {"F16", 2, DType::F16},
-    {"BF16", 2, DType::BF16}, {"F8_E4M3", 1, DType::F8_E4M3}, {"F8_E5M2", 1, std::nullopt},
-    {"I64", 8, DType::I64},   {"I32", 4, DType::I32},       {"I16", 2, std::nullopt},
-    {"I8", 1, std::nullopt},  {"U64", 8, std::nullopt},     {"U32", 4, std::nullopt},
-    {"U16", 2, std::nullopt}, {"U8", 1, std::nullopt},      {"BOOL", 1, std::nullopt},
+    {"F64", 64, std::nullopt},        {"F32", 32, DType::F32},          {"F16", 16, DType::F16},
+    {"BF16", 16, DType::BF16},        {"F8_E4M3", 8, DType::F8_E4M3},   {"F8_E5M2", 8, std::nullopt},
+    {"F8_E4M3FNUZ", 8, std::nullopt}, {"F8_E5M2FNUZ", 8, std::nullopt}, {"F8_E8M0", 8, std::nullopt},
+    {"F6_E2M3", 6, std::nullopt},     {"F6_E3M2", 6, std::nullopt},     {"F4", 4, std::nullopt},
+    {"C64", 64, std::nullopt},        {"I64", 64, DType::I64},          {"I32", 32, DType::I32},
+    {"I16", 16, std::nullopt},        {"I8", 8, std::nullopt},          {"U64", 64, std::nullopt},
+    {"U32", 32, std::nullopt},        {"U16", 16, std::nullopt},        {"U8", 8, std::nullopt},
+    {"BOOL", 8, std::nullopt},
 };
 
 const FormatDType* format_dtype(const std::string& name) {
@@ -60,22 +63,24 @@ SafetensorsEntry parse_entry(const std::string& path, const std::string& name, c
   const FormatDType* fd = format_dtype(out.dtype_name);
   if (!fd) bad("unknown dtype '" + out.dtype_name + "'");
   out.dtype = fd->kernel;
-  uint64_t count = 1;
+  // Sizes in 128-bit arithmetic: a header must not overflow its way past the size checks.
+  unsigned __int128 bits = fd->bits;
   for (const json& d : e.at("shape")) {
     if (!d.is_number_unsigned()) bad("shape entries must be non-negative integers");
     const uint64_t n = d.get<uint64_t>();
-    if (n != 0 && count > (uint64_t(1) << 62) / n) bad("shape is too large");
-    count *= n;
+    if (n > (uint64_t(1) << 62)) bad("shape entry " + std::to_string(n) + " is too large");
+    bits *= n;
+    if (bits > (static_cast<unsigned __int128>(1) << 70)) bad("shape is too large");
     out.shape.push_back(int64_t(n));
   }
+  if (bits % 8 != 0) bad("its " + out.dtype_name + " elements do not fill whole bytes");
   for (const json& o : e.at("data_offsets"))
     if (!o.is_number_unsigned()) bad("data_offsets must be non-negative integers");
   out.begin = e.at("data_offsets")[0].get<uint64_t>();
   out.end = e.at("data_offsets")[1].get<uint64_t>();
   if (out.end < out.begin) bad("data_offsets end before they begin");
-  if (out.end - out.begin != count * fd->bytes)
-    bad("data_offsets span " + std::to_string(out.end - out.begin) + " bytes, but shape and dtype need " +
-        std::to_string(count * fd->bytes));
+  if (static_cast<unsigned __int128>(out.end - out.begin) != bits / 8)
+    bad("data_offsets span " + std::to_string(out.end - out.begin) + " bytes, which does not match its shape and dtype");
   return out;
 }
 

@@ -3,6 +3,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -47,11 +48,32 @@ struct Typed {
 
 Typed typed(const py::array& a, const std::string& dtype_name, const char* what) {
   const DType t = parse_dtype(dtype_name);
-  py::array c = t == DType::F32 ? py::array(F32::ensure(a)) : py::array(py::array_t<uint16_t, py::array::c_style>::ensure(a));
-  if (!c) throw ShapeError(std::string(what) + ": expected a numeric array");
-  if (t != DType::F32 && a.dtype().kind() != 'u')
-    throw DTypeError(std::string(what) + ": " + dtype_name + " data must be passed as uint16 bit patterns");
-  return Typed{c, t};
+  const char kind = a.dtype().kind();
+  if (t == DType::F32) {
+    if (kind != 'f')
+      throw DTypeError(std::string(what) + ": float32 data must be a float array, got numpy dtype " +
+                       std::string(py::str(a.dtype())));
+    return Typed{F32::ensure(a), t};
+  }
+  if (kind != 'u' || a.dtype().itemsize() != 2)
+    throw DTypeError(std::string(what) + ": " + dtype_name + " data must be passed as uint16 bit patterns, got numpy dtype " +
+                     std::string(py::str(a.dtype())));
+  return Typed{py::array_t<uint16_t, py::array::c_style>::ensure(a), t};
+}
+
+// Token ids as int32, each checked to fit (numpy would wrap 2**32 + 3 around to 3).
+I32 token_ids(const py::array& a, const char* what) {
+  const I64 ids = I64::ensure(a);
+  if (!ids || ids.ndim() != 1) throw ShapeError(std::string(what) + " must be a 1-D array of integers");
+  I32 out({ids.shape(0)});
+  for (py::ssize_t i = 0; i < ids.shape(0); ++i) {
+    const int64_t v = ids.data()[i];
+    if (v < INT32_MIN || v > INT32_MAX)
+      throw InvalidInputError(std::string(what) + ": token id " + std::to_string(v) + " at index " + std::to_string(i) +
+                              " is outside the vocabulary");
+    out.mutable_data()[i] = int32_t(v);
+  }
+  return out;
 }
 
 void expect(bool ok, const std::string& msg) {
@@ -184,7 +206,8 @@ void register_ops(py::module_& m) {
 
   m.def(
       "embedding",
-      [](const py::array& table, I32 ids, const std::string& dtype) {
+      [](const py::array& table, const py::array& id_array, const std::string& dtype) {
+        const I32 ids = token_ids(id_array, "ids");
         const Typed t = typed(table, dtype, "table");
         expect(t.array.ndim() == 2, "table must be 2-D, got shape " + shape_of(t.array));
         F32 out({ids.shape(0), py::ssize_t(t.dim(1))});
@@ -221,8 +244,12 @@ void register_ops(py::module_& m) {
     const DType t = parse_dtype(dtype);
     for (const py::array* a : {&k_cache, &v_cache}) {
       expect(a->ndim() == 4, "caches must be (num_blocks, kv_heads, block_size, head_dim), got " + shape_of(*a));
-      expect(a->dtype().itemsize() == py::ssize_t(dtype_size(t)) && (a->flags() & py::array::c_style),
-             "caches must be C-contiguous arrays of " + dtype + " (uint16 bits for 16-bit floats)");
+      const bool right_type = t == DType::F32 ? a->dtype().is(py::dtype::of<float>())
+                                              : a->dtype().is(py::dtype::of<uint16_t>());
+      if (!right_type)
+        throw DTypeError("caches of " + dtype + " must be numpy " + (t == DType::F32 ? "float32" : "uint16 (bit patterns)") +
+                         " arrays, got " + std::string(py::str(a->dtype())));
+      expect(a->flags() & py::array::c_style, "caches must be C-contiguous (they are written in place)");
     }
     expect(shape_of(k_cache) == shape_of(v_cache), "k_cache and v_cache must have one shape");
     PagedKv c;

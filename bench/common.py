@@ -1,0 +1,92 @@
+"""Shared pieces of the benchmarks: this machine's memory bandwidth, measured in the same run,
+and a synthetic Llama 4 checkpoint written straight from numpy."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def memory_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
+    """Read bandwidth in bytes/s: `threads` threads summing disjoint parts of an array far beyond
+    the last-level cache (numpy releases the GIL); the best of `repeats`."""
+    data = np.ones(int(gib * 2**30) // 8, dtype=np.float64)
+    parts = np.array_split(data, threads)
+    best = 0.0
+    for _ in range(repeats):
+        workers = [threading.Thread(target=np.sum, args=(p,)) for p in parts]
+        t0 = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = max(best, data.nbytes / (time.perf_counter() - t0))
+    return best
+
+
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    """bf16 tensors given as uint16 bit patterns."""
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        header[name] = {"dtype": "BF16", "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for t in tensors.values():
+            f.write(np.ascontiguousarray(t).tobytes())
+
+
+def synthetic_llama4(path: Path, *, vocab: int, hidden: int, layers: int, heads: int, kv_heads: int,
+                     head_dim: int, experts: int, inter: int, seed: int = 0) -> dict:
+    """A random bf16 Llama4ForCausalLM checkpoint with MoE on every layer (Scout's layout).
+    Returns the config and the bytes of weights one decoded token reads."""
+    rng = np.random.default_rng(seed)
+
+    def w(*shape, std=0.02):
+        return bf16_bits(rng.standard_normal(shape, dtype=np.float32) * std)
+
+    config = dict(
+        architectures=["Llama4ForCausalLM"], model_type="llama4_text", vocab_size=vocab, hidden_size=hidden,
+        intermediate_size=inter, intermediate_size_mlp=2 * inter, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, num_local_experts=experts,
+        num_experts_per_tok=1, interleave_moe_layer_step=1, use_qk_norm=True, attention_chunk_size=8192,
+        rope_theta=500000.0, rope_scaling=None, rms_norm_eps=1e-5, max_position_embeddings=1 << 20,
+        bos_token_id=0, eos_token_id=1, tie_word_embeddings=False, dtype="bfloat16",
+    )
+    os.makedirs(path, exist_ok=True)
+    (Path(path) / "config.json").write_text(json.dumps(config, indent=1))
+    t = {"model.embed_tokens.weight": w(vocab, hidden), "model.norm.weight": bf16_bits(np.ones(hidden)),
+         "lm_head.weight": w(vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        t[p + "input_layernorm.weight"] = bf16_bits(np.ones(hidden))
+        t[p + "post_attention_layernorm.weight"] = bf16_bits(np.ones(hidden))
+        t[p + "self_attn.q_proj.weight"] = w(heads * head_dim, hidden)
+        t[p + "self_attn.k_proj.weight"] = w(kv_heads * head_dim, hidden)
+        t[p + "self_attn.v_proj.weight"] = w(kv_heads * head_dim, hidden)
+        t[p + "self_attn.o_proj.weight"] = w(hidden, heads * head_dim)
+        t[p + "feed_forward.router.weight"] = w(experts, hidden)
+        t[p + "feed_forward.experts.gate_up_proj"] = w(experts, hidden, 2 * inter)
+        t[p + "feed_forward.experts.down_proj"] = w(experts, inter, hidden)
+        t[p + "feed_forward.shared_expert.gate_proj.weight"] = w(inter, hidden)
+        t[p + "feed_forward.shared_expert.up_proj.weight"] = w(inter, hidden)
+        t[p + "feed_forward.shared_expert.down_proj.weight"] = w(hidden, inter)
+    write_safetensors(Path(path) / "model.safetensors", t)
+    per_layer = hidden * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hidden + experts * hidden
+    per_layer += 2 * 3 * hidden * inter  # one routed expert and the shared expert
+    decode_bytes = 2 * (hidden + layers * per_layer + vocab * hidden)
+    return dict(config=config, decode_bytes=decode_bytes,
+                params=sum(int(np.prod(a.shape)) for a in t.values()))
