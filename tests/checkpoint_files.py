@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tiny_models import VISION_CONFIG, reference_logits
+
 # The tiny text model of every test. 4 layers, so that layer 3 is a NoPE layer (with attention
 # temperature tuning) under the default no_rope_layer_interval of 4; layers 1 and 3 are MoE.
 # initializer_range is large so that RoPE, temperature tuning and chunking visibly change the
@@ -41,18 +43,6 @@ TEXT_KW = dict(
         "high_freq_factor": 4.0,
         "original_max_position_embeddings": 16,
     },
-)
-
-VISION_KW = dict(
-    hidden_size=32,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    intermediate_size=64,
-    image_size=28,
-    patch_size=14,
-    vision_output_dim=32,
-    projector_input_dim=32,
-    projector_output_dim=32,
 )
 
 # Prompt of every logits comparison: 12 tokens cover 3 attention chunks of 4 and several
@@ -94,7 +84,7 @@ def build_conditional(seed: int = 0, **text_overrides):
     from transformers import Llama4Config, Llama4ForConditionalGeneration
 
     torch.manual_seed(seed)
-    cfg = Llama4Config(text_config=text_kwargs(**text_overrides), vision_config=dict(VISION_KW))
+    cfg = Llama4Config(text_config=text_kwargs(**text_overrides), vision_config=dict(VISION_CONFIG))
     return Llama4ForConditionalGeneration(cfg).eval()
 
 
@@ -110,28 +100,7 @@ def causal_like(state_dict, **overrides):
 
 def hf_logits(model, tokens=TOKENS) -> np.ndarray:
     """Float32 logits (len, vocab) of a transformers Llama 4 model on a prompt of token ids."""
-    import torch
-
-    ids = torch.tensor([list(tokens)])
-    with torch.no_grad():
-        if hasattr(model, "vision_model"):
-            try:
-                out = model(input_ids=ids).logits
-            except AttributeError:
-                # transformers 5.24: Llama4ForConditionalGeneration.forward builds its output with
-                # `outputs.image_outputs`, which the text model's output lacks. Without pixel_values
-                # that forward is exactly its language model applied to the same input_ids.
-                out = model.language_model(input_ids=ids).logits
-        else:
-            out = model(input_ids=ids).logits
-    return out[0].float().numpy()
-
-
-def rel_err(got, ref) -> float:
-    ref = np.asarray(ref, dtype=np.float64)
-    got = np.asarray(got, dtype=np.float64)
-    assert got.shape == ref.shape, (got.shape, ref.shape)
-    return float(np.max(np.abs(got - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
+    return reference_logits(model, list(tokens)).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- folders and config

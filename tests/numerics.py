@@ -37,6 +37,7 @@ def rounded(x: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def rel_err(got: np.ndarray, ref: np.ndarray) -> float:
-    """max |got - ref| / max |ref|."""
-    ref = np.asarray(ref, dtype=np.float64)
-    return float(np.max(np.abs(np.asarray(got, dtype=np.float64) - ref)) / max(np.max(np.abs(ref)), 1e-30))
+    """max |got - ref| / max |ref| (shapes must match exactly: no broadcasting)."""
+    got, ref = np.asarray(got, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    assert got.shape == ref.shape, (got.shape, ref.shape)
+    return float(np.max(np.abs(got - ref)) / max(np.max(np.abs(ref)), 1e-30))

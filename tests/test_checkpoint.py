@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import corral
+from numerics import rel_err
 from checkpoint_files import (
     DELETE,
     DTYPE_BYTES,
@@ -40,7 +41,6 @@ from checkpoint_files import (
     read_config,
     read_index,
     read_safetensors,
-    rel_err,
     safetensors_bytes,
     shard,
     tensor_files,
