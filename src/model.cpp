@@ -27,7 +27,7 @@ void ForwardBatch::add_sequence(const int32_t* tokens, int64_t n, int64_t positi
 }
 
 Llama4Model::Llama4Model(const std::string& dir)
-    : config_(load_config(dir + "/config.json")), checkpoint_(dir), weights_(load_weights(checkpoint_, config_)) {
+    : checkpoint_(dir), config_(load_config(checkpoint_.config_path())), weights_(load_weights(checkpoint_, config_)) {
   inv_freq_.resize(config_.head_dim / 2);
   kernels::rope_inv_freq(inv_freq_.data(), config_.head_dim, config_.rope);
 }

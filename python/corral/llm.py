@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 
@@ -12,6 +13,7 @@ from corral.outputs import CompletionOutput, RequestOutput
 from corral.sampling_params import SamplingParams
 
 _KV_DTYPES = ("auto", "float32", "bfloat16", "float16")
+logger = logging.getLogger("corral")
 
 
 class LLM:
@@ -74,6 +76,18 @@ class LLM:
         options.seed = seed
         self.model_path = os.fspath(model_path)
         self._engine = _core.Engine(self.model_path, options)
+        stats = self._engine.stats()
+        # Say which code paths run: the CPU ISA level picked at run time, and CUDA's state.
+        logger.info(
+            "loaded %s: CPU kernels %s (available: %s), %d threads; KV cache %d blocks of %d tokens; CUDA: %s",
+            self.model_path,
+            _core.ops.cpu_isa(),
+            ", ".join(_core.ops.cpu_isas()),
+            _core.num_threads(),
+            stats["kv_blocks_total"],
+            stats["kv_block_size"],
+            _core.cuda_status() if _core.cuda_backend_built() else "not built",
+        )
 
     @property
     def config(self) -> dict:

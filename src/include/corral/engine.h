@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "corral/error.h"
 #include "corral/kv_cache.h"
 #include "corral/model.h"
 

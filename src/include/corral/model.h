@@ -46,8 +46,8 @@ class Llama4Model {
   void attention(int64_t layer, const ForwardBatch& batch, const PagedKv& kv, const AttentionBatch& ab);
   void feed_forward(int64_t layer, int64_t rows);
 
+  Checkpoint checkpoint_;  // first: a missing folder is reported as such, before its config
   ModelConfig config_;
-  Checkpoint checkpoint_;
   ModelWeights weights_;
   std::vector<float> inv_freq_;
   Stream stream_;
