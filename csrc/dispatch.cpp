@@ -6,6 +6,7 @@
 #include "corral/kernels/activation.h"
 #include "corral/kernels/attention.h"
 #include "corral/kernels/embedding.h"
+#include "corral/kernels/kv_cache.h"
 #include "corral/kernels/linear.h"
 #include "corral/kernels/mlp.h"
 #include "corral/kernels/moe.h"
@@ -91,6 +92,12 @@ void kv_cache_write(const Stream& s, const PagedKv& cache, const float* k, const
                     int64_t ld, int64_t tokens, const int64_t* slots) {
   require_cpu(s, "kv_cache_write");
   cpu::kv_cache_write(cache, k, v, ld, tokens, slots);
+}
+
+void kv_cache_copy_pages(const Stream& s, void* pool, int64_t page_bytes, const int32_t* src,
+                         const int32_t* dst, int64_t count) {
+  require_cpu(s, "kv_cache_copy_pages");
+  cpu::kv_cache_copy_pages(pool, page_bytes, src, dst, count);
 }
 
 void paged_attention(const Stream& s, float* out, const float* q, int64_t heads,

@@ -57,6 +57,7 @@ PagedKv KvCache::layer(int64_t index) const {
   PagedKv p;
   p.k = base_ + size_t(2 * index) * layer_bytes_;
   p.v = base_ + size_t(2 * index + 1) * layer_bytes_;
+  p.block_stride = int64_t(block_size_) * kv_heads_ * head_dim_ * int64_t(dtype_size(dtype_));
   p.dtype = dtype_;
   p.num_blocks = num_blocks_;
   p.block_size = block_size_;

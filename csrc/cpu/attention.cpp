@@ -15,24 +15,6 @@ namespace {
 // read serves tokens x group rows.
 constexpr int64_t kQueryTile = 16;
 
-template <class T>
-void write_rows(const PagedKv& c, const float* k, const float* v, int64_t ld, int64_t tokens,
-                const int64_t* slots) {
-  const int64_t d = c.head_dim, bs = c.block_size;
-  T* kc = static_cast<T*>(c.k);
-  T* vc = static_cast<T*>(c.v);
-  parallel_for(tokens, 2 * c.kv_heads * d, [&](int64_t t) {
-    const int64_t block = slots[t] / bs, off = slots[t] % bs;
-    for (int64_t g = 0; g < c.kv_heads; ++g) {
-      const int64_t dst = ((block * c.kv_heads + g) * bs + off) * d;
-      for (int64_t i = 0; i < d; ++i) {
-        kc[dst + i] = from_float<T>(k[t * ld + g * d + i]);
-        vc[dst + i] = from_float<T>(v[t * ld + g * d + i]);
-      }
-    }
-  });
-}
-
 // One work item: query tokens [r0, r1) of sequence s against KV head g.
 struct Scratch {
   std::vector<float> q, scores, acc, max, sum;
@@ -67,9 +49,10 @@ void attend_tile(float* out, const float* q, int64_t heads, const PagedKv& c,
   const int32_t* table = b.block_tables + s * int64_t(b.max_blocks);
   const char* kbase = static_cast<const char*>(c.k);
   const char* vbase = static_cast<const char*>(c.v);
+  const int64_t head_offset = g * bs * d * int64_t(es);
   for (int64_t blk = lo_min / bs; blk <= hi_max / bs; ++blk) {
     const int64_t key0 = blk * bs, nk = std::min(bs, hi_max + 1 - key0);
-    const int64_t offset = ((int64_t(table[blk]) * c.kv_heads + g) * bs) * d * es;
+    const int64_t offset = int64_t(table[blk]) * c.block_stride + head_offset;
     scores_fn(w.scores.data(), bs, w.q.data(), d, rows, kbase + offset, d, nk, d, false);
     bool any = false;
     for (int64_t t = 0; t < r1 - r0; ++t) {
@@ -113,15 +96,6 @@ void attend_tile(float* out, const float* q, int64_t heads, const PagedKv& c,
 }
 
 }  // namespace
-
-void kv_cache_write(const PagedKv& cache, const float* k, const float* v, int64_t ld,
-                    int64_t tokens, const int64_t* slots) {
-  switch (float_index(cache.dtype, "KV cache")) {
-    case 0: return write_rows<float>(cache, k, v, ld, tokens, slots);
-    case 1: return write_rows<bf16>(cache, k, v, ld, tokens, slots);
-    default: return write_rows<f16>(cache, k, v, ld, tokens, slots);
-  }
-}
 
 void paged_attention(float* out, const float* q, int64_t heads, const PagedKv& cache,
                      const AttentionBatch& batch, float scale, int64_t chunk_size) {

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "corral/kernels/attention.h"
+#include "corral/kernels/kv_cache.h"
 #include "corral/kernels/linear.h"
 #include "corral/kernels/moe.h"
 #include "corral/kernels/rope.h"
@@ -24,6 +25,7 @@ void sample_temperature(int32_t* out, const float* logits, int64_t rows, int64_t
                         const float* temperature, const float* uniform);
 void kv_cache_write(const PagedKv& cache, const float* k, const float* v, int64_t ld,
                     int64_t tokens, const int64_t* slots);
+void kv_cache_copy_pages(void* pool, int64_t page_bytes, const int32_t* src, const int32_t* dst, int64_t count);
 void paged_attention(float* out, const float* q, int64_t heads, const PagedKv& cache,
                      const AttentionBatch& batch, float scale, int64_t chunk_size);
 void attn_temperature_scale(float* q, int64_t ld, int64_t rows, int64_t width,

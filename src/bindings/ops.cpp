@@ -14,6 +14,7 @@
 #include "corral/kernels/attention.h"
 #include "corral/kernels/cpu_isa.h"
 #include "corral/kernels/embedding.h"
+#include "corral/kernels/kv_cache.h"
 #include "corral/kernels/linear.h"
 #include "corral/kernels/mlp.h"
 #include "corral/kernels/moe.h"
@@ -260,6 +261,7 @@ void register_ops(py::module_& m) {
     c.kv_heads = int32_t(k_cache.shape(1));
     c.block_size = int32_t(k_cache.shape(2));
     c.head_dim = int32_t(k_cache.shape(3));
+    c.block_stride = k_cache.strides(0);
     return c;
   };
 

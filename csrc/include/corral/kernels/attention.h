@@ -1,21 +1,9 @@
 // Attention over a paged KV cache for a ragged batch (many sequences, prefill and decode mixed).
 #pragma once
 
-#include "corral/kernels/types.h"
+#include "corral/kernels/kv_cache.h"
 
 namespace corral {
-
-// The KV cache of one layer. K and V are each [num_blocks, kv_heads, block_size, head_dim] of
-// `dtype`; a token's K/V live at slot (block id * block_size + offset in the block).
-struct PagedKv {
-  void* k = nullptr;
-  void* v = nullptr;
-  DType dtype = DType::F32;
-  int64_t num_blocks = 0;
-  int32_t block_size = 16;
-  int32_t kv_heads = 0;
-  int32_t head_dim = 0;
-};
 
 // The sequence structure of a ragged batch. Sequence s owns query rows
 // [seq_starts[s], seq_starts[s + 1]); row r is the token at absolute position positions[r], and
@@ -30,13 +18,10 @@ struct AttentionBatch {
 
 namespace kernels {
 
-// Stores k[t, :] and v[t, :] (kv_heads * head_dim floats each, rows ld apart) at slots[t].
-void kv_cache_write(const Stream& stream, const PagedKv& cache, const float* k, const float* v,
-                    int64_t ld, int64_t tokens, const int64_t* slots);
-
 // out[r, h, :] = sum_j softmax_j(q[r, h, :] . K[j] * scale) V[j] over the keys j the row sees:
 // positions lo..p of its own sequence, with lo = 0 (global layers) or lo = p - p % chunk_size
 // (chunked local layers, chunk_size > 0). Query head h reads KV head h / (heads / kv_heads).
+// Only blocks holding visible keys are read (local layers may have freed earlier ones).
 // q and out are [rows, heads * head_dim] float32; the softmax is exact (online, in float32).
 void paged_attention(const Stream& stream, float* out, const float* q, int64_t heads,
                      const PagedKv& cache, const AttentionBatch& batch, float scale,
