@@ -14,8 +14,8 @@ struct Engine::Request {
   int64_t id = 0;
   std::vector<int32_t> tokens;  // prompt, then generated tokens
   int64_t prompt_len = 0;
-  int64_t computed = 0;  // tokens whose K/V are in the cache
-  std::vector<int32_t> blocks;
+  int64_t computed = 0;  // tokens whose K/V are in the cache (its KV-cache sequence has the same id)
+  bool started = false;  // scheduled in a step yet
   SamplingParams params;
   std::mt19937_64 rng;
   int64_t generated() const { return int64_t(tokens.size()) - prompt_len; }
@@ -36,10 +36,9 @@ DType parse_kv_dtype(const std::string& name, DType weights) {
   if (name == "float32" || name == "fp32") return DType::F32;
   if (name == "bfloat16" || name == "bf16") return DType::BF16;
   if (name == "float16" || name == "fp16") return DType::F16;
-  throw InvalidInputError("kv_cache_dtype '" + name + "' is not supported (auto, float32, bfloat16, float16)");
+  if (name == "fp8" || name == "float8_e4m3" || name == "fp8_e4m3") return DType::F8_E4M3;
+  throw InvalidInputError("kv_cache_dtype '" + name + "' is not supported (auto, float32, bfloat16, float16, fp8)");
 }
-
-int64_t blocks_for(int64_t tokens, int32_t block_size) { return (tokens + block_size - 1) / block_size; }
 
 }  // namespace
 
@@ -53,11 +52,8 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options)
   model_ = std::make_unique<Llama4Model>(model_dir);
   const ModelConfig& c = model_->config();
   max_model_len_ = options_.max_model_len > 0 ? options_.max_model_len : c.max_position_embeddings;
-  KvCacheOptions kv;
-  kv.block_size = options_.block_size;
-  kv.bytes = options_.kv_cache_bytes;
-  kv.dtype = parse_kv_dtype(options_.kv_cache_dtype, model_->weights_dtype());
-  cache_ = std::make_unique<KvCache>(c, kv);
+  const KvLayout layout = make_kv_layout(c, options_.block_size, parse_kv_dtype(options_.kv_cache_dtype, model_->weights_dtype()));
+  cache_ = std::make_unique<KvCache>(layout, options_.kv_cache_bytes, options_.enable_prefix_caching);
 }
 
 Engine::~Engine() = default;
@@ -79,34 +75,32 @@ int64_t Engine::add_request(const std::vector<int32_t>& prompt, const SamplingPa
                             std::to_string(max_model_len_));
   if (params.max_tokens < 1) throw InvalidInputError("max_tokens must be >= 1, got " + std::to_string(params.max_tokens));
   if (!(params.temperature >= 0.f)) throw InvalidInputError("temperature must be >= 0");
-  if (blocks_for(n + 1, cache_->block_size()) > cache_->num_blocks())
+  const KvLayout& layout = cache_->layout();
+  if (layout.sequence_bytes(n + 1, true) > cache_->num_pages() * layout.page_bytes)
     throw OutOfKVCacheError("prompt of " + std::to_string(n) + " tokens needs more KV blocks than the whole cache has (" +
-                            std::to_string(cache_->num_blocks()) + " blocks of " +
-                            std::to_string(cache_->block_size()) + " tokens); raise kv_cache_bytes");
+                            std::to_string(cache_->num_pages()) + " blocks of " + std::to_string(layout.block_size) +
+                            " tokens); raise kv_cache_bytes");
   auto r = std::make_unique<Request>();
   r->id = next_id_++;
   r->tokens = prompt;
   r->prompt_len = n;
   r->params = params;
   r->rng.seed(params.seed >= 0 ? uint64_t(params.seed) : seeder_());
+  r->computed = cache_->blocks().add(r->id, prompt);
   const int64_t id = r->id;
   requests_[id] = std::move(r);
   return id;
 }
 
-bool Engine::reserve(std::vector<int32_t>& blocks, int64_t tokens) {
-  const int64_t need = blocks_for(tokens, cache_->block_size()) - int64_t(blocks.size());
-  return need <= 0 || cache_->allocate(need, blocks);
-}
-
 void Engine::finish(Request& r, FinishReason why, RequestUpdate& update) {
   update.finish_reason = why;
-  cache_->release(r.blocks);
+  cache_->blocks().free(r.id);
 }
 
 std::vector<RequestUpdate> Engine::step() {
   // First come, first served: decode steps and prompt pieces share the token budget.
-  ForwardBatch batch;
+  BlockManager& blocks = cache_->blocks();
+  ForwardBatch batch(blocks.num_groups());
   std::vector<std::pair<Request*, int64_t>> scheduled;  // with the number of tokens each computes
   std::vector<Request*> sampled;  // requests whose logits this step yields, in logit-row order
   int64_t budget = options_.max_num_batched_tokens;
@@ -116,10 +110,11 @@ std::vector<RequestUpdate> Engine::step() {
     if (budget == 0 || seqs == options_.max_num_seqs) break;
     const int64_t pending = int64_t(r.tokens.size()) - r.computed;
     const int64_t n = std::min(pending, budget);
-    if (!reserve(r.blocks, r.computed + n)) continue;  // waits for blocks
+    if (!cache_->append(r.id, n)) continue;  // waits for blocks
     const bool completes = r.computed + n == int64_t(r.tokens.size());
-    batch.add_sequence(r.tokens.data() + r.computed, n, r.computed, r.blocks, cache_->block_size(), completes);
+    batch.add_sequence(r.tokens.data() + r.computed, n, r.computed, blocks, r.id, completes);
     scheduled.emplace_back(&r, n);
+    r.started = true;
     if (completes) sampled.push_back(&r);
     budget -= n;
     ++seqs;
@@ -127,8 +122,8 @@ std::vector<RequestUpdate> Engine::step() {
   if (batch.num_tokens() == 0) {
     if (requests_.empty()) return {};
     throw OutOfKVCacheError("KV cache is full: " + std::to_string(requests_.size()) +
-                            " requests need more blocks than the " + std::to_string(cache_->num_blocks()) +
-                            " blocks of " + std::to_string(cache_->block_size()) +
+                            " requests need more blocks than the " + std::to_string(cache_->num_pages()) +
+                            " blocks of " + std::to_string(blocks.block_size()) +
                             " tokens hold; raise kv_cache_bytes or lower max_num_seqs");
   }
 
@@ -137,6 +132,7 @@ std::vector<RequestUpdate> Engine::step() {
   model_->forward(batch, *cache_, logits_.data());
   for (auto& [r, n] : scheduled) {
     (r->computed >= r->prompt_len ? decode_tokens_ : prefill_tokens_) += n;
+    blocks.commit(r->id, r->tokens.data() + r->computed, n);
     r->computed += n;
   }
 
@@ -173,7 +169,7 @@ std::vector<RequestUpdate> Engine::step() {
 void Engine::abort(int64_t request_id) {
   auto it = requests_.find(request_id);
   if (it == requests_.end()) return;
-  cache_->release(it->second->blocks);
+  cache_->blocks().free(request_id);
   requests_.erase(it);
 }
 
@@ -187,53 +183,68 @@ void Engine::prompt_logits(const std::vector<std::vector<int32_t>>& prompts, flo
                               std::to_string(max_model_len_));
     total += int64_t(prompts[i].size());
   }
-  std::vector<std::vector<int32_t>> blocks(prompts.size());
-  struct Release {  // the blocks go back to the pool however this function exits
-    KvCache& cache;
-    std::vector<std::vector<int32_t>>& blocks;
+  // Each prompt is a KV-cache sequence of its own for the duration of the call.
+  BlockManager& blocks = cache_->blocks();
+  std::vector<BlockManager::SeqId> ids;
+  struct Release {  // the pages go back to the pool however this function exits
+    BlockManager& blocks;
+    std::vector<BlockManager::SeqId>& ids;
     ~Release() {
-      for (auto& b : blocks) cache.release(b);
+      for (BlockManager::SeqId id : ids) blocks.free(id);
     }
-  } release{*cache_, blocks};
-  int64_t needed = 0;
-  for (const auto& prompt : prompts) needed += blocks_for(int64_t(prompt.size()), cache_->block_size());
-  if (needed > cache_->free_blocks())
-    throw OutOfKVCacheError(std::to_string(total) + " prompt tokens need " + std::to_string(needed) +
-                            " KV blocks but only " + std::to_string(cache_->free_blocks()) + " of the cache's " +
-                            std::to_string(cache_->num_blocks()) + " are free; raise kv_cache_bytes");
-  for (size_t i = 0; i < prompts.size(); ++i) reserve(blocks[i], int64_t(prompts[i].size()));
+  } release{blocks, ids};
+  for (const auto& prompt : prompts) {
+    ids.push_back(next_id_++);
+    blocks.add(ids.back(), prompt, /*reuse=*/false);
+  }
 
   // Fill each pass with the next tokens in prompt order, so its logits land contiguously in out.
   const int64_t vocab = config().vocab_size;
   size_t p = 0;
   int64_t offset = 0;  // tokens of prompt p already computed
   while (p < prompts.size()) {
-    ForwardBatch batch;
+    ForwardBatch batch(blocks.num_groups());
+    struct Piece {
+      size_t prompt;
+      int64_t start, n;
+    };
+    std::vector<Piece> pieces;
     int64_t budget = options_.max_num_batched_tokens;
-    while (p < prompts.size() && budget > 0) {
-      const int64_t n = std::min(int64_t(prompts[p].size()) - offset, budget);
-      batch.add_sequence(prompts[p].data() + offset, n, offset, blocks[p], cache_->block_size(), false);
+    for (size_t q = p; q < prompts.size() && budget > 0;) {
+      const int64_t start = q == p ? offset : 0;
+      const int64_t n = std::min(int64_t(prompts[q].size()) - start, budget);
+      if (!cache_->append(ids[q], n))
+        throw OutOfKVCacheError(std::to_string(total) + " prompt tokens need more KV blocks than the " +
+                                std::to_string(blocks.available_pages()) + " of " + std::to_string(cache_->num_pages()) +
+                                " the cache has free; raise kv_cache_bytes");
+      batch.add_sequence(prompts[q].data() + start, n, start, blocks, ids[q], false);
+      pieces.push_back({q, start, n});
       budget -= n;
-      offset += n;
-      if (offset == int64_t(prompts[p].size())) {
-        ++p;
-        offset = 0;
-      }
+      if (start + n < int64_t(prompts[q].size())) break;
+      ++q;
     }
     for (int64_t r = 0; r < batch.num_tokens(); ++r) batch.logit_rows.push_back(int32_t(r));
     model_->forward(batch, *cache_, out);
     out += batch.num_tokens() * vocab;
     prefill_tokens_ += batch.num_tokens();
+    for (const Piece& c : pieces) blocks.commit(ids[c.prompt], prompts[c.prompt].data() + c.start, c.n);
+    const Piece& last = pieces.back();
+    const bool done = last.start + last.n == int64_t(prompts[last.prompt].size());
+    p = done ? last.prompt + 1 : last.prompt;
+    offset = done ? 0 : last.start + last.n;
   }
 }
 
 EngineStats Engine::stats() const {
   EngineStats s;
-  s.kv_blocks_total = cache_->num_blocks();
-  s.kv_blocks_free = cache_->free_blocks();
-  s.kv_block_size = cache_->block_size();
-  s.kv_bytes_per_token = int64_t(cache_->bytes_per_token());
-  for (const auto& [id, r] : requests_) (r->computed > 0 ? s.requests_running : s.requests_waiting) += 1;
+  const KvLayout& layout = cache_->layout();
+  s.kv = cache_->blocks().stats();
+  s.kv_block_size = layout.block_size;
+  s.kv_page_bytes = layout.page_bytes;
+  s.kv_bytes_per_token = layout.bytes_per_token();
+  s.kv_global_groups = layout.num_groups(AttentionKind::Global);
+  s.kv_local_groups = layout.num_groups(AttentionKind::Local);
+  for (const auto& [id, r] : requests_) (r->started ? s.requests_running : s.requests_waiting) += 1;
   s.prefill_tokens_computed = prefill_tokens_;
   s.decode_tokens_computed = decode_tokens_;
   return s;

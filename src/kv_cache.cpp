@@ -3,6 +3,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <fstream>
 #include <string>
 
@@ -21,63 +22,118 @@ size_t available_memory() {
   return size_t(sysconf(_SC_AVPHYS_PAGES)) * size_t(sysconf(_SC_PAGESIZE));
 }
 
+int64_t scale_bytes(DType dtype, int64_t kv_heads) { return dtype == DType::F8_E4M3 ? 2 * kv_heads * 4 : 0; }
+
 }  // namespace
 
-KvCache::KvCache(const ModelConfig& c, const KvCacheOptions& o)
-    : block_size_(o.block_size), dtype_(o.dtype), num_layers_(c.num_layers), kv_heads_(c.num_kv_heads),
-      head_dim_(c.head_dim) {
-  if (block_size_ <= 0) throw InvalidInputError("block_size must be positive, got " + std::to_string(block_size_));
-  if (dtype_ != DType::F32 && dtype_ != DType::BF16 && dtype_ != DType::F16)
-    throw DTypeError(std::string("kv_cache_dtype ") + dtype_name(dtype_) + " is not supported (float32, bfloat16, float16)");
-  bytes_per_token_ = size_t(2 * num_layers_ * kv_heads_ * head_dim_) * dtype_size(dtype_);
-  size_t budget = o.bytes;
-  if (budget == 0) budget = available_memory() / 2;
-  const size_t block_bytes = bytes_per_token_ * size_t(block_size_);
-  num_blocks_ = int64_t(budget / block_bytes);
-  if (num_blocks_ < 1)
-    throw InvalidInputError("kv_cache_bytes=" + std::to_string(budget) + " cannot hold one KV block of " +
-                            std::to_string(block_bytes) + " bytes (block_size " + std::to_string(block_size_) + ")");
-  if (num_blocks_ > 0x7fffffff) num_blocks_ = 0x7fffffff;
-  layer_bytes_ = size_t(num_blocks_) * size_t(block_size_) * size_t(kv_heads_ * head_dim_) * dtype_size(dtype_);
-  mapped_ = layer_bytes_ * size_t(2 * num_layers_);
-  // Anonymous, uncommitted memory: a large budget costs nothing until blocks are written.
+int64_t KvLayout::num_groups(AttentionKind kind) const {
+  return std::count(group_kind.begin(), group_kind.end(), kind);
+}
+
+double KvLayout::bytes_per_token() const {
+  const double scales = double(scale_bytes(dtype, kv_heads)) / block_size;  // per block, per layer
+  return double(num_layers()) * (double(data_bytes) / block_size + scales);
+}
+
+int64_t KvLayout::sequence_bytes(int64_t tokens, bool chunk_savings) const {
+  const int64_t blocks = (tokens + block_size - 1) / block_size;
+  int64_t local_blocks = blocks;
+  if (chunk_savings && chunk_size > 0 && tokens > 0) {
+    // Blocks covering the chunk of the last token, as the block manager keeps them.
+    const int64_t last = tokens - 1;
+    local_blocks = blocks - (last - last % chunk_size) / block_size;
+  }
+  return page_bytes * (num_groups(AttentionKind::Global) * blocks + num_groups(AttentionKind::Local) * local_blocks);
+}
+
+KvLayout make_kv_layout(const ModelConfig& c, int32_t block_size, DType dtype) {
+  if (block_size < 1) throw InvalidInputError("block_size must be positive, got " + std::to_string(block_size));
+  if (dtype != DType::F32 && dtype != DType::BF16 && dtype != DType::F16 && dtype != DType::F8_E4M3)
+    throw DTypeError(std::string("kv_cache_dtype ") + dtype_name(dtype) +
+                     " is not supported (float32, bfloat16, float16, float8_e4m3)");
+  KvLayout l;
+  l.block_size = block_size;
+  l.dtype = dtype;
+  l.kv_heads = c.num_kv_heads;
+  l.head_dim = c.head_dim;
+  l.chunk_size = c.attention_chunk_size;
+  std::vector<int64_t> global, local;
+  for (int64_t i = 0; i < c.num_layers; ++i) (c.layers[i].chunked ? local : global).push_back(i);
+  const int64_t g = global.empty() || local.empty() ? std::max(global.size(), local.size())
+                                                    : std::min(global.size(), local.size());
+  l.layers_per_group = g;
+  l.group_of_layer.assign(c.num_layers, -1);
+  l.slot_of_layer.assign(c.num_layers, -1);
+  for (auto [layers, kind] : {std::pair{&global, AttentionKind::Global}, std::pair{&local, AttentionKind::Local}})
+    for (size_t i = 0; i < layers->size(); ++i) {
+      if (i % g == 0) l.group_kind.push_back(kind);
+      l.group_of_layer[(*layers)[i]] = int32_t(l.group_kind.size() - 1);
+      l.slot_of_layer[(*layers)[i]] = int32_t(i % g);
+    }
+  l.data_bytes = 2 * l.kv_heads * block_size * l.head_dim * int64_t(dtype_size(dtype));
+  l.page_bytes = (g * (l.data_bytes + scale_bytes(dtype, l.kv_heads)) + 63) / 64 * 64;
+  return l;
+}
+
+int64_t KvCache::pages_for(const KvLayout& layout, size_t bytes) {
+  if (bytes == 0) bytes = available_memory() / 2;
+  const int64_t pages = std::min<int64_t>(int64_t(bytes / size_t(layout.page_bytes)), 0x7fffffff);
+  if (pages < 1)
+    throw InvalidInputError("kv_cache_bytes=" + std::to_string(bytes) + " cannot hold one KV block of " +
+                            std::to_string(layout.page_bytes) + " bytes (block_size " +
+                            std::to_string(layout.block_size) + ")");
+  return pages;
+}
+
+KvCache::KvCache(const KvLayout& layout, size_t bytes, bool prefix_caching)
+    : layout_(layout),
+      num_pages_(pages_for(layout, bytes)),
+      blocks_(BlockManager::Options{num_pages_, layout.block_size, layout.group_kind, layout.chunk_size,
+                                    prefix_caching}) {
+  mapped_ = size_t(num_pages_) * size_t(layout_.page_bytes);
+  // Anonymous, uncommitted memory: a large budget costs nothing until pages are written.
   void* m = mmap(nullptr, mapped_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (m == MAP_FAILED)
     throw OutOfKVCacheError("cannot reserve " + std::to_string(mapped_) + " bytes of address space for the KV cache");
-  base_ = static_cast<char*>(m);
-  free_.reserve(size_t(num_blocks_));
-  for (int64_t b = num_blocks_ - 1; b >= 0; --b) free_.push_back(int32_t(b));  // hand out low ids first
+  pool_ = static_cast<char*>(m);
 }
 
 KvCache::~KvCache() {
-  if (base_) munmap(base_, mapped_);
+  if (pool_) munmap(pool_, mapped_);
 }
 
-PagedKv KvCache::layer(int64_t index) const {
+PagedKv KvCache::layer(int64_t l) const {
+  const KvLayout& y = layout_;
+  const int64_t slot = y.slot_of_layer.at(l);
   PagedKv p;
-  p.k = base_ + size_t(2 * index) * layer_bytes_;
-  p.v = base_ + size_t(2 * index + 1) * layer_bytes_;
-  p.block_stride = int64_t(block_size_) * kv_heads_ * head_dim_ * int64_t(dtype_size(dtype_));
-  p.dtype = dtype_;
-  p.num_blocks = num_blocks_;
-  p.block_size = block_size_;
-  p.kv_heads = int32_t(kv_heads_);
-  p.head_dim = int32_t(head_dim_);
+  p.k = pool_ + slot * y.data_bytes;
+  p.v = static_cast<char*>(p.k) + y.data_bytes / 2;
+  if (y.dtype == DType::F8_E4M3) {
+    char* scales = pool_ + y.layers_per_group * y.data_bytes + slot * scale_bytes(y.dtype, y.kv_heads);
+    p.k_scale = reinterpret_cast<float*>(scales);
+    p.v_scale = p.k_scale + y.kv_heads;
+  }
+  p.block_stride = y.page_bytes;
+  p.dtype = y.dtype;
+  p.num_blocks = num_pages_;
+  p.block_size = y.block_size;
+  p.kv_heads = int32_t(y.kv_heads);
+  p.head_dim = int32_t(y.head_dim);
   return p;
 }
 
-bool KvCache::allocate(int64_t n, std::vector<int32_t>& blocks) {
-  if (n > int64_t(free_.size())) return false;
-  for (int64_t i = 0; i < n; ++i) {
-    blocks.push_back(free_.back());
-    free_.pop_back();
+bool KvCache::append(BlockManager::SeqId id, int64_t n) {
+  std::vector<PageCopy> copies;
+  if (!blocks_.append(id, n, &copies)) return false;
+  if (!copies.empty()) {
+    std::vector<int32_t> src, dst;
+    for (const PageCopy& c : copies) {
+      src.push_back(c.src);
+      dst.push_back(c.dst);
+    }
+    kernels::kv_cache_copy_pages(Stream{}, pool_, layout_.page_bytes, src.data(), dst.data(), int64_t(src.size()));
   }
   return true;
-}
-
-void KvCache::release(std::vector<int32_t>& blocks) {
-  free_.insert(free_.end(), blocks.rbegin(), blocks.rend());
-  blocks.clear();
 }
 
 }  // namespace corral

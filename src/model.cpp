@@ -13,16 +13,19 @@
 
 namespace corral {
 
-void ForwardBatch::add_sequence(const int32_t* tokens, int64_t n, int64_t position,
-                                const std::vector<int32_t>& blocks, int32_t block_size, bool want_logits) {
+void ForwardBatch::add_sequence(const int32_t* tokens, int64_t n, int64_t position, const BlockManager& blocks,
+                                BlockManager::SeqId id, bool want_logits) {
+  const int64_t bs = blocks.block_size();
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t p = position + i;
     token_ids.push_back(tokens[i]);
-    positions.push_back(int32_t(p));
-    slots.push_back(int64_t(blocks[p / block_size]) * block_size + p % block_size);
+    positions.push_back(int32_t(position + i));
+  }
+  for (int64_t g = 0; g < int64_t(tables.size()); ++g) {
+    const std::vector<int32_t>& table = blocks.table(id, g);
+    for (int64_t p = position; p < position + n; ++p) slots[g].push_back(int64_t(table[p / bs]) * bs + p % bs);
+    tables[g].push_back(table);
   }
   seq_starts.push_back(int32_t(token_ids.size()));
-  block_tables.push_back(blocks);
   if (want_logits) logit_rows.push_back(int32_t(token_ids.size() - 1));
 }
 
@@ -41,20 +44,25 @@ void Llama4Model::forward(const ForwardBatch& batch, const KvCache& cache, float
   kernels::embedding(stream_, x_.data(), weights_.embed.data, weights_.embed.dtype, c.vocab_size, H,
                      batch.token_ids.data(), T);
 
-  // Block tables as one padded [S, max_blocks] array for the attention kernel.
-  int32_t max_blocks = 1;
-  for (const auto& t : batch.block_tables) max_blocks = std::max(max_blocks, int32_t(t.size()));
-  std::vector<int32_t> tables(batch.block_tables.size() * max_blocks, 0);
-  for (size_t s = 0; s < batch.block_tables.size(); ++s)
-    std::copy(batch.block_tables[s].begin(), batch.block_tables[s].end(), tables.begin() + s * max_blocks);
-  const AttentionBatch ab{batch.seq_starts.data(), int32_t(batch.block_tables.size()), batch.positions.data(),
-                          tables.data(), max_blocks};
+  // Each layer group's block tables as one padded [S, max_blocks] array for the attention kernel.
+  const int64_t S = int64_t(batch.seq_starts.size()) - 1;
+  std::vector<std::vector<int32_t>> tables(batch.tables.size());
+  std::vector<AttentionBatch> groups(batch.tables.size());
+  for (size_t g = 0; g < batch.tables.size(); ++g) {
+    int32_t max_blocks = 1;
+    for (const auto& t : batch.tables[g]) max_blocks = std::max(max_blocks, int32_t(t.size()));
+    tables[g].assign(S * max_blocks, -1);
+    for (int64_t s = 0; s < S; ++s)
+      std::copy(batch.tables[g][s].begin(), batch.tables[g][s].end(), tables[g].begin() + s * max_blocks);
+    groups[g] = AttentionBatch{batch.seq_starts.data(), int32_t(S), batch.positions.data(), tables[g].data(), max_blocks};
+  }
 
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const LayerWeights& w = weights_.layers[l];
     kernels::rms_norm(stream_, a_.data(), x_.data(), DType::F32, w.input_norm.data, w.input_norm.dtype, T, H,
                       c.rms_norm_eps);
-    attention(l, batch, cache.layer(l), ab);
+    const int64_t g = cache.layout().group_of_layer[l];
+    attention(l, batch, cache.layer(l), groups[g], batch.slots[g].data());
     kernels::linear(stream_, x_.data(), H, attn_.data(), c.num_heads * c.head_dim, T, w.o, /*accumulate=*/true);
     kernels::rms_norm(stream_, a_.data(), x_.data(), DType::F32, w.post_attention_norm.data,
                       w.post_attention_norm.dtype, T, H, c.rms_norm_eps);
@@ -69,7 +77,8 @@ void Llama4Model::forward(const ForwardBatch& batch, const KvCache& cache, float
   kernels::linear(stream_, logits, c.vocab_size, a_.data(), H, R, weights_.lm_head);
 }
 
-void Llama4Model::attention(int64_t l, const ForwardBatch& batch, const PagedKv& kv, const AttentionBatch& ab) {
+void Llama4Model::attention(int64_t l, const ForwardBatch& batch, const PagedKv& kv, const AttentionBatch& ab,
+                            const int64_t* slots) {
   const ModelConfig& c = config_;
   const LayerSpec& spec = c.layers[l];
   const LayerWeights& w = weights_.layers[l];
@@ -94,7 +103,7 @@ void Llama4Model::attention(int64_t l, const ForwardBatch& batch, const PagedKv&
   }
   if (spec.temperature_tuning)
     kernels::attn_temperature_scale(stream_, q_.data(), qw, T, qw, batch.positions.data(), c.attn_scale, c.floor_scale);
-  kernels::kv_cache_write(stream_, kv, k_.data(), v_.data(), kvw, T, batch.slots.data());
+  kernels::kv_cache_write(stream_, kv, k_.data(), v_.data(), kvw, T, slots);
   kernels::paged_attention(stream_, attn_.data(), q_.data(), c.num_heads, kv, ab, float(1.0 / std::sqrt(double(d))),
                            spec.chunked ? c.attention_chunk_size : 0);
 }

@@ -104,11 +104,14 @@ def test_bad_token_id_rejected_and_engine_unharmed(llm):
 
 def test_out_of_kv_cache(model_path):
     """A KV budget too small gives OutOfKVCacheError, frees what it took, and later calls work."""
-    llm = corral.LLM(model_path, block_size=4, kv_cache_bytes=6 * 4 * 4 * 2 * 2 * 16 * 4)  # 6 blocks
+    # The scout model's 4 layers form 4 layer groups (1 global, 3 chunked) of one layer each, so
+    # a sequence takes 4 blocks (one per group) per 4 tokens: 24 blocks hold 24 tokens.
+    block_bytes = corral.LLM(model_path, block_size=4).stats()["kv_block_bytes"]
+    llm = corral.LLM(model_path, block_size=4, kv_cache_bytes=24 * block_bytes)
     total = llm.stats()["kv_blocks_total"]
-    assert total == 6
+    assert total == 24
     with pytest.raises(corral.OutOfKVCacheError, match="KV"):
-        llm.logits(ids(12, 25))  # 7 blocks
+        llm.logits(ids(12, 25))
     with pytest.raises(MemoryError):
         llm.generate([ids(13, 30)])
     # Two requests that fit alone but not together, and outgrow the cache while decoding.

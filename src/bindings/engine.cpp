@@ -48,6 +48,7 @@ void register_engine(py::module_& m) {
       .def_readwrite("block_size", &EngineOptions::block_size)
       .def_readwrite("kv_cache_bytes", &EngineOptions::kv_cache_bytes)
       .def_readwrite("kv_cache_dtype", &EngineOptions::kv_cache_dtype)
+      .def_readwrite("enable_prefix_caching", &EngineOptions::enable_prefix_caching)
       .def_readwrite("max_model_len", &EngineOptions::max_model_len)
       .def_readwrite("max_num_seqs", &EngineOptions::max_num_seqs)
       .def_readwrite("max_num_batched_tokens", &EngineOptions::max_num_batched_tokens)
@@ -109,11 +110,17 @@ void register_engine(py::module_& m) {
       .def("stats", [](const Engine& e) {
         const EngineStats s = e.stats();
         py::dict d;
-        d["kv_blocks_total"] = s.kv_blocks_total;
-        d["kv_blocks_free"] = s.kv_blocks_free;
-        d["kv_blocks_used"] = s.kv_blocks_total - s.kv_blocks_free;
+        d["kv_blocks_total"] = s.kv.pages_total;
+        d["kv_blocks_free"] = s.kv.pages_free;
+        d["kv_blocks_cached"] = s.kv.pages_cached;
+        d["kv_global_blocks_used"] = s.kv.pages_used_global;
+        d["kv_local_blocks_used"] = s.kv.pages_used_local;
+        d["kv_global_layer_groups"] = s.kv_global_groups;
+        d["kv_local_layer_groups"] = s.kv_local_groups;
         d["kv_block_size"] = s.kv_block_size;
+        d["kv_block_bytes"] = s.kv_page_bytes;
         d["kv_bytes_per_token"] = s.kv_bytes_per_token;
+        d["prefix_cache_hit_tokens"] = s.kv.prefix_hit_tokens;
         d["requests_waiting"] = s.requests_waiting;
         d["requests_running"] = s.requests_running;
         d["prefill_tokens_computed"] = s.prefill_tokens_computed;

@@ -27,7 +27,8 @@ struct SamplingParams {
 struct EngineOptions {
   int32_t block_size = 16;
   size_t kv_cache_bytes = 0;                 // 0: see KvCacheOptions
-  std::string kv_cache_dtype = "auto";       // auto (the weights' dtype), float32, bfloat16, float16
+  std::string kv_cache_dtype = "auto";       // auto (the weights' dtype), float32, bfloat16, float16, fp8
+  bool enable_prefix_caching = true;
   int64_t max_model_len = 0;                 // 0: the config's max_position_embeddings
   int64_t max_num_seqs = 256;                // sequences in one step
   int64_t max_num_batched_tokens = 8192;     // tokens in one step (longer prompts go in pieces)
@@ -47,10 +48,12 @@ struct RequestUpdate {
 };
 
 struct EngineStats {
-  int64_t kv_blocks_total = 0;
-  int64_t kv_blocks_free = 0;
+  BlockManager::Stats kv;
   int64_t kv_block_size = 0;
-  int64_t kv_bytes_per_token = 0;
+  int64_t kv_page_bytes = 0;
+  double kv_bytes_per_token = 0;
+  int64_t kv_global_groups = 0;
+  int64_t kv_local_groups = 0;
   int64_t requests_waiting = 0;
   int64_t requests_running = 0;
   int64_t prefill_tokens_computed = 0;
@@ -66,9 +69,10 @@ class Engine {
   const EngineOptions& options() const { return options_; }
   int64_t max_model_len() const { return max_model_len_; }
 
-  // Queues a request. Throws InvalidInputError for an empty prompt, an id outside the
-  // vocabulary, a prompt that leaves no room to generate within max_model_len, or bad params;
-  // OutOfKVCacheError when the prompt alone exceeds the whole KV cache.
+  // Queues a request; with prefix caching its prompt's longest cached prefix is taken over at
+  // once. Throws InvalidInputError for an empty prompt, an id outside the vocabulary, a prompt
+  // that leaves no room to generate within max_model_len, or bad params; OutOfKVCacheError when
+  // the prompt alone exceeds the whole KV cache.
   int64_t add_request(const std::vector<int32_t>& prompt, const SamplingParams& params);
   // Runs one batched forward pass over the scheduled requests and samples one token for each
   // request whose prompt is complete. Finished requests release their KV blocks. Throws
@@ -80,7 +84,8 @@ class Engine {
 
   // Logits at every position of each prompt, all prompts batched together in forward passes of
   // up to max_num_batched_tokens tokens. out is [total tokens, vocab] float32, the prompts' rows
-  // one after another. The prompts' KV blocks are freed afterwards.
+  // one after another. Every position is computed (no prefix reuse); the prompts' full blocks
+  // join the prefix cache and their pages are released afterwards.
   void prompt_logits(const std::vector<std::vector<int32_t>>& prompts, float* out);
 
   EngineStats stats() const;
@@ -88,7 +93,6 @@ class Engine {
  private:
   struct Request;
   void validate_tokens(const std::vector<int32_t>& tokens, const char* what) const;
-  bool reserve(std::vector<int32_t>& blocks, int64_t tokens);
   void finish(Request& r, FinishReason why, RequestUpdate& update);
 
   EngineOptions options_;

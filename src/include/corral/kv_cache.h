@@ -1,54 +1,71 @@
-// The paged KV cache: per layer, K and V blocks of block_size tokens in one pool, handed out to
-// sequences by a free-list allocator. A sequence's block table maps its logical block i (tokens
-// i * block_size ...) to a block id; the same id addresses that block in every layer.
+// The paged KV cache: one pool of pages in memory, shared by every layer group, and the block
+// manager that hands the pages to sequences.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <vector>
 
+#include "corral/block_manager.h"
 #include "corral/config.h"
-#include "corral/kernels/attention.h"
+#include "corral/kernels/kv_cache.h"
 
 namespace corral {
 
-struct KvCacheOptions {
+// How a model's layers map onto pages. Global (full attention) and local (chunked attention)
+// layers form groups of `layers_per_group` layers (the smaller kind's count, so Llama 4's 12 NoPE
+// and 36 chunked layers make 1 global and 3 local groups); a page holds one block of every layer
+// of one group: per layer K and V [kv_heads, block_size, head_dim], then fp8 scales if any.
+struct KvLayout {
   int32_t block_size = 16;
   DType dtype = DType::F32;
-  size_t bytes = 0;  // 0: half of the memory available now (pages are committed when first written)
+  int64_t kv_heads = 0;
+  int64_t head_dim = 0;
+  int64_t chunk_size = 0;  // attention chunk of the local layers (0: none)
+  int64_t layers_per_group = 0;
+  std::vector<AttentionKind> group_kind;  // per group
+  std::vector<int32_t> group_of_layer;    // per layer
+  std::vector<int32_t> slot_of_layer;     // the layer's place within its group's page
+  int64_t data_bytes = 0;  // K and V values of one layer's block
+  int64_t page_bytes = 0;
+
+  int64_t num_layers() const { return int64_t(group_of_layer.size()); }
+  int64_t num_groups(AttentionKind kind) const;
+  // KV bytes per token of every layer, scales included.
+  double bytes_per_token() const;
+  // Bytes of the pages a sequence of `tokens` tokens holds; `chunk_savings` false counts what it
+  // would hold if local layers kept every block.
+  int64_t sequence_bytes(int64_t tokens, bool chunk_savings) const;
 };
+
+KvLayout make_kv_layout(const ModelConfig& config, int32_t block_size, DType dtype);
 
 class KvCache {
  public:
-  // Throws InvalidInputError when the budget cannot hold a single block.
-  KvCache(const ModelConfig& config, const KvCacheOptions& options);
+  // `bytes` of memory (0: half of what is available now; pages are committed as first written).
+  KvCache(const KvLayout& layout, size_t bytes, bool prefix_caching);
   ~KvCache();
   KvCache(const KvCache&) = delete;
   KvCache& operator=(const KvCache&) = delete;
 
-  int32_t block_size() const { return block_size_; }
-  DType dtype() const { return dtype_; }
-  int64_t num_blocks() const { return num_blocks_; }
-  int64_t free_blocks() const { return int64_t(free_.size()); }
-  // Bytes of K and V for one token over all layers.
-  size_t bytes_per_token() const { return bytes_per_token_; }
-  PagedKv layer(int64_t index) const;
+  const KvLayout& layout() const { return layout_; }
+  BlockManager& blocks() { return blocks_; }
+  const BlockManager& blocks() const { return blocks_; }
+  int64_t num_pages() const { return num_pages_; }
+  // Layer `layer`'s view of the pool (its group's pages, its slot in them).
+  PagedKv layer(int64_t layer) const;
 
-  // Appends n free blocks to `blocks`; returns false (and takes none) when fewer are free.
-  bool allocate(int64_t n, std::vector<int32_t>& blocks);
-  // Returns every block of `blocks` to the pool and clears it.
-  void release(std::vector<int32_t>& blocks);
+  // Makes room for n more tokens of a sequence, carrying out any copy-on-write; false when the
+  // pool has too few pages (nothing taken).
+  bool append(BlockManager::SeqId id, int64_t n);
 
  private:
-  int32_t block_size_;
-  DType dtype_;
-  int64_t num_layers_, kv_heads_, head_dim_;
-  int64_t num_blocks_ = 0;
-  size_t bytes_per_token_ = 0;
-  size_t layer_bytes_ = 0;  // K (or V) of one layer: num_blocks blocks
-  char* base_ = nullptr;
+  static int64_t pages_for(const KvLayout& layout, size_t bytes);
+  KvLayout layout_;
+  int64_t num_pages_;
+  BlockManager blocks_;
+  char* pool_ = nullptr;
   size_t mapped_ = 0;
-  std::vector<int32_t> free_;
 };
 
 }  // namespace corral

@@ -6,6 +6,7 @@
 
 #include "corral/checkpoint.h"
 #include "corral/config.h"
+#include "corral/kernels/attention.h"
 #include "corral/kv_cache.h"
 #include "corral/weights.h"
 
@@ -13,18 +14,19 @@ namespace corral {
 
 // The tokens of one forward pass from many sequences, prefill pieces and decode steps mixed.
 struct ForwardBatch {
-  std::vector<int32_t> token_ids;     // [T]
-  std::vector<int32_t> positions;     // [T] absolute position of each token in its sequence
-  std::vector<int32_t> seq_starts{0};  // [S + 1] rows of each sequence
-  std::vector<int64_t> slots;         // [T] KV-cache slot written by each token
-  std::vector<std::vector<int32_t>> block_tables;  // [S] the block table of each sequence
-  std::vector<int32_t> logit_rows;    // rows whose logits are wanted, in output order
+  explicit ForwardBatch(int64_t num_groups) : tables(num_groups), slots(num_groups) {}
 
-  // Adds tokens[0..n) of a sequence whose first new token sits at `position`; `blocks` must
-  // already cover positions up to position + n - 1. Its last row's logits are requested when
-  // `want_logits`.
-  void add_sequence(const int32_t* tokens, int64_t n, int64_t position, const std::vector<int32_t>& blocks,
-                    int32_t block_size, bool want_logits);
+  std::vector<int32_t> token_ids;      // [T]
+  std::vector<int32_t> positions;      // [T] absolute position of each token in its sequence
+  std::vector<int32_t> seq_starts{0};  // [S + 1] rows of each sequence
+  std::vector<std::vector<std::vector<int32_t>>> tables;  // [layer group][S] block tables
+  std::vector<std::vector<int64_t>> slots;                // [layer group][T] KV slot of each token
+  std::vector<int32_t> logit_rows;     // rows whose logits are wanted, in output order
+
+  // Adds tokens[0..n) of sequence `id` of `blocks`, the first at `position`; room for them must
+  // already be appended. The last row's logits are requested when `want_logits`.
+  void add_sequence(const int32_t* tokens, int64_t n, int64_t position, const BlockManager& blocks,
+                    BlockManager::SeqId id, bool want_logits);
   int64_t num_tokens() const { return int64_t(token_ids.size()); }
 };
 
@@ -43,7 +45,8 @@ class Llama4Model {
   void forward(const ForwardBatch& batch, const KvCache& cache, float* logits);
 
  private:
-  void attention(int64_t layer, const ForwardBatch& batch, const PagedKv& kv, const AttentionBatch& ab);
+  void attention(int64_t layer, const ForwardBatch& batch, const PagedKv& kv, const AttentionBatch& ab,
+                 const int64_t* slots);
   void feed_forward(int64_t layer, int64_t rows);
 
   Checkpoint checkpoint_;  // first: a missing folder is reported as such, before its config
