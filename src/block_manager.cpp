@@ -175,19 +175,7 @@ bool BlockManager::append(SeqId id, int64_t n, std::vector<PageCopy>* copies) {
   Seq& s = seq(id);
   const int64_t bs = o_.block_size, G = num_groups();
   if (n <= 0) return true;
-  // Local groups: blocks wholly before the chunk of the first new token are never read again.
-  if (o_.chunk_size > 0) {
-    const int64_t lo = first_local_block(s.appended);
-    for (int64_t g = 0; g < G; ++g) {
-      if (o_.groups[g] != AttentionKind::Local) continue;
-      auto& t = s.tables[g];
-      for (int64_t b = 0; b < std::min<int64_t>(lo, int64_t(t.size())); ++b)
-        if (t[b] >= 0) {
-          release(t[b]);
-          t[b] = -1;
-        }
-    }
-  }
+  release_local_before(s, s.appended);
   if (pages_needed(id, n) > available_pages()) return false;
   const int64_t target = ceil_div(s.appended + n, bs);
   for (int64_t g = 0; g < G; ++g) {
@@ -214,6 +202,7 @@ void BlockManager::commit(SeqId id, const int32_t* tokens, int64_t n) {
                             " exceeds the room appended for it");
   s.tokens.insert(s.tokens.end(), tokens, tokens + n);
   const int64_t bs = o_.block_size;
+  // Hash the blocks before releasing: a released local block stays in the prefix cache.
   while (int64_t(s.hashes.size() + 1) * bs <= int64_t(s.tokens.size())) {
     const int64_t b = int64_t(s.hashes.size());
     const uint64_t parent = b ? s.hashes[b - 1] : 0;
@@ -226,6 +215,22 @@ void BlockManager::commit(SeqId id, const int32_t* tokens, int64_t n) {
       cache_[g].emplace(s.hashes[b], CachedBlock{page, parent, std::vector<int32_t>(block_tokens, block_tokens + bs)});
       page_hash_[page] = s.hashes[b];
     }
+  }
+  release_local_before(s, int64_t(s.tokens.size()));
+}
+
+void BlockManager::release_local_before(Seq& s, int64_t next_position) {
+  if (o_.chunk_size <= 0) return;
+  // Blocks wholly before the chunk of the next token are never read again.
+  const int64_t lo = first_local_block(next_position);
+  for (int64_t g = 0; g < num_groups(); ++g) {
+    if (o_.groups[g] != AttentionKind::Local) continue;
+    auto& t = s.tables[g];
+    for (int64_t b = 0; b < std::min<int64_t>(lo, int64_t(t.size())); ++b)
+      if (t[b] >= 0) {
+        release(t[b]);
+        t[b] = -1;
+      }
   }
 }
 

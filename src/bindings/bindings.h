@@ -7,6 +7,7 @@ namespace corral::bindings {
 
 void register_errors(pybind11::module_& m);
 void register_engine(pybind11::module_& m);
+void register_kv_cache(pybind11::module_& m);
 void register_ops(pybind11::module_& m);
 
 }  // namespace corral::bindings

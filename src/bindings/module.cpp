@@ -9,6 +9,7 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "Corral's C++ core: the engine, the model and the kernels";
   corral::bindings::register_errors(m);
   corral::bindings::register_engine(m);
+  corral::bindings::register_kv_cache(m);
   py::module_ ops = m.def_submodule("ops", "Kernels on numpy arrays (for tests and benchmarks)");
   corral::bindings::register_ops(ops);
 

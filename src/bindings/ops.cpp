@@ -1,10 +1,13 @@
 // corral._core.ops: each kernel on numpy arrays, so that tests can check it against a numpy
-// reference. 16-bit float arrays travel as uint16 bit patterns with a dtype name beside them.
+// reference. 16-bit float arrays travel as uint16 bit patterns with a dtype name beside them; fp8
+// (float8_e4m3) KV caches as uint8 codes with float32 scale arrays.
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <cstring>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "bindings.h"
@@ -37,6 +40,13 @@ DType parse_dtype(const std::string& name) {
   if (name == "bfloat16") return DType::BF16;
   if (name == "float16") return DType::F16;
   throw DTypeError("dtype '" + name + "' is not one of float32, bfloat16, float16");
+}
+
+// KV caches also take float8_e4m3 (weights never do).
+DType parse_cache_dtype(const std::string& name) {
+  if (name == "float8_e4m3") return DType::F8_E4M3;
+  if (name == "float32" || name == "bfloat16" || name == "float16") return parse_dtype(name);
+  throw DTypeError("KV cache dtype '" + name + "' is not one of float32, bfloat16, float16, float8_e4m3");
 }
 
 // An array holding elements of `dtype`: float32 data, or uint16 bit patterns for 16-bit floats.
@@ -104,6 +114,105 @@ MatrixRef matrix(const Typed& w, const std::string& layout, const char* what) {
 }
 
 const Stream kCpu{};
+
+// A paged cache given as numpy arrays: k_cache and v_cache [num_blocks, kv_heads, block_size,
+// head_dim] (float32, uint16 bits of 16-bit floats, or uint8 fp8 codes), and for float8_e4m3
+// k_scale and v_scale [num_blocks, kv_heads] float32. 16/32-bit caches are used in place. An fp8
+// cache is copied into pages [K | V | k_scale | v_scale] of one pool, as PagedKv addresses all
+// four with one block stride, and copied back by copy_back() after a write.
+struct PagedArrays {
+  PagedArrays() = default;
+  PagedArrays(PagedArrays&&) = default;  // moves keep the pool's buffer, which kv points into
+  PagedArrays(const PagedArrays&) = delete;
+  PagedKv kv;
+  py::array k_cache, v_cache, k_scale, v_scale;
+  std::vector<char> pool;
+  int64_t kv_bytes = 0, scale_bytes = 0, page = 0;
+
+  char* section(int64_t block, int i) { return pool.data() + block * page + (i < 2 ? i * kv_bytes : 2 * kv_bytes + (i - 2) * scale_bytes); }
+  static int64_t padded(int64_t n) { return (n + 63) / 64 * 64; }
+
+  void copy_in() {
+    const int64_t kvb = kv_heads_bytes(), sb = int64_t(kv.kv_heads) * 4;
+    for (int64_t b = 0; b < kv.num_blocks; ++b) {
+      std::memcpy(section(b, 0), static_cast<const char*>(k_cache.data()) + b * kvb, size_t(kvb));
+      std::memcpy(section(b, 1), static_cast<const char*>(v_cache.data()) + b * kvb, size_t(kvb));
+      std::memcpy(section(b, 2), static_cast<const char*>(k_scale.data()) + b * sb, size_t(sb));
+      std::memcpy(section(b, 3), static_cast<const char*>(v_scale.data()) + b * sb, size_t(sb));
+    }
+  }
+  void copy_back() {
+    if (pool.empty()) return;
+    const int64_t kvb = kv_heads_bytes(), sb = int64_t(kv.kv_heads) * 4;
+    for (int64_t b = 0; b < kv.num_blocks; ++b) {
+      std::memcpy(static_cast<char*>(k_cache.mutable_data()) + b * kvb, section(b, 0), size_t(kvb));
+      std::memcpy(static_cast<char*>(v_cache.mutable_data()) + b * kvb, section(b, 1), size_t(kvb));
+      std::memcpy(static_cast<char*>(k_scale.mutable_data()) + b * sb, section(b, 2), size_t(sb));
+      std::memcpy(static_cast<char*>(v_scale.mutable_data()) + b * sb, section(b, 3), size_t(sb));
+    }
+  }
+  int64_t kv_heads_bytes() const { return int64_t(kv.kv_heads) * kv.block_size * kv.head_dim; }
+};
+
+PagedArrays paged(py::array k_cache, py::array v_cache, const std::string& dtype, const py::object& k_scale,
+                  const py::object& v_scale) {
+  const DType t = parse_cache_dtype(dtype);
+  const bool fp8 = t == DType::F8_E4M3;
+  for (const py::array* a : {&k_cache, &v_cache}) {
+    expect(a->ndim() == 4, "caches must be (num_blocks, kv_heads, block_size, head_dim), got " + shape_of(*a));
+    const bool right_type = t == DType::F32 ? a->dtype().is(py::dtype::of<float>())
+                            : fp8           ? a->dtype().is(py::dtype::of<uint8_t>())
+                                            : a->dtype().is(py::dtype::of<uint16_t>());
+    if (!right_type)
+      throw DTypeError("caches of " + dtype + " must be numpy " +
+                       (t == DType::F32 ? "float32" : fp8 ? "uint8 (fp8 codes)" : "uint16 (bit patterns)") +
+                       " arrays, got " + std::string(py::str(a->dtype())));
+    expect(a->flags() & py::array::c_style, "caches must be C-contiguous (they are written in place)");
+  }
+  expect(shape_of(k_cache) == shape_of(v_cache), "k_cache and v_cache must have one shape");
+  PagedArrays p;
+  p.k_cache = k_cache;
+  p.v_cache = v_cache;
+  PagedKv& c = p.kv;
+  c.dtype = t;
+  c.num_blocks = k_cache.shape(0);
+  c.kv_heads = int32_t(k_cache.shape(1));
+  c.block_size = int32_t(k_cache.shape(2));
+  c.head_dim = int32_t(k_cache.shape(3));
+  if (!fp8) {
+    if (!k_scale.is_none() || !v_scale.is_none())
+      throw InvalidInputError("k_scale and v_scale are only for float8_e4m3 caches, not " + dtype);
+    c.k = k_cache.mutable_data();
+    c.v = v_cache.mutable_data();
+    c.block_stride = k_cache.strides(0);
+    return p;
+  }
+  if (k_scale.is_none() || v_scale.is_none())
+    throw InvalidInputError("float8_e4m3 caches need k_scale and v_scale: float32 arrays (num_blocks, kv_heads)");
+  const std::string want = "(" + std::to_string(c.num_blocks) + ", " + std::to_string(c.kv_heads) + ")";
+  for (const auto& [obj, name, dst] : {std::tuple{&k_scale, "k_scale", &p.k_scale}, std::tuple{&v_scale, "v_scale", &p.v_scale}}) {
+    if (!py::isinstance<py::array>(*obj) || !obj->cast<py::array>().dtype().is(py::dtype::of<float>()))
+      throw DTypeError(std::string(name) + " must be a numpy float32 array, got " +
+                       (py::isinstance<py::array>(*obj) ? std::string(py::str(obj->cast<py::array>().dtype()))
+                                                        : std::string(py::str(py::type::of(*obj)))));
+    const py::array a = obj->cast<py::array>();
+    expect(a.ndim() == 2 && a.shape(0) == c.num_blocks && a.shape(1) == c.kv_heads,
+           std::string(name) + " must be " + want + ", got " + shape_of(a));
+    expect(a.flags() & py::array::c_style, std::string(name) + " must be C-contiguous (it is written in place)");
+    *dst = a;
+  }
+  p.kv_bytes = PagedArrays::padded(p.kv_heads_bytes());
+  p.scale_bytes = PagedArrays::padded(int64_t(c.kv_heads) * 4);
+  p.page = 2 * p.kv_bytes + 2 * p.scale_bytes;
+  p.pool.assign(size_t(c.num_blocks * p.page), 0);
+  p.copy_in();
+  c.k = p.section(0, 0);
+  c.v = p.section(0, 1);
+  c.k_scale = reinterpret_cast<float*>(p.section(0, 2));
+  c.v_scale = reinterpret_cast<float*>(p.section(0, 3));
+  c.block_stride = p.page;
+  return p;
+}
 
 }  // namespace
 
@@ -218,6 +327,27 @@ void register_ops(py::module_& m) {
       py::arg("table"), py::arg("ids"), py::arg("dtype") = "float32");
 
   m.def(
+      "to_fp8_e4m3",
+      [](F32 x) {
+        py::array_t<uint8_t> out(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
+        for (py::ssize_t i = 0; i < x.size(); ++i) out.mutable_data()[i] = to_fp8_e4m3(x.data()[i]).bits;
+        return out;
+      },
+      py::arg("x"), "float32 -> fp8 e4m3 codes (uint8): round to nearest even, saturating to +-448");
+
+  m.def(
+      "from_fp8_e4m3",
+      [](const py::array& codes) {
+        if (!codes.dtype().is(py::dtype::of<uint8_t>()))
+          throw DTypeError("fp8 e4m3 codes must be a numpy uint8 array, got " + std::string(py::str(codes.dtype())));
+        const auto b = py::array_t<uint8_t, py::array::c_style>::ensure(codes);
+        F32 out(std::vector<py::ssize_t>(b.shape(), b.shape() + b.ndim()));
+        for (py::ssize_t i = 0; i < b.size(); ++i) out.mutable_data()[i] = to_float(fp8_e4m3{b.data()[i]});
+        return out;
+      },
+      py::arg("codes"), "fp8 e4m3 codes (uint8) -> their float32 values (exact; 0x7f and 0xff are NaN)");
+
+  m.def(
       "argmax",
       [](F32 logits) {
         expect(logits.ndim() == 2, "logits must be 2-D, got " + shape_of(logits));
@@ -240,35 +370,12 @@ void register_ops(py::module_& m) {
       },
       py::arg("logits"), py::arg("temperature"), py::arg("uniform"));
 
-  // The cache arrays are [num_blocks, kv_heads, block_size, head_dim], float32 or uint16 bits.
-  auto paged = [](py::array k_cache, py::array v_cache, const std::string& dtype) {
-    const DType t = parse_dtype(dtype);
-    for (const py::array* a : {&k_cache, &v_cache}) {
-      expect(a->ndim() == 4, "caches must be (num_blocks, kv_heads, block_size, head_dim), got " + shape_of(*a));
-      const bool right_type = t == DType::F32 ? a->dtype().is(py::dtype::of<float>())
-                                              : a->dtype().is(py::dtype::of<uint16_t>());
-      if (!right_type)
-        throw DTypeError("caches of " + dtype + " must be numpy " + (t == DType::F32 ? "float32" : "uint16 (bit patterns)") +
-                         " arrays, got " + std::string(py::str(a->dtype())));
-      expect(a->flags() & py::array::c_style, "caches must be C-contiguous (they are written in place)");
-    }
-    expect(shape_of(k_cache) == shape_of(v_cache), "k_cache and v_cache must have one shape");
-    PagedKv c;
-    c.k = k_cache.mutable_data();
-    c.v = v_cache.mutable_data();
-    c.dtype = t;
-    c.num_blocks = k_cache.shape(0);
-    c.kv_heads = int32_t(k_cache.shape(1));
-    c.block_size = int32_t(k_cache.shape(2));
-    c.head_dim = int32_t(k_cache.shape(3));
-    c.block_stride = k_cache.strides(0);
-    return c;
-  };
-
   m.def(
       "kv_cache_write",
-      [paged](py::array k_cache, py::array v_cache, const std::string& dtype, F32 k, F32 v, I64 slots) {
-        const PagedKv c = paged(k_cache, v_cache, dtype);
+      [](py::array k_cache, py::array v_cache, const std::string& dtype, F32 k, F32 v, I64 slots, py::object k_scale,
+         py::object v_scale) {
+        PagedArrays p = paged(k_cache, v_cache, dtype, k_scale, v_scale);
+        const PagedKv& c = p.kv;
         const int64_t T = slots.shape(0), width = int64_t(c.kv_heads) * c.head_dim;
         expect(k.ndim() == 2 && k.shape(0) == T && k.shape(1) == width && v.ndim() == 2 && v.shape(0) == T &&
                    v.shape(1) == width,
@@ -277,14 +384,17 @@ void register_ops(py::module_& m) {
           if (slots.data()[t] < 0 || slots.data()[t] >= c.num_blocks * c.block_size)
             throw InvalidInputError("slot " + std::to_string(slots.data()[t]) + " is outside the cache");
         kernels::kv_cache_write(kCpu, c, k.data(), v.data(), width, T, slots.data());
+        p.copy_back();
       },
-      py::arg("k_cache"), py::arg("v_cache"), py::arg("dtype"), py::arg("k"), py::arg("v"), py::arg("slots"));
+      py::arg("k_cache"), py::arg("v_cache"), py::arg("dtype"), py::arg("k"), py::arg("v"), py::arg("slots"),
+      py::kw_only(), py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none());
 
   m.def(
       "paged_attention",
-      [paged](F32 q, py::array k_cache, py::array v_cache, const std::string& dtype, I32 seq_starts, I32 positions,
-              I32 block_tables, float scale, int64_t chunk_size) {
-        const PagedKv c = paged(k_cache, v_cache, dtype);
+      [](F32 q, py::array k_cache, py::array v_cache, const std::string& dtype, I32 seq_starts, I32 positions,
+         I32 block_tables, float scale, int64_t chunk_size, py::object k_scale, py::object v_scale) {
+        const PagedArrays p = paged(k_cache, v_cache, dtype, k_scale, v_scale);
+        const PagedKv& c = p.kv;
         expect(q.ndim() == 3 && q.shape(2) == c.head_dim, "q must be (rows, heads, head_dim), got " + shape_of(q));
         const int64_t rows = q.shape(0), heads = q.shape(1);
         const int64_t S = seq_starts.shape(0) - 1;
@@ -312,7 +422,8 @@ void register_ops(py::module_& m) {
         return out;
       },
       py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("dtype"), py::arg("seq_starts"),
-      py::arg("positions"), py::arg("block_tables"), py::arg("scale"), py::arg("chunk_size") = 0);
+      py::arg("positions"), py::arg("block_tables"), py::arg("scale"), py::arg("chunk_size") = 0, py::kw_only(),
+      py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none());
 
   m.def(
       "attn_temperature_scale",

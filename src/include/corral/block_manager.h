@@ -52,8 +52,7 @@ class BlockManager {
   // prefix's length: tokens whose K/V are already in the cache. Takes no free pages.
   int64_t add(SeqId id, const std::vector<int32_t>& prompt, bool reuse = true);
 
-  // Makes room for the next n tokens of `id`. First releases the local groups' blocks that lie
-  // wholly before the chunk of the first of them; then gives the sequence a private copy of a
+  // Makes room for the next n tokens of `id`: gives the sequence a private copy of a
   // shared, partly filled last block (appending PageCopy entries the caller must carry out
   // before writing) and new pages for new blocks. Returns false, taking no pages, when too few
   // pages are available.
@@ -62,7 +61,8 @@ class BlockManager {
   int64_t pages_needed(SeqId id, int64_t n) const;
 
   // The first n tokens appended but not yet committed now hold K/V, for these token ids. Blocks
-  // they fill join the prefix cache.
+  // they fill join the prefix cache; local groups release the blocks wholly before the chunk of
+  // the next token.
   void commit(SeqId id, const int32_t* tokens, int64_t n);
 
   // `child` starts as a copy of `parent`, sharing its pages (copy-on-write on later appends).
@@ -105,6 +105,7 @@ class BlockManager {
   void release(int32_t page);
   int32_t cached_page(int64_t group, uint64_t hash, uint64_t parent, const int32_t* tokens) const;
   int64_t first_local_block(int64_t next_position) const;
+  void release_local_before(Seq& s, int64_t next_position);
 
   Options o_;
   std::unordered_map<SeqId, Seq> seqs_;
