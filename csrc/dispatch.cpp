@@ -88,6 +88,12 @@ void sample_temperature(const Stream& s, int32_t* out, const float* logits, int6
   cpu::sample_temperature(out, logits, rows, vocab, temperature, uniform);
 }
 
+void logprobs(const Stream& s, const float* logits, int64_t rows, int64_t vocab, const int32_t* chosen,
+              float* chosen_logprob, int64_t top_n, int32_t* top_ids, float* top_logprobs) {
+  require_cpu(s, "logprobs");
+  cpu::logprobs(logits, rows, vocab, chosen, chosen_logprob, top_n, top_ids, top_logprobs);
+}
+
 void kv_cache_write(const Stream& s, const PagedKv& cache, const float* k, const float* v,
                     int64_t ld, int64_t tokens, const int64_t* slots) {
   require_cpu(s, "kv_cache_write");

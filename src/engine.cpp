@@ -144,6 +144,15 @@ std::vector<RequestUpdate> Engine::step() {
   }
   kernels::sample_temperature(Stream{}, next.data(), logits_.data(), R, vocab, temperature.data(), uniform.data());
 
+  // Log-probabilities (of every row, in one kernel call) when any request asks for them.
+  int64_t top_n = -1;
+  for (Request* r : sampled) top_n = std::max(top_n, std::min(r->params.logprobs, vocab));
+  std::vector<float> chosen_lp(R), top_lp(R * std::max<int64_t>(top_n, 0));
+  std::vector<int32_t> top_ids(top_lp.size());
+  if (top_n >= 0)
+    kernels::logprobs(Stream{}, logits_.data(), R, vocab, next.data(), chosen_lp.data(), top_n, top_ids.data(),
+                      top_lp.data());
+
   std::vector<RequestUpdate> updates;
   const std::vector<int64_t>& eos = config().eos_token_ids;
   for (int64_t i = 0; i < R; ++i) {
@@ -153,6 +162,12 @@ std::vector<RequestUpdate> Engine::step() {
     RequestUpdate u;
     u.request_id = r.id;
     u.new_token_ids.push_back(tok);
+    if (r.params.logprobs >= 0) {
+      std::vector<std::pair<int32_t, float>> entry{{tok, chosen_lp[i]}};
+      for (int64_t k = 0; k < std::min(r.params.logprobs, top_n); ++k)
+        entry.emplace_back(top_ids[i * top_n + k], top_lp[i * top_n + k]);
+      u.logprobs.push_back(std::move(entry));
+    }
     const auto& stops = r.params.stop_token_ids;
     const bool is_eos = !r.params.ignore_eos && std::find(eos.begin(), eos.end(), tok) != eos.end();
     if (is_eos || std::find(stops.begin(), stops.end(), tok) != stops.end())

@@ -23,6 +23,8 @@ void embedding(float* out, const void* table, DType dtype, int64_t vocab, int64_
 void argmax(int32_t* out, const float* logits, int64_t rows, int64_t vocab);
 void sample_temperature(int32_t* out, const float* logits, int64_t rows, int64_t vocab,
                         const float* temperature, const float* uniform);
+void logprobs(const float* logits, int64_t rows, int64_t vocab, const int32_t* chosen, float* chosen_logprob,
+              int64_t top_n, int32_t* top_ids, float* top_logprobs);
 void kv_cache_write(const PagedKv& cache, const float* k, const float* v, int64_t ld,
                     int64_t tokens, const int64_t* slots);
 void kv_cache_copy_pages(void* pool, int64_t page_bytes, const int32_t* src, const int32_t* dst, int64_t count);

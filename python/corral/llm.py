@@ -12,7 +12,7 @@ from corral import _core
 from corral.outputs import CompletionOutput, RequestOutput
 from corral.sampling_params import SamplingParams
 
-_KV_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_KV_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8")
 logger = logging.getLogger("corral")
 
 
@@ -23,7 +23,9 @@ class LLM:
         block_size: tokens per KV-cache block (default 16).
         kv_cache_bytes: memory for the KV cache (default: half of the memory available at load;
             pages are only committed as they are used).
-        kv_cache_dtype: "auto" (the weights' dtype), "float32", "bfloat16" or "float16".
+        kv_cache_dtype: "auto" (the weights' dtype), "float32", "bfloat16", "float16" or "fp8"
+            (float8 e4m3 with a scale per block and KV head).
+        enable_prefix_caching: reuse the KV cache of earlier prompts' full blocks (default True).
         max_model_len: longest sequence, prompt plus output (default: the config's
             max_position_embeddings).
         max_num_seqs: sequences batched in one step (default 256).
@@ -41,6 +43,7 @@ class LLM:
         block_size: int = 16,
         kv_cache_bytes: int | None = None,
         kv_cache_dtype: str = "auto",
+        enable_prefix_caching: bool = True,
         max_model_len: int | None = None,
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 8192,
@@ -69,6 +72,7 @@ class LLM:
         options.block_size = block_size
         options.kv_cache_bytes = kv_cache_bytes or 0
         options.kv_cache_dtype = kv_cache_dtype
+        options.enable_prefix_caching = bool(enable_prefix_caching)
         options.max_model_len = max_model_len or 0
         options.max_num_seqs = max_num_seqs
         options.max_num_batched_tokens = max_num_batched_tokens
@@ -140,6 +144,11 @@ class LLM:
                 for update in engine.step():
                     out = outputs[update.request_id]
                     out.outputs[0].token_ids.extend(update.new_token_ids)
+                    if update.logprobs:
+                        completion = out.outputs[0]
+                        if completion.logprobs is None:
+                            completion.logprobs = []
+                        completion.logprobs.extend(dict(e) for e in update.logprobs)
                     if update.finished:
                         out.finished = True
                         out.outputs[0].finish_reason = update.finish_reason

@@ -13,6 +13,9 @@ class CompletionOutput:
     """'stop' (an end-of-sequence or stop token), 'length' (max_tokens or the context), or None."""
     text: str = ""
     """Decoded text; empty until a tokenizer is attached."""
+    logprobs: list[dict[int, float]] | None = None
+    """With SamplingParams.logprobs: per output token, {token id: log-probability} of the chosen
+    token and the most likely ones."""
 
 
 @dataclass

@@ -19,6 +19,9 @@ class SamplingParams:
     """Further token ids that end generation (the stop token is kept in the output)."""
     seed: int | None = None
     """Seed of this request's sampler; None draws one from the engine."""
+    logprobs: int | None = None
+    """With n >= 0, each output token comes with the log-probabilities of itself and of the n most
+    likely tokens (CompletionOutput.logprobs)."""
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -27,6 +30,8 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.seed is not None and self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
 
     def _to_core(self) -> _core.SamplingParams:
         p = _core.SamplingParams()
@@ -35,4 +40,5 @@ class SamplingParams:
         p.ignore_eos = bool(self.ignore_eos)
         p.stop_token_ids = [int(t) for t in self.stop_token_ids]
         p.seed = -1 if self.seed is None else int(self.seed)
+        p.logprobs = -1 if self.logprobs is None else int(self.logprobs)
         return p

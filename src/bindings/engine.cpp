@@ -61,11 +61,13 @@ void register_engine(py::module_& m) {
       .def_readwrite("max_tokens", &SamplingParams::max_tokens)
       .def_readwrite("ignore_eos", &SamplingParams::ignore_eos)
       .def_readwrite("stop_token_ids", &SamplingParams::stop_token_ids)
-      .def_readwrite("seed", &SamplingParams::seed);
+      .def_readwrite("seed", &SamplingParams::seed)
+      .def_readwrite("logprobs", &SamplingParams::logprobs);
 
   py::class_<RequestUpdate>(m, "RequestUpdate")
       .def_readonly("request_id", &RequestUpdate::request_id)
       .def_readonly("new_token_ids", &RequestUpdate::new_token_ids)
+      .def_readonly("logprobs", &RequestUpdate::logprobs)
       .def_property_readonly("finished", &RequestUpdate::finished)
       .def_property_readonly("finish_reason", [](const RequestUpdate& u) -> py::object {
         if (!u.finished()) return py::none();

@@ -22,6 +22,7 @@ struct SamplingParams {
   bool ignore_eos = false;
   std::vector<int64_t> stop_token_ids;  // stop on these besides the model's eos ids
   int64_t seed = -1;                    // -1: drawn from the engine's generator
+  int64_t logprobs = -1;                // >= 0: return the chosen token's log-probability and the top n
 };
 
 struct EngineOptions {
@@ -43,6 +44,9 @@ const char* finish_reason_name(FinishReason r);
 struct RequestUpdate {
   int64_t request_id = 0;
   std::vector<int32_t> new_token_ids;
+  // With SamplingParams::logprobs >= 0, per new token: (token id, log-probability) of the chosen
+  // token first, then of the top `logprobs` tokens in descending order.
+  std::vector<std::vector<std::pair<int32_t, float>>> logprobs;
   FinishReason finish_reason = FinishReason::None;
   bool finished() const { return finish_reason != FinishReason::None; }
 };

@@ -1,0 +1,95 @@
+"""The paged KV cache in the engine: prefix caching, chunked-local memory, KV dtypes."""
+
+import numpy as np
+import pytest
+import torch
+
+import corral
+from numerics import rel_err
+from tiny_models import VOCAB, build
+
+
+def tokens(seed, n):
+    return np.random.default_rng(seed).integers(3, VOCAB, size=n).tolist()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Float32 checkpoints: the chunked variant (chunk 16, a multiple of the block) and one with
+    chunk 40, so that a cached prefix ends inside a chunk whose local blocks must be reused too."""
+    return {
+        "chunk16": build("chunked", "causal", torch.float32, tmp_path_factory.mktemp("c16")),
+        "chunk40": build("chunked", "causal", torch.float32, tmp_path_factory.mktemp("c40"), attention_chunk_size=40),
+    }
+
+
+@pytest.mark.parametrize("model", ["chunk16", "chunk40"])
+def test_prefix_caching_changes_nothing_numerically(models, model):
+    """Two prompts sharing a 200-token prefix: the second one's first-step log-probabilities (all
+    of them) and greedy tokens are identical with prefix caching on and off, and with it on only
+    the tokens after the cached full blocks are prefilled."""
+    prefix = tokens(1, 200)
+    first, second = prefix + tokens(2, 21), prefix + tokens(3, 13)
+    params = corral.SamplingParams(max_tokens=10, ignore_eos=True, logprobs=VOCAB)
+    runs = {}
+    for caching in (True, False):
+        llm = corral.LLM(models[model], block_size=16, enable_prefix_caching=caching)
+        llm.generate([first], corral.SamplingParams(max_tokens=2, ignore_eos=True))
+        before = llm.stats()
+        out = llm.generate([second], params)[0].outputs[0]
+        after = llm.stats()
+        runs[caching] = (out, after["prefill_tokens_computed"] - before["prefill_tokens_computed"],
+                         after["prefix_cache_hit_tokens"] - before["prefix_cache_hit_tokens"])
+    (cached, cached_prefill, hits), (plain, plain_prefill, plain_hits) = runs[True], runs[False]
+    assert cached.token_ids == plain.token_ids
+    assert cached.logprobs[0] == plain.logprobs[0]  # every token's log-probability, bit for bit
+    assert len(cached.logprobs[0]) == VOCAB
+    assert hits == 192 and plain_hits == 0  # 12 full blocks of 16 inside the shared 200 tokens
+    assert cached_prefill == len(second) - 192
+    assert plain_prefill == len(second)
+
+
+def test_logprobs_are_log_softmax_of_the_logits(models):
+    llm = corral.LLM(models["chunk16"])
+    prompt = tokens(4, 30)
+    out = llm.generate([prompt], corral.SamplingParams(max_tokens=3, ignore_eos=True, logprobs=5))[0].outputs[0]
+    logits = llm.logits(prompt + out.token_ids[:-1]).astype(np.float64)[len(prompt) - 1 :]
+    ref = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) - logits.max(1, keepdims=True)
+    for step, (token, entry) in enumerate(zip(out.token_ids, out.logprobs)):
+        top = np.argsort(-ref[step], kind="stable")[:5]
+        assert list(entry)[0] == token and token == top[0]  # greedy picks the most likely
+        assert set(entry) == set(top.tolist())
+        for t, lp in entry.items():
+            assert abs(lp - ref[step, t]) < 1e-5
+
+
+def test_local_memory_bounded_by_one_chunk(models):
+    """Generating far past the chunk size, local layer groups hold at most one chunk plus one
+    block per sequence, while global groups grow with the context."""
+    llm = corral.LLM(models["chunk16"], block_size=4, enable_prefix_caching=False)
+    stats = llm.stats()
+    global_groups, local_groups = stats["kv_global_layer_groups"], stats["kv_local_layer_groups"]
+    assert (global_groups, local_groups) == (1, 3)  # 8 layers: 2 NoPE, 6 chunked; groups of 2
+    prompt = tokens(5, 37)
+    engine = llm._engine
+    rid = engine.add_request(prompt, corral.SamplingParams(max_tokens=60, ignore_eos=True)._to_core())
+    computed = len(prompt)  # tokens with K/V after the first step; each later step adds one
+    while True:
+        engine.step()
+        if not engine.has_unfinished():
+            break
+        s = llm.stats()
+        assert s["kv_local_blocks_used"] <= local_groups * (16 // 4 + 1)
+        assert s["kv_global_blocks_used"] == global_groups * -(-computed // 4)
+        computed += 1
+    assert computed == len(prompt) + 59
+    assert llm.stats()["kv_blocks_free"] == llm.stats()["kv_blocks_total"]
+    del rid
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16", "float16"])
+def test_kv_bytes_per_token(models, kv_dtype):
+    llm = corral.LLM(models["chunk16"], kv_cache_dtype=kv_dtype)
+    cfg = llm.config
+    size = {"float32": 4, "bfloat16": 2, "float16": 2}[kv_dtype]
+    assert llm.stats()["kv_bytes_per_token"] == 2 * cfg["num_layers"] * cfg["num_kv_heads"] * cfg["head_dim"] * size
