@@ -1,5 +1,7 @@
 """The paged KV cache in the engine: prefix caching, chunked-local memory, KV dtypes."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -93,3 +95,37 @@ def test_kv_bytes_per_token(models, kv_dtype):
     cfg = llm.config
     size = {"float32": 4, "bfloat16": 2, "float16": 2}[kv_dtype]
     assert llm.stats()["kv_bytes_per_token"] == 2 * cfg["num_layers"] * cfg["num_kv_heads"] * cfg["head_dim"] * size
+
+
+def tiny_config(path, **overrides):
+    """A config.json of a tiny Llama 4 (no weights: the KV cache needs only the config)."""
+    config = dict(
+        model_type="llama4_text", vocab_size=32, hidden_size=16, intermediate_size=16, num_hidden_layers=8,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, attention_chunk_size=64,
+    ) | overrides
+    (path / "config.json").write_text(json.dumps(config))
+    return path / "config.json"
+
+
+def test_million_token_sequence_memory(tmp_path):
+    """Appending 1,048,576 tokens to one sequence (K/V written through the KV-write kernel):
+    local layer groups never hold more than ceil(64 / 16) + 1 blocks each, and the global groups
+    end with exactly ceil(1,048,576 / 16) blocks each."""
+    layout = corral._core.KvLayout.from_config(str(tiny_config(tmp_path)), block_size=16, dtype="bfloat16")
+    assert (layout.global_groups, layout.local_groups) == (1, 3)  # 2 NoPE + 6 chunked layers, in groups of 2
+    n, block = 1 << 20, 16
+    kv = corral._core.KvCache(layout, (n // block + 64) * layout.page_bytes)
+    blocks = kv.blocks
+    k = np.random.default_rng(0).standard_normal((block, 8)).astype(np.float32)
+    blocks.add(0, [1])
+    peak_local = 0
+    for start in range(0, n, block):
+        assert kv.append(0, block)
+        kv.write(0, start, k, -k)
+        peak_local = max(peak_local, blocks.stats()["pages_used_local"])
+        blocks.commit(0, [start % 7] * block)
+    stats = blocks.stats()
+    assert stats["pages_used_global"] == layout.global_groups * (n // block)
+    assert peak_local <= layout.local_groups * (64 // 16 + 1)
+    assert stats["pages_used_local"] <= layout.local_groups * (64 // 16 + 1)
+    assert layout.sequence_bytes(n, True) == layout.page_bytes * (n // block + 3 * (64 // 16))

@@ -7,7 +7,9 @@
 
 #include "bindings.h"
 #include "corral/block_manager.h"
+#include "corral/config.h"
 #include "corral/error.h"
+#include "corral/kv_cache.h"
 
 namespace py = pybind11;
 
@@ -37,6 +39,14 @@ py::dict stats_dict(const BlockManager::Stats& s) {
   d["pages_used_local"] = s.pages_used_local;
   d["prefix_hit_tokens"] = s.prefix_hit_tokens;
   return d;
+}
+
+DType parse_kv_dtype(const std::string& name) {
+  if (name == "float32") return DType::F32;
+  if (name == "bfloat16") return DType::BF16;
+  if (name == "float16") return DType::F16;
+  if (name == "fp8" || name == "float8_e4m3") return DType::F8_E4M3;
+  throw DTypeError("KV dtype '" + name + "' is not one of float32, bfloat16, float16, fp8");
 }
 
 }  // namespace
@@ -81,6 +91,53 @@ void register_kv_cache(py::module_& m) {
       .def("refcount", &BlockManager::refcount, py::arg("page"))
       .def("is_cached", &BlockManager::is_cached, py::arg("page"))
       .def("stats", [](const BlockManager& b) { return stats_dict(b.stats()); });
+
+  py::class_<KvLayout>(m, "KvLayout")
+      .def_static(
+          "from_config",
+          [](const std::string& config_json, int32_t block_size, const std::string& dtype) {
+            return make_kv_layout(load_config(config_json), block_size, parse_kv_dtype(dtype));
+          },
+          py::arg("config_json"), py::arg("block_size") = 16, py::arg("dtype") = "bfloat16",
+          "The page layout Corral would use for the model of a config.json (no weights needed)")
+      .def_readonly("block_size", &KvLayout::block_size)
+      .def_readonly("layers_per_group", &KvLayout::layers_per_group)
+      .def_readonly("page_bytes", &KvLayout::page_bytes)
+      .def_property_readonly("bytes_per_token", &KvLayout::bytes_per_token)
+      .def_property_readonly("global_groups", [](const KvLayout& l) { return l.num_groups(AttentionKind::Global); })
+      .def_property_readonly("local_groups", [](const KvLayout& l) { return l.num_groups(AttentionKind::Local); })
+      .def("sequence_bytes", &KvLayout::sequence_bytes, py::arg("tokens"), py::arg("chunk_savings") = true);
+
+  py::class_<KvCache>(m, "KvCache")
+      .def(py::init<const KvLayout&, size_t, bool>(), py::arg("layout"), py::arg("bytes"),
+           py::arg("prefix_caching") = true)
+      .def_property_readonly("blocks", py::overload_cast<>(&KvCache::blocks), py::return_value_policy::reference_internal)
+      .def_property_readonly("num_pages", &KvCache::num_pages)
+      .def("append", &KvCache::append, py::arg("seq"), py::arg("n"))
+      .def(
+          "write",
+          [](KvCache& kv, BlockManager::SeqId id, int64_t start,
+             py::array_t<float, py::array::c_style | py::array::forcecast> k,
+             py::array_t<float, py::array::c_style | py::array::forcecast> v) {
+            // K/V rows of positions start.. of `id`, written to every layer through the KV-write kernel.
+            const KvLayout& l = kv.layout();
+            const int64_t width = l.kv_heads * l.head_dim, n = k.ndim() == 2 ? k.shape(0) : -1;
+            if (n < 0 || k.shape(1) != width || v.ndim() != 2 || v.shape(0) != n || v.shape(1) != width)
+              throw ShapeError("k and v must be (tokens, " + std::to_string(width) + ")");
+            if (start < 0 || start + n > kv.blocks().num_tokens(id))
+              throw InvalidInputError("positions " + std::to_string(start) + ".." + std::to_string(start + n) +
+                                      " have no room appended in sequence " + std::to_string(id));
+            const int64_t bs = l.block_size;
+            std::vector<std::vector<int64_t>> slots(kv.blocks().num_groups());
+            for (int64_t g = 0; g < kv.blocks().num_groups(); ++g) {
+              const auto& table = kv.blocks().table(id, g);
+              for (int64_t p = start; p < start + n; ++p) slots[g].push_back(int64_t(table[p / bs]) * bs + p % bs);
+            }
+            for (int64_t layer = 0; layer < l.num_layers(); ++layer)
+              kernels::kv_cache_write(Stream{}, kv.layer(layer), k.data(), v.data(), width, n,
+                                      slots[l.group_of_layer[layer]].data());
+          },
+          py::arg("seq"), py::arg("start"), py::arg("k"), py::arg("v"));
 }
 
 }  // namespace corral::bindings
