@@ -48,6 +48,7 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options)
   if (options_.max_num_seqs < 1) throw InvalidInputError("max_num_seqs must be >= 1");
   if (options_.max_num_batched_tokens < 1) throw InvalidInputError("max_num_batched_tokens must be >= 1");
   if (options_.max_model_len < 0) throw InvalidInputError("max_model_len must be >= 0");
+  if (!(options_.kv_watermark >= 0 && options_.kv_watermark < 1)) throw InvalidInputError("kv_watermark must be in [0, 1)");
   if (options_.num_threads > 0) omp_set_num_threads(options_.num_threads);
   model_ = std::make_unique<Llama4Model>(model_dir);
   const ModelConfig& c = model_->config();
@@ -105,11 +106,14 @@ std::vector<RequestUpdate> Engine::step() {
   std::vector<Request*> sampled;  // requests whose logits this step yields, in logit-row order
   int64_t budget = options_.max_num_batched_tokens;
   int64_t seqs = 0;
+  const int64_t watermark_pages = int64_t(options_.kv_watermark * double(cache_->num_pages()));
   for (auto& [id, rp] : requests_) {
     Request& r = *rp;
     if (budget == 0 || seqs == options_.max_num_seqs) break;
     const int64_t pending = int64_t(r.tokens.size()) - r.computed;
     const int64_t n = std::min(pending, budget);
+    // A request starts only if it leaves the watermark free for the running ones to grow into.
+    if (!r.started && !blocks.can_append(r.id, n, watermark_pages)) continue;
     if (!cache_->append(r.id, n)) continue;  // waits for blocks
     const bool completes = r.computed + n == int64_t(r.tokens.size());
     batch.add_sequence(r.tokens.data() + r.computed, n, r.computed, blocks, r.id, completes);

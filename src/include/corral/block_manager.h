@@ -59,6 +59,11 @@ class BlockManager {
   bool append(SeqId id, int64_t n, std::vector<PageCopy>* copies);
   // Pages append(id, n) would take at most.
   int64_t pages_needed(SeqId id, int64_t n) const;
+  // Whether append(id, n) would succeed and still leave `keep_free` pages available (the
+  // scheduler's watermark: room for running sequences to keep decoding).
+  bool can_append(SeqId id, int64_t n, int64_t keep_free = 0) const {
+    return pages_needed(id, n) + keep_free <= available_pages();
+  }
 
   // The first n tokens appended but not yet committed now hold K/V, for these token ids. Blocks
   // they fill join the prefix cache; local groups release the blocks wholly before the chunk of

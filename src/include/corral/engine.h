@@ -33,6 +33,7 @@ struct EngineOptions {
   int64_t max_model_len = 0;                 // 0: the config's max_position_embeddings
   int64_t max_num_seqs = 256;                // sequences in one step
   int64_t max_num_batched_tokens = 8192;     // tokens in one step (longer prompts go in pieces)
+  double kv_watermark = 0.01;                // share of KV blocks a request may not start into
   int num_threads = 0;                       // 0: all cores
   uint64_t seed = 0;
 };
