@@ -1,7 +1,8 @@
 """CPU kernel tests: every op of corral._core.ops against an independent float64 numpy reference.
 
 16-bit weights and caches are compared with a reference computed from the ROUNDED values
-(numerics.rounded / from_bits), so the tolerance measures the kernel's float32 arithmetic alone.
+(numerics.rounded / from_bits), so the tolerance measures the kernel's float32 arithmetic alone;
+fp8 (e4m3) caches likewise against what the cache holds (stored code * its block-head scale).
 The SIMD kernels (linear, paged_attention, swiglu_mlp, moe) run once per CPU ISA level (cpu_isa).
 """
 
@@ -558,6 +559,320 @@ def test_paged_attention_chunks_are_aligned(rng, block_size):
     assert rel_err(out[4], attention_ref(q[4:], keys, values, [0, 1], positions[4:], 0.25, chunk, 1)[0]) < 1e-5
 
 
+# ---- fp8 (e4m3) KV cache -------------------------------------------------------------------------
+
+FP8 = "float8_e4m3"
+FP8_NAN = 0x7F  # e4m3fn has no infinities: 0x7f and 0xff are NaN
+
+
+def e4m3_decode(codes):
+    """float64 values of e4m3fn codes: sign, 4 exponent bits (bias 7), 3 mantissa bits, subnormals at exponent 0."""
+    b = np.asarray(codes).astype(np.int64)
+    e, m = (b >> 3) & 0xF, b & 0x7
+    mag = np.where(e == 0, m / 8.0 * 2.0**-6, (1.0 + m / 8.0) * np.exp2(e - 7.0))
+    out = np.where(b & 0x80, -mag, mag)
+    return np.where((b & 0x7F) == 0x7F, np.nan, out)
+
+
+E4M3_VALUES = e4m3_decode(np.arange(0x7F))  # the finite non-negative values, increasing with the code
+
+
+def e4m3_encode(x):
+    """float64 reference encoder: the nearest finite e4m3 value (ties to the even code), saturating at 448."""
+    x = np.asarray(x, dtype=np.float64)
+    a = np.minimum(np.abs(x), E4M3_VALUES[-1])
+    hi = np.minimum(np.searchsorted(E4M3_VALUES, a), 0x7E)  # first value >= a
+    lo = np.maximum(hi - 1, 0)
+    d_lo, d_hi = a - E4M3_VALUES[lo], E4M3_VALUES[hi] - a
+    code = np.where(d_lo < d_hi, lo, np.where(d_hi < d_lo, hi, np.where(lo % 2 == 0, lo, hi)))
+    return (code | np.where(np.signbit(x), 0x80, 0)).astype(np.uint8)
+
+
+def fp8_dequant(cache, scale):
+    """float64 values a fp8 cache holds: code * its (block, head) scale."""
+    return e4m3_decode(cache) * np.asarray(scale, np.float64)[:, :, None, None]
+
+
+def fp8_empty_cache(num_blocks, kv_heads, block_size, head_dim):
+    """(k_cache, v_cache, k_scale, v_scale) poisoned with NaN codes and NaN scales."""
+    shape = (num_blocks, kv_heads, block_size, head_dim)
+    k_scale = np.full((num_blocks, kv_heads), np.nan, np.float32)
+    return np.full(shape, FP8_NAN, np.uint8), np.full(shape, FP8_NAN, np.uint8), k_scale, k_scale.copy()
+
+
+def fp8_write(cache, k, v, slots):
+    k_cache, v_cache, k_scale, v_scale = cache
+    ops.kv_cache_write(k_cache, v_cache, FP8, k, v, np.asarray(slots, np.int64), k_scale=k_scale, v_scale=v_scale)
+
+
+def random_merge(rng, lists):
+    """The items of lists, randomly interleaved, each list's items in their own order."""
+    lists, out = [list(x) for x in lists if len(x)], []
+    while lists:
+        i = int(rng.integers(len(lists)))
+        out.append(lists[i].pop(0))
+        if not lists[i]:
+            lists.pop(i)
+    return out
+
+
+def fp8_block_scales(x):
+    """Scale of each (token, head) at the time token t of a block is written, as the contract sets it:
+    the first token's amax / 448, then doubled as often as each later token's amax / 448 needs."""
+    need = np.maximum(np.abs(x).max(axis=2).astype(np.float64) / 448, 2.0**-126)  # [n, heads]
+    scale = need.copy()
+    for t in range(1, len(x)):
+        scale[t] = scale[t - 1]
+        while np.any(scale[t] < need[t]):
+            scale[t] = np.where(scale[t] < need[t], scale[t] * 2, scale[t])
+    return scale
+
+
+def fp8_error_bounds(x):
+    """Largest errors the write contract allows for the tokens x [n, kv_heads, d] of one block, written
+    in this order from offset 0: half an fp8 ulp at the top (16 * scale) at the scale a token was rounded
+    with; re-quantizations by powers of two are exact except where a value falls among fp8's
+    subnormals (half a subnormal step, 2^-10 * the final scale)."""
+    scale = fp8_block_scales(x)
+    return (16 * scale + 2.0**-10 * scale[-1]) * (1 + 1e-6)
+
+
+def check_fp8_cache(cache, written, k, v, block_size, kv_heads, head_dim, within_amax_14=False):
+    """Every written slot holds k/v to fp8 precision without clipping (fp8_error_bounds; with within_amax_14
+    also 1/14 of its block-head amax: twice fp8's best, amax / 28, since a grown scale is at most twice
+    amax / 448); each written (block, head) scale is fp8_block_scales' last; unwritten
+    slots and scales are untouched. written: token index -> slot."""
+    k_cache, v_cache, k_scale, v_scale = cache
+    for data, c, sc in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
+        deq = fp8_dequant(c, sc)
+        x = data.reshape(len(data), kv_heads, head_dim).astype(np.float64)
+        blocks = {}
+        for t, slot in sorted(written.items(), key=lambda item: item[1]):
+            blocks.setdefault(slot // block_size, []).append(t)
+        for b, ts in blocks.items():
+            amax = np.abs(x[ts]).max(axis=(0, 2))  # per head
+            assert np.all((sc[b] > 0) & np.isfinite(sc[b]))  # all-zero heads too, so that later tokens can grow it
+            order = sorted(ts, key=lambda t: written[t])
+            expected = fp8_block_scales(x[order])[-1]
+            np.testing.assert_allclose(sc[b][amax > 0], expected[amax > 0], rtol=1e-6)
+            err = np.abs(deq[b, :, [written[t] % block_size for t in ts]] - x[ts]).max(axis=-1)  # [tokens, heads]
+            bound = fp8_error_bounds(x[ts])
+            assert np.all(err <= bound), (b, err / bound)
+            if within_amax_14:
+                assert np.all(err <= amax / 14), (b, err / amax)
+        unwritten = np.ones(c.shape[0] * block_size, bool)
+        unwritten[list(written.values())] = False
+        by_slot = c.transpose(0, 2, 1, 3).reshape(-1, kv_heads, head_dim)
+        assert np.all(by_slot[unwritten] == FP8_NAN)
+        assert np.all(np.isnan(np.delete(sc, list(blocks), axis=0)))
+
+
+def test_fp8_decode_every_code():
+    """All 256 e4m3fn codes decode exactly (subnormals, -0, +-448); 0x7f and 0xff are NaN."""
+    codes = np.arange(256, dtype=np.uint8)
+    got = ops.from_fp8_e4m3(codes)
+    assert got.dtype == np.float32 and got.shape == (256,)
+    ref = e4m3_decode(codes)
+    np.testing.assert_array_equal(got, ref)
+    assert np.flatnonzero(np.isnan(got)).tolist() == [0x7F, 0xFF]
+    np.testing.assert_array_equal(np.signbit(got), codes >= 0x80)
+    assert got[0x7E] == 448 and got[0xFE] == -448 and got[1] == 2.0**-9 and got[8] == 2.0**-6 and got[0x38] == 1
+
+
+FP8_EDGE_VALUES = [
+    0.0, -0.0, 1.0, -1.0, 0.3, -17.0,
+    1 + 2**-4, 1 + 3 * 2**-4, -(1 + 5 * 2**-4),  # ties between 1, 1.125, 1.25, 1.375: to the even code
+    17.0, 19.0, 240.0 + 8, 240.0 + 7.99,  # ties 16|18 -> 16, 18|20 -> 20, 240|256 -> 256
+    448.0, -448.0, 449.0, 464.0, 465.0, 480.0, 1e4, 3.4e38, -3.4e38, np.inf, -np.inf,  # saturate at 448
+    2.0**-6, 2.0**-6 - 2**-10, 2.0**-6 - 2**-11, 2.0**-9, 2.0**-10, 3 * 2.0**-10, 5 * 2.0**-10, 2.0**-10 + 2**-30,
+    2.0**-10 - 2**-30, -3 * 2.0**-10, 2.0**-12, 1e-40, -1e-40, 2.0**-149,  # subnormals, their ties, float denormals
+]
+
+
+def test_fp8_encode_edges_and_random(rng):
+    """float32 -> e4m3 rounds to nearest even (subnormals included) and saturates to +-448, like a float64 reference."""
+    edges = np.array(FP8_EDGE_VALUES, np.float32)
+    mids = ((E4M3_VALUES[:-1] + E4M3_VALUES[1:]) / 2).astype(np.float32)  # every tie, and one float ulp around it
+    around = np.concatenate([mids, np.nextafter(mids, np.float32(0)), np.nextafter(mids, np.float32(np.inf))])
+    randoms = (rng.standard_normal(200_000) * np.exp2(rng.uniform(-16, 11, 200_000))).astype(np.float32)
+    for x in (edges, around, -around, randoms):
+        np.testing.assert_array_equal(ops.to_fp8_e4m3(x), e4m3_encode(x))
+    got = ops.to_fp8_e4m3(edges)
+    assert got[1] == 0x80 and got[6] == 0x38  # -0 keeps its sign; 1 + 2^-4 ties down to 1.0
+    assert np.all(got[np.abs(edges) >= 448] & 0x7F == 0x7E)
+    assert ops.to_fp8_e4m3(np.array([np.nan], np.float32))[0] & 0x7F == FP8_NAN
+    # No finite input ever produces a NaN code.
+    everything = np.concatenate([edges, around, randoms])
+    assert not np.any(ops.to_fp8_e4m3(everything) & 0x7F == FP8_NAN)
+
+
+def test_fp8_round_trip_every_finite_code():
+    codes = np.array([c for c in range(256) if c & 0x7F != 0x7F], np.uint8)
+    np.testing.assert_array_equal(ops.to_fp8_e4m3(ops.from_fp8_e4m3(codes)), codes)
+
+
+def test_fp8_simd_loads_every_code(cpu_isa, rng):
+    """The SIMD fp8 loads of paged_attention decode every code exactly (NaN included): one visible key
+    whose V holds all 256 codes."""
+    d = 256
+    k_cache, v_cache, k_scale, v_scale = fp8_empty_cache(2, 1, 4, d)
+    k_cache[1, 0, 0] = rng.choice([c for c in range(256) if c & 0x7F != 0x7F], d).astype(np.uint8)
+    v_cache[1, 0, 0] = np.arange(256, dtype=np.uint8)
+    k_scale[1], v_scale[1] = 0.0625, 0.5  # powers of two: the products are exact
+    q = rng.standard_normal((1, 3, d)).astype(np.float32)
+    out = ops.paged_attention(q, k_cache, v_cache, FP8, np.array([0, 1], np.int32), np.array([0], np.int32),
+                              np.array([[1]], np.int32), 1.0, k_scale=k_scale, v_scale=v_scale)
+    for h in range(3):
+        np.testing.assert_array_equal(out[0, h], e4m3_decode(np.arange(256)) * 0.5)
+
+
+def test_kv_cache_write_fp8_slots(rng):
+    """One call writing tokens of several blocks, interleaved (each block in slot order from offset 0)."""
+    num_blocks, kvh, bs, d = 6, 3, 5, 24
+    cache = fp8_empty_cache(num_blocks, kvh, bs, d)
+    counts = {0: 5, 2: 1, 3: 3, 5: 4}  # tokens written per block; blocks 1 and 4 stay empty
+    slots = random_merge(rng, [[b * bs + o for o in range(n)] for b, n in counts.items()])
+    T = len(slots)
+    k = (rng.standard_normal((T, kvh * d)) * np.exp2(rng.uniform(-3, 3, (T, 1)))).astype(np.float32)
+    v = (rng.standard_normal((T, kvh * d)) * np.exp2(rng.uniform(-3, 3, (T, 1)))).astype(np.float32)
+    fp8_write(cache, k, v, slots)
+    check_fp8_cache(cache, dict(enumerate(slots)), k, v, bs, kvh, d)
+
+
+@pytest.mark.parametrize("first_zero", [False, True])
+def test_kv_cache_write_fp8_requantizes(rng, first_zero):
+    """A block filled token by token, later tokens 10x larger: the scale grows, earlier tokens are
+    re-quantized, and every value stays within 1/14 of the block-head amax. A first token of zeros
+    leaves a scale later tokens can grow from."""
+    num_blocks, kvh, bs, d = 3, 2, 8, 64
+    cache = fp8_empty_cache(num_blocks, kvh, bs, d)
+    amp = np.array([1, 0.3, 10, 2, 100, 10, 1, 0.1])
+    k = (rng.standard_normal((bs, kvh * d)) * amp[:, None]).astype(np.float32)
+    v = (rng.standard_normal((bs, kvh * d)) * amp[:, None] * 0.01).astype(np.float32)
+    if first_zero:
+        k[0], v[0] = 0, -0.0
+    block = 1
+    scales = []
+    for t in range(bs):
+        fp8_write(cache, k[t : t + 1], v[t : t + 1], [block * bs + t])
+        scales.append(cache[2][block].copy())
+        check_fp8_cache(cache, {i: block * bs + i for i in range(t + 1)}, k[: t + 1], v[: t + 1], bs, kvh, d, True)
+    assert np.all(scales[2] >= 2 * scales[1]) and np.all(scales[4] >= 2 * scales[3])  # grown, for every head
+    np.testing.assert_array_equal(scales[-1], scales[4])
+    if first_zero:
+        assert np.all(cache[0][block, :, 0] & 0x7F == 0)
+
+
+def test_kv_cache_write_fp8_small_growths(rng):
+    """Amplitudes growing by a few percent a token: the scale grows at nearly every token and the first
+    tokens are re-quantized many times, each time within half an fp8 ulp (fp8_error_bounds)."""
+    kvh, bs, d = 2, 16, 64
+    k = (rng.standard_normal((bs, kvh * d)) * 1.05 ** np.arange(bs)[:, None]).astype(np.float32)
+    v = (rng.standard_normal((bs, kvh * d)) * 1.03 ** np.arange(bs)[:, None]).astype(np.float32)
+    cache = fp8_empty_cache(2, kvh, bs, d)
+    for t in range(bs):
+        fp8_write(cache, k[t : t + 1], v[t : t + 1], [bs + t])
+    check_fp8_cache(cache, {t: bs + t for t in range(bs)}, k, v, bs, kvh, d)
+
+
+def test_kv_cache_write_fp8_one_call_equals_token_by_token(rng):
+    """Several tokens of one block in one call (amplitudes growing and shrinking) store exactly what
+    writing them one by one stores; a later call continues the block."""
+    kvh, bs, d = 2, 16, 40
+    amp = np.exp2(rng.uniform(-4, 4, 12))
+    k = (rng.standard_normal((12, kvh * d)) * amp[:, None]).astype(np.float32)
+    v = (rng.standard_normal((12, kvh * d)) * amp[::-1, None]).astype(np.float32)
+    one, each = fp8_empty_cache(2, kvh, bs, d), fp8_empty_cache(2, kvh, bs, d)
+    fp8_write(one, k[:9], v[:9], np.arange(bs, bs + 9))
+    fp8_write(one, k[9:], v[9:], np.arange(bs + 9, bs + 12))
+    for t in range(12):
+        fp8_write(each, k[t : t + 1], v[t : t + 1], [bs + t])
+    for a, b in zip(one, each):
+        np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))  # bitwise, scales included
+    check_fp8_cache(one, {t: bs + t for t in range(12)}, k, v, bs, kvh, d)
+
+
+def build_fp8_paged_cache(rng, kv_heads, head_dim, block_size, written_lens, spare_blocks=3):
+    """build_paged_cache for float8_e4m3, through ops.kv_cache_write in position order.
+
+    Each sequence is written in chunks of random sizes; each call writes one chunk of every
+    sequence, randomly interleaved. Returns (cache, tables, keys, values, keys_in, values_in):
+    cache = (k_cache, v_cache, k_scale, v_scale), keys[s] / values[s] the float64 values of what
+    the cache holds (code * scale) and keys_in / values_in the unquantized inputs ([len, kv_heads, d]).
+    """
+    blocks_per_seq = [-(-n // block_size) for n in written_lens]
+    num_blocks = sum(blocks_per_seq) + spare_blocks
+    perm = rng.permutation(num_blocks).astype(np.int32)
+    tables = np.empty((len(written_lens), max(blocks_per_seq) + 1), np.int32)
+    i = 0
+    for s, nb in enumerate(blocks_per_seq):
+        tables[s, :nb] = perm[i : i + nb]
+        tables[s, nb:] = perm[-1]  # valid (poisoned) ids past the end
+        i += nb
+    cache = fp8_empty_cache(num_blocks, kv_heads, block_size, head_dim)
+    width = kv_heads * head_dim
+    k_in = [rng.standard_normal((n, width)).astype(np.float32) for n in written_lens]
+    v_in = [rng.standard_normal((n, width)).astype(np.float32) for n in written_lens]
+    chunks = []
+    for n in written_lens:
+        cuts = np.sort(rng.choice(np.arange(1, n), min(n - 1, 4), replace=False)) if n > 1 else []
+        chunks.append(np.split(np.arange(n), cuts))
+    for c in range(max(len(x) for x in chunks)):
+        items = random_merge(rng, [[(s, int(p)) for p in x[c]] for s, x in enumerate(chunks) if c < len(x)])
+        slots = [int(tables[s, p // block_size]) * block_size + p % block_size for s, p in items]
+        k = np.stack([k_in[s][p] for s, p in items])
+        v = np.stack([v_in[s][p] for s, p in items])
+        fp8_write(cache, k, v, slots)
+    k_deq, v_deq = fp8_dequant(cache[0], cache[2]), fp8_dequant(cache[1], cache[3])
+    keys, values = [], []
+    for s, n in enumerate(written_lens):
+        p = np.arange(n)
+        keys.append(k_deq[tables[s, p // block_size], :, p % block_size])
+        values.append(v_deq[tables[s, p // block_size], :, p % block_size])
+    shape = lambda x: x.reshape(len(x), kv_heads, head_dim).astype(np.float64)  # noqa: E731
+    return cache, tables, keys, values, [shape(x) for x in k_in], [shape(x) for x in v_in]
+
+
+def fp8_attention(q, cache, seq_starts, positions, tables, scale, chunk):
+    k_cache, v_cache, k_scale, v_scale = cache
+    return ops.paged_attention(q, k_cache, v_cache, FP8, seq_starts, positions, tables, scale, chunk,
+                               k_scale=k_scale, v_scale=v_scale)
+
+
+@pytest.mark.parametrize(
+    "kv_heads,group,head_dim,block_size,chunk",
+    ATTENTION_CASES,
+    ids=[f"kv{c[0]}-g{c[1]}-d{c[2]}-bs{c[3]}-ch{c[4]}" for c in ATTENTION_CASES],
+)
+def test_paged_attention_fp8_ragged(cpu_isa, rng, kv_heads, group, head_dim, block_size, chunk):
+    """fp8 caches: float64 attention over the dequantized cache (code * scale) within 1e-4, and over the
+    unquantized K/V within 8e-2 (fp8 keeps 3 mantissa bits: each value is rounded once, to within 2^-4
+    relative; the attention outputs measure up to about 0.056 here)."""
+    written, seq_starts, positions = ragged_batch()
+    cache, tables, keys, values, keys_in, values_in = build_fp8_paged_cache(
+        rng, kv_heads, head_dim, block_size, written
+    )
+    heads = kv_heads * group
+    q = rng.standard_normal((len(positions), heads, head_dim)).astype(np.float32)
+    scale = 1.0 / math.sqrt(head_dim)
+    out = fp8_attention(q, cache, seq_starts, positions, tables, scale, chunk)
+    assert out.shape == q.shape
+    assert rel_err(out, attention_ref(q, keys, values, seq_starts, positions, scale, chunk, kv_heads)) < 1e-4
+    ref_in = attention_ref(q, keys_in, values_in, seq_starts, positions, scale, chunk, kv_heads)
+    assert rel_err(out, ref_in) < 8e-2
+
+
+def test_paged_attention_fp8_large_scores_and_empty_sequence(cpu_isa, rng):
+    """Scores of magnitude ~100 over an fp8 cache stay finite and exact; a sequence with no rows is skipped."""
+    cache, tables, keys, values, _, _ = build_fp8_paged_cache(rng, 2, 64, 16, [41, 12, 23])
+    seq_starts = np.array([0, 21, 21, 22], np.int32)
+    positions = np.array(list(range(20, 41)) + [22], np.int32)
+    q = (rng.standard_normal((22, 4, 64)) * 12).astype(np.float32)
+    out = fp8_attention(q, cache, seq_starts, positions, tables, 1.0, 0)
+    assert np.all(np.isfinite(out))
+    assert rel_err(out, attention_ref(q, keys, values, seq_starts, positions, 1.0, 0, 2)) < 1e-4
+
+
 def test_attn_temperature_scale_documented_values():
     """attn_scale 0.1, floor_scale 8192: factor 1 up to p = 8190, then 1.0693, 1.1099, 1.2833, 1.4860."""
     positions = np.array([0, 5000, 8190, 8191, 16383, 131071, 1048575], np.int32)
@@ -776,6 +1091,67 @@ BAD_INPUTS = {
         "float64",
     ),
     "unknown_isa": (lambda: ops.set_cpu_isa("sse9"), corral.InvalidInputError, "sse9"),
+    "linear_fp8_weights": (
+        lambda: ops.linear(_z(3, 5), _z(4, 5, dtype=np.uint8), "float8_e4m3"),
+        corral.DTypeError,
+        "float8_e4m3",
+    ),
+    "rms_norm_fp8_weights": (
+        lambda: ops.rms_norm(_z(2, 4), _z(4, dtype=np.uint8), 1e-5, w_dtype="float8_e4m3"),
+        corral.DTypeError,
+        "float8_e4m3",
+    ),
+    "fp8_codes_dtype": (lambda: ops.from_fp8_e4m3(_z(3)), corral.DTypeError, "uint8"),
+    "kv_write_fp8_no_scales": (
+        lambda: ops.kv_cache_write(_z(2, 1, 4, 8, dtype=np.uint8), _z(2, 1, 4, 8, dtype=np.uint8), "float8_e4m3",
+                                   _z(1, 8), _z(1, 8), np.array([0])),
+        corral.InvalidInputError,
+        "k_scale and v_scale",
+    ),
+    "kv_write_scales_not_fp8": (
+        lambda: ops.kv_cache_write(_z(2, 1, 4, 8), _z(2, 1, 4, 8), "float32", _z(1, 8), _z(1, 8), np.array([0]),
+                                   k_scale=_z(2, 1), v_scale=_z(2, 1)),
+        corral.InvalidInputError,
+        "only for float8_e4m3",
+    ),
+    "kv_write_fp8_cache_dtype": (
+        lambda: ops.kv_cache_write(_z(2, 1, 4, 8), _z(2, 1, 4, 8), "float8_e4m3", _z(1, 8), _z(1, 8), np.array([0]),
+                                   k_scale=_z(2, 1), v_scale=_z(2, 1)),
+        corral.DTypeError,
+        "uint8",
+    ),
+    "kv_write_fp8_scale_dtype": (
+        lambda: ops.kv_cache_write(_z(2, 1, 4, 8, dtype=np.uint8), _z(2, 1, 4, 8, dtype=np.uint8), "float8_e4m3",
+                                   _z(1, 8), _z(1, 8), np.array([0]), k_scale=_z(2, 1),
+                                   v_scale=_z(2, 1, dtype=np.float64)),
+        corral.DTypeError,
+        "v_scale must be a numpy float32",
+    ),
+    "kv_write_fp8_scale_shape": (
+        lambda: ops.kv_cache_write(_z(2, 1, 4, 8, dtype=np.uint8), _z(2, 1, 4, 8, dtype=np.uint8), "float8_e4m3",
+                                   _z(1, 8), _z(1, 8), np.array([0]), k_scale=_z(2), v_scale=_z(2, 1)),
+        corral.ShapeError,
+        r"k_scale must be \(2, 1\)",
+    ),
+    "attention_fp8_no_scales": (
+        lambda: ops.paged_attention(_z(1, 2, 8), _z(2, 2, 4, 8, dtype=np.uint8), _z(2, 2, 4, 8, dtype=np.uint8),
+                                    "float8_e4m3", np.array([0, 1]), np.array([0]), np.array([[0]]), 1.0),
+        corral.InvalidInputError,
+        "k_scale and v_scale",
+    ),
+    "attention_fp8_scale_shape": (
+        lambda: ops.paged_attention(_z(1, 2, 8), _z(2, 2, 4, 8, dtype=np.uint8), _z(2, 2, 4, 8, dtype=np.uint8),
+                                    "float8_e4m3", np.array([0, 1]), np.array([0]), np.array([[0]]), 1.0,
+                                    k_scale=_z(2, 2), v_scale=_z(2, 3)),
+        corral.ShapeError,
+        r"v_scale must be \(2, 2\)",
+    ),
+    "attention_cache_dtype_name": (
+        lambda: ops.paged_attention(_z(1, 2, 8), _z(2, 2, 4, 8), _z(2, 2, 4, 8), "float8", np.array([0, 1]),
+                                    np.array([0]), np.array([[0]]), 1.0),
+        corral.DTypeError,
+        "float8_e4m3",
+    ),
 }
 
 

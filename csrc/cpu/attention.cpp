@@ -25,8 +25,9 @@ void attend_tile(float* out, const float* q, int64_t heads, const PagedKv& c,
                  int64_t r0, int64_t r1, Scratch& w) {
   const int64_t d = c.head_dim, bs = c.block_size, group = heads / c.kv_heads;
   const int64_t rows = (r1 - r0) * group;
-  const int fi = float_index(c.dtype, "KV cache");
+  const int fi = kv_index(c.dtype, "KV cache");
   const GemmPanelFn scores_fn = isa().gemm_outin[fi], accum_fn = isa().gemm_inout[fi];
+  const bool fp8 = c.dtype == DType::F8_E4M3;  // the loops read codes; scales are applied here
   const size_t es = dtype_size(c.dtype);
   w.q.resize(rows * d);
   w.scores.resize(rows * bs);
@@ -54,6 +55,13 @@ void attend_tile(float* out, const float* q, int64_t heads, const PagedKv& c,
     const int64_t key0 = blk * bs, nk = std::min(bs, hi_max + 1 - key0);
     const int64_t offset = int64_t(table[blk]) * c.block_stride + head_offset;
     scores_fn(w.scores.data(), bs, w.q.data(), d, rows, kbase + offset, d, nk, d, false);
+    // fp8: this block's scales for KV head g (stored value * scale = real value).
+    float k_scale = 1.f, v_scale = 1.f;
+    if (fp8) {
+      const int64_t at = int64_t(table[blk]) * c.block_stride;
+      k_scale = reinterpret_cast<const float*>(reinterpret_cast<const char*>(c.k_scale) + at)[g];
+      v_scale = reinterpret_cast<const float*>(reinterpret_cast<const char*>(c.v_scale) + at)[g];
+    }
     bool any = false;
     for (int64_t t = 0; t < r1 - r0; ++t) {
       const int64_t p = b.positions[r0 + t], lo = lo_of(p);
@@ -61,6 +69,8 @@ void attend_tile(float* out, const float* q, int64_t heads, const PagedKv& c,
         const int64_t row = t * group + hh;
         float* sc = w.scores.data() + row * bs;
         float m = -std::numeric_limits<float>::infinity();
+        if (fp8)
+          for (int64_t j = 0; j < nk; ++j) sc[j] *= k_scale;
         for (int64_t j = 0; j < nk; ++j) {
           const int64_t key = key0 + j;
           if (key < lo || key > p) sc[j] = -std::numeric_limits<float>::infinity();
@@ -80,6 +90,8 @@ void attend_tile(float* out, const float* q, int64_t heads, const PagedKv& c,
         }
         w.sum[row] = w.sum[row] * correction + sum;
         w.max[row] = m_new;
+        if (fp8)  // P . (codes * v_scale) = (P * v_scale) . codes
+          for (int64_t j = 0; j < nk; ++j) sc[j] *= v_scale;
         if (correction != 1.f)
           for (int64_t i = 0; i < d; ++i) w.acc[row * d + i] *= correction;
       }
@@ -103,7 +115,9 @@ void paged_attention(float* out, const float* q, int64_t heads, const PagedKv& c
     throw ShapeError("paged_attention: " + std::to_string(heads) +
                      " query heads are not a multiple of " + std::to_string(cache.kv_heads) +
                      " KV heads");
-  float_index(cache.dtype, "KV cache");
+  kv_index(cache.dtype, "KV cache");
+  if (cache.dtype == DType::F8_E4M3 && (cache.k_scale == nullptr || cache.v_scale == nullptr))
+    throw InvalidInputError("paged_attention: a float8_e4m3 KV cache needs k_scale and v_scale");
   struct Item {
     int64_t seq, r0, r1;
   };

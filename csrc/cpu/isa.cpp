@@ -68,6 +68,18 @@ int float_index(DType dtype, const char* what) {
   }
 }
 
+int kv_index(DType dtype, const char* what) {
+  switch (dtype) {
+    case DType::F32: return 0;
+    case DType::BF16: return 1;
+    case DType::F16: return 2;
+    case DType::F8_E4M3: return 3;
+    default:
+      throw DTypeError(std::string(what) + ": dtype " + dtype_name(dtype) +
+                       " is not supported on CPU (float32, bfloat16, float16 and float8_e4m3 are)");
+  }
+}
+
 const IsaKernels& isa() { return current(); }
 
 std::vector<std::string> supported_isas() {

@@ -16,15 +16,21 @@ namespace corral::cpu {
 using GemmPanelFn = void (*)(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows,
                              const void* w, int64_t ldw, int64_t n, int64_t k, bool accumulate);
 
-// Inner loops of one ISA level, indexed by weight dtype (see float_index).
+// Inner loops of one ISA level, indexed by the dtype of W (see float_index and kv_index): the
+// first three serve weights and the KV cache, the fp8 entry only the KV cache. The fp8 loops
+// read the stored codes; scales are the caller's.
 struct IsaKernels {
   const char* name;
-  GemmPanelFn gemm_outin[3];
-  GemmPanelFn gemm_inout[3];
+  GemmPanelFn gemm_outin[4];
+  GemmPanelFn gemm_inout[4];
 };
 
-// 0, 1, 2 for float32, bfloat16, float16; throws DTypeError naming `what` otherwise.
+// 0, 1, 2 for float32, bfloat16, float16; throws DTypeError naming `what` otherwise (float8_e4m3
+// included: weights are never fp8 on CPU).
 int float_index(DType dtype, const char* what);
+
+// The index for a KV cache: float_index's, or 3 for float8_e4m3; throws DTypeError otherwise.
+int kv_index(DType dtype, const char* what);
 
 // The inner loops in use: the best level this CPU supports, or $CORRAL_CPU_ISA if set.
 const IsaKernels& isa();

@@ -7,8 +7,8 @@ namespace corral::cpu::CORRAL_ISA_NS {
 IsaKernels kernels() {
   return IsaKernels{
       CORRAL_ISA_NAME,
-      {&gemm_outin<float>, &gemm_outin<bf16>, &gemm_outin<f16>},
-      {&gemm_inout<float>, &gemm_inout<bf16>, &gemm_inout<f16>},
+      {&gemm_outin<float>, &gemm_outin<bf16>, &gemm_outin<f16>, &gemm_outin<fp8_e4m3>},
+      {&gemm_inout<float>, &gemm_inout<bf16>, &gemm_inout<f16>, &gemm_inout<fp8_e4m3>},
   };
 }
 

@@ -1,4 +1,9 @@
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
 #include <cstring>
+#include <numeric>
+#include <vector>
 
 #include "corral/error.h"
 #include "isa.h"
@@ -26,14 +31,78 @@ void write_rows(const PagedKv& c, const float* k, const float* v, int64_t ld, in
   });
 }
 
+// float8_e4m3: each (block, KV head) of K and of V has its own scale, so a block's tokens are
+// quantized one after the other, in slot order; work items are (block, head, K or V).
+constexpr float kFp8Max = 448.0f;
+
+// amax / 448: the scale that stores a head vector whose largest magnitude is amax without
+// clipping; never 0 (an all-zero first token must leave a scale later tokens can grow from).
+float fp8_scale_for(const float* x, int64_t d) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < d; ++i) amax = std::max(amax, std::fabs(x[i]));  // NaN is skipped
+  return std::max(std::min(amax, FLT_MAX) / kFp8Max, FLT_MIN);
+}
+
+// The smallest scale * 2^k (k >= 1) that is at least `need`: growing by powers of two keeps the
+// re-quantization of a block's earlier tokens exact (bar fp8 subnormals).
+float grown_scale(float scale, float need) {
+  while (scale < need) scale *= 2.f;
+  return scale;
+}
+
+void write_fp8(const PagedKv& c, const float* k, const float* v, int64_t ld, int64_t tokens,
+               const int64_t* slots) {
+  if (c.k_scale == nullptr || c.v_scale == nullptr)
+    throw InvalidInputError("kv_cache_write: a float8_e4m3 KV cache needs k_scale and v_scale");
+  const int64_t d = c.head_dim, bs = c.block_size, heads = c.kv_heads;
+  // Tokens grouped by block, each block's in slot order (the contract's order already; stable, so
+  // a slot written twice in one call keeps the later value).
+  std::vector<int64_t> order(size_t(tokens), 0);
+  std::iota(order.begin(), order.end(), int64_t(0));
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return slots[a] < slots[b]; });
+  std::vector<int64_t> starts;
+  for (int64_t i = 0; i < tokens; ++i)
+    if (i == 0 || slots[order[i]] / bs != slots[order[i - 1]] / bs) starts.push_back(i);
+  const int64_t segments = int64_t(starts.size());
+  starts.push_back(tokens);
+  if (segments == 0) return;
+  parallel_for(segments * heads * 2, std::max<int64_t>(1, tokens / segments) * d, [&](int64_t item) {
+    const int64_t seg = item / (2 * heads), g = (item / 2) % heads;
+    const bool is_v = item % 2 == 1;
+    const int64_t block = slots[order[starts[seg]]] / bs;
+    const int64_t at = block * c.block_stride;
+    fp8_e4m3* dst = reinterpret_cast<fp8_e4m3*>(static_cast<char*>(is_v ? c.v : c.k) + at) + g * bs * d;
+    float* scale_at = reinterpret_cast<float*>(reinterpret_cast<char*>(is_v ? c.v_scale : c.k_scale) + at) + g;
+    const float* src = is_v ? v : k;
+    float scale = *scale_at;
+    for (int64_t i = starts[seg]; i < starts[seg + 1]; ++i) {
+      const int64_t t = order[i], off = slots[t] % bs;
+      const float* x = src + t * ld + g * d;
+      const float need = fp8_scale_for(x, d);
+      if (off == 0) {
+        scale = need;  // the block's first token sets the scale
+      } else if (need > scale) {
+        // More range needed: re-quantize the block's earlier tokens with the grown scale.
+        const float grown = grown_scale(scale, need), ratio = scale / grown;
+        for (int64_t j = 0; j < off * d; ++j) dst[j] = to_fp8_e4m3(to_float(dst[j]) * ratio);
+        scale = grown;
+      }
+      fp8_e4m3* row = dst + off * d;
+      for (int64_t j = 0; j < d; ++j) row[j] = to_fp8_e4m3(x[j] / scale);
+    }
+    *scale_at = scale;
+  });
+}
+
 }  // namespace
 
 void kv_cache_write(const PagedKv& cache, const float* k, const float* v, int64_t ld, int64_t tokens,
                     const int64_t* slots) {
-  switch (float_index(cache.dtype, "KV cache")) {
+  switch (kv_index(cache.dtype, "KV cache")) {
     case 0: return write_rows<float>(cache, k, v, ld, tokens, slots);
     case 1: return write_rows<bf16>(cache, k, v, ld, tokens, slots);
-    default: return write_rows<f16>(cache, k, v, ld, tokens, slots);
+    case 2: return write_rows<f16>(cache, k, v, ld, tokens, slots);
+    default: return write_fp8(cache, k, v, ld, tokens, slots);
   }
 }
 

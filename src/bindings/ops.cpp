@@ -129,7 +129,10 @@ struct PagedArrays {
   std::vector<char> pool;
   int64_t kv_bytes = 0, scale_bytes = 0, page = 0;
 
-  char* section(int64_t block, int i) { return pool.data() + block * page + (i < 2 ? i * kv_bytes : 2 * kv_bytes + (i - 2) * scale_bytes); }
+  // Section i (0: K, 1: V, 2: k_scale, 3: v_scale) of a block's page.
+  char* section(int64_t block, int i) {
+    return pool.data() + block * page + (i < 2 ? i * kv_bytes : 2 * kv_bytes + (i - 2) * scale_bytes);
+  }
   static int64_t padded(int64_t n) { return (n + 63) / 64 * 64; }
 
   void copy_in() {
@@ -190,7 +193,8 @@ PagedArrays paged(py::array k_cache, py::array v_cache, const std::string& dtype
   if (k_scale.is_none() || v_scale.is_none())
     throw InvalidInputError("float8_e4m3 caches need k_scale and v_scale: float32 arrays (num_blocks, kv_heads)");
   const std::string want = "(" + std::to_string(c.num_blocks) + ", " + std::to_string(c.kv_heads) + ")";
-  for (const auto& [obj, name, dst] : {std::tuple{&k_scale, "k_scale", &p.k_scale}, std::tuple{&v_scale, "v_scale", &p.v_scale}}) {
+  for (const auto& [obj, name, dst] :
+       {std::tuple{&k_scale, "k_scale", &p.k_scale}, std::tuple{&v_scale, "v_scale", &p.v_scale}}) {
     if (!py::isinstance<py::array>(*obj) || !obj->cast<py::array>().dtype().is(py::dtype::of<float>()))
       throw DTypeError(std::string(name) + " must be a numpy float32 array, got " +
                        (py::isinstance<py::array>(*obj) ? std::string(py::str(obj->cast<py::array>().dtype()))

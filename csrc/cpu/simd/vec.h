@@ -15,6 +15,27 @@
 
 namespace corral::cpu::CORRAL_ISA_NS {
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+// fp8 e4m3 codes (one per 16-bit lane, 0..255) -> float16 bits whose value times 2^8 is the
+// e4m3 value, exactly, subnormals included: the 7 magnitude bits go to bits 7..13 (fp16 exponent
+// bias 15 = 7 + 8, and e4m3 subnormals land on fp16 subnormals, which vcvtph2ps converts exactly
+// whatever MXCSR's DAZ says), the sign to bit 15. NaN codes (x7 = 0x7f) become fp16 NaN (exponent
+// 31, mantissa not 0).
+CORRAL_INLINE __m128i fp8_to_half_bits(__m128i b) {
+  const __m128i t = _mm_and_si128(_mm_srai_epi16(_mm_slli_epi16(b, 8), 1), _mm_set1_epi16(int16_t(0xbf80)));
+  const __m128i nan = _mm_cmpeq_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7f)), _mm_set1_epi16(0x7f));
+  return _mm_or_si128(t, nan);  // all ones: fp16 NaN
+}
+#endif
+#if defined(__AVX512F__)
+CORRAL_INLINE __m256i fp8_to_half_bits(__m256i b) {
+  const __m256i t = _mm256_srai_epi16(_mm256_slli_epi16(b, 8), 1);
+  const __m256i nan = _mm256_cmpeq_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7f)), _mm256_set1_epi16(0x7f));
+  // bitwise select: the kept bits of t where the mask 0xbf80 has ones, the nan mask elsewhere.
+  return _mm256_ternarylogic_epi32(t, nan, _mm256_set1_epi16(int16_t(0xbf80)), 0xe4);
+}
+#endif
+
 #if defined(__AVX512F__)
 
 struct VecF {
@@ -30,6 +51,10 @@ CORRAL_INLINE VecF vload(const bf16* p) {
 }
 CORRAL_INLINE VecF vload(const f16* p) {
   return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
+}
+CORRAL_INLINE VecF vload(const fp8_e4m3* p) {
+  const __m256i h = fp8_to_half_bits(_mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  return {_mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(256.0f))};
 }
 CORRAL_INLINE void vstore(float* p, VecF a) { _mm512_storeu_ps(p, a.v); }
 CORRAL_INLINE VecF vfma(VecF a, VecF b, VecF c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
@@ -52,6 +77,10 @@ CORRAL_INLINE VecF vload(const bf16* p) {
 }
 CORRAL_INLINE VecF vload(const f16* p) {
   return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))};
+}
+CORRAL_INLINE VecF vload(const fp8_e4m3* p) {
+  const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  return {_mm256_mul_ps(_mm256_cvtph_ps(fp8_to_half_bits(b)), _mm256_set1_ps(256.0f))};
 }
 CORRAL_INLINE void vstore(float* p, VecF a) { _mm256_storeu_ps(p, a.v); }
 CORRAL_INLINE VecF vfma(VecF a, VecF b, VecF c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }

@@ -28,8 +28,9 @@ namespace kernels {
 // Stores k[t, :] and v[t, :] (kv_heads * head_dim floats each, rows ld apart) at slot slots[t]
 // = block * block_size + offset. Tokens of one block must come in increasing slot order, and a
 // block's first write must be at offset 0. For F8_E4M3, a block's per-head scale is set by its
-// first token and grown (re-quantizing the block's earlier tokens) when a later token needs more
-// range: amax / 448, so every value is stored to fp8 precision without clipping.
+// first token (amax / 448) and doubled as often as a later token needs for its amax / 448, which
+// re-quantizes the block's earlier tokens exactly: every value is stored to fp8 precision,
+// rounded once, never clipped.
 void kv_cache_write(const Stream& stream, const PagedKv& cache, const float* k, const float* v,
                     int64_t ld, int64_t tokens, const int64_t* slots);
 
