@@ -129,3 +129,17 @@ def test_million_token_sequence_memory(tmp_path):
     assert peak_local <= layout.local_groups * (64 // 16 + 1)
     assert stats["pages_used_local"] <= layout.local_groups * (64 // 16 + 1)
     assert layout.sequence_bytes(n, True) == layout.page_bytes * (n // block + 3 * (64 // 16))
+
+
+@pytest.mark.parametrize("weights", ["float32", "bfloat16"])
+def test_fp8_kv_cache_close_to_bf16(tmp_path, weights):
+    """fp8 (e4m3) KV cache: first-step logits within 5e-2 of a bf16 KV cache, and the first 16
+    greedy tokens equal. (The chunked model routes each token to 2 of 8 experts; the Scout- and
+    Maverick-like tiny models, top-1 of 16 or 128 random experts, flip routes under any rounding.)"""
+    path = build("chunked", "causal", getattr(torch, weights), tmp_path)
+    prompt = tokens(7, 130)
+    params = corral.SamplingParams(max_tokens=16, ignore_eos=True)
+    bf16, fp8 = (corral.LLM(path, kv_cache_dtype=dtype) for dtype in ("bfloat16", "fp8"))
+    assert rel_err(fp8.logits(prompt)[-1], bf16.logits(prompt)[-1]) <= 5e-2
+    assert fp8.generate([prompt], params)[0].outputs[0].token_ids == bf16.generate([prompt], params)[0].outputs[0].token_ids
+    assert fp8.stats()["kv_bytes_per_token"] < 0.51 * bf16.stats()["kv_bytes_per_token"]
