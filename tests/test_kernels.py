@@ -1179,3 +1179,30 @@ def test_16bit_data_not_as_uint16_raises_dtype_error():
         ops.linear(_z(3, 5), np.ones((4, 5), np.float16), "float16")
     with pytest.raises(corral.DTypeError, match="uint16"):
         ops.linear(_z(3, 5), np.ones((4, 5), np.float32), "bfloat16")
+
+
+@pytest.mark.parametrize("layout", ["in_out", "out_in"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_linear_rows_do_not_depend_on_the_batch(cpu_isa, rng, layout, dtype):
+    """A row's result is the same bits whether it runs alone, with a few rows (InOut streams W row
+    by row) or with many (panels): what makes batched generation equal generation alone."""
+    K, N = 601, 83  # three k-chunks of 256, odd tails
+    x = rng.standard_normal((21, K)).astype(np.float32)
+    w, _ = rounded(rng.standard_normal((K, N) if layout == "in_out" else (N, K)) * 0.05, dtype)
+    many = ops.linear(x, w, dtype, layout)
+    few = np.concatenate([ops.linear(x[i : i + 3], w, dtype, layout) for i in range(0, 21, 3)])
+    alone = np.concatenate([ops.linear(x[i : i + 1], w, dtype, layout) for i in range(21)])
+    np.testing.assert_array_equal(few, many)
+    np.testing.assert_array_equal(alone, many)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_moe_tokens_do_not_depend_on_the_batch(cpu_isa, rng, dtype):
+    """Each token's MoE output is the same bits alone and in a batch, though its expert then has
+    one row (streamed) or many (panels); K spans several k-chunks and I is no multiple of 16."""
+    T, H, I, E, top_k = 40, 300, 72, 4, 2
+    x, w = make_moe(rng, T, H, I, E, top_k)
+    args = [rounded(w[name], dtype)[0] for name in MOE_ORDER]
+    together = ops.moe(x, *args, top_k, dtype)[0]
+    alone = np.concatenate([ops.moe(x[t : t + 1], *args, top_k, dtype)[0] for t in range(T)])
+    np.testing.assert_array_equal(alone, together)

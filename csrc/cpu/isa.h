@@ -16,6 +16,9 @@ namespace corral::cpu {
 using GemmPanelFn = void (*)(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows,
                              const void* w, int64_t ldw, int64_t n, int64_t k, bool accumulate);
 
+// Rows of x up to which InOut products stream W row by row (gemm_inout_stream).
+constexpr int64_t kStreamRows = 8;
+
 // Inner loops of one ISA level, indexed by the dtype of W (see float_index and kv_index): the
 // first three serve weights and the KV cache, the fp8 entry only the KV cache. The fp8 loops
 // read the stored codes; scales are the caller's.
@@ -23,6 +26,7 @@ struct IsaKernels {
   const char* name;
   GemmPanelFn gemm_outin[4];
   GemmPanelFn gemm_inout[4];
+  GemmPanelFn gemm_inout_stream[3];  // accumulates; at most kStreamRows rows; weights only
 };
 
 // 0, 1, 2 for float32, bfloat16, float16; throws DTypeError naming `what` otherwise (float8_e4m3

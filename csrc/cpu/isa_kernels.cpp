@@ -9,6 +9,7 @@ IsaKernels kernels() {
       CORRAL_ISA_NAME,
       {&gemm_outin<float>, &gemm_outin<bf16>, &gemm_outin<f16>, &gemm_outin<fp8_e4m3>},
       {&gemm_inout<float>, &gemm_inout<bf16>, &gemm_inout<f16>, &gemm_inout<fp8_e4m3>},
+      {&gemm_inout_stream<float>, &gemm_inout_stream<bf16>, &gemm_inout_stream<f16>},
   };
 }
 

@@ -1,4 +1,5 @@
 #include <algorithm>
+#include <vector>
 
 #include "corral/error.h"
 #include "isa.h"
@@ -6,33 +7,73 @@
 
 namespace corral::cpu {
 
-namespace {
-// Output columns per work item: OutIn panels are rows of W, InOut panels are column blocks of W.
-constexpr int64_t kOutInPanel = 16;
-constexpr int64_t kInOutPanel = 64;
-// Rows of x per work item: a block of x stays in cache while a W panel streams past it.
-constexpr int64_t kRowBlock = 64;
-}  // namespace
+int64_t panel_width(const MatrixRef& w) { return w.layout == WeightLayout::OutIn ? 16 : 64; }
+
+int64_t k_chunks(const MatrixRef& w) {
+  return w.layout == WeightLayout::OutIn ? 1 : std::max<int64_t>(1, (w.in + kKChunk - 1) / kKChunk);
+}
+
+void gemm_panel(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, const MatrixRef& w, int64_t c0,
+                int64_t n, bool accumulate) {
+  const int fi = float_index(w.dtype, "linear weight");
+  const int64_t es = int64_t(dtype_size(w.dtype)), ldw = w.row_stride();
+  const char* base = static_cast<const char*>(w.data);
+  if (w.layout == WeightLayout::OutIn) {
+    isa().gemm_outin[fi](y, ldy, x, ldx, rows, base + c0 * ldw * es, ldw, n, w.in, accumulate);
+    return;
+  }
+  // InOut: chunk by chunk of k, each chunk's sum added to y in order (see kKChunk).
+  for (int64_t k0 = 0, c = 0; k0 < w.in; k0 += kKChunk, ++c)
+    isa().gemm_inout[fi](y, ldy, x + k0, ldx, rows, base + (k0 * ldw + c0) * es, ldw, n,
+                         std::min(kKChunk, w.in - k0), accumulate || c > 0);
+}
+
+void stream_chunk(float* partial, int64_t ldp, const float* x, int64_t ldx, int64_t rows, const MatrixRef& w,
+                  int64_t chunk) {
+  const int fi = float_index(w.dtype, "linear weight");
+  const int64_t es = int64_t(dtype_size(w.dtype)), ldw = w.row_stride(), k0 = chunk * kKChunk;
+  isa().gemm_inout_stream[fi](partial, ldp, x + k0, ldx, rows, static_cast<const char*>(w.data) + k0 * ldw * es, ldw,
+                              w.out, std::min(kKChunk, w.in - k0), true);
+}
+
+void add_chunks(float* y, int64_t ldy, const float* partials, int64_t chunk_stride, int64_t chunks, int64_t rows,
+                int64_t n, int64_t c0, int64_t c1, bool accumulate) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = c0; c < c1; ++c) {
+      float v = accumulate ? y[r * ldy + c] + partials[r * n + c] : partials[r * n + c];
+      for (int64_t k = 1; k < chunks; ++k) v += partials[k * chunk_stride + r * n + c];
+      y[r * ldy + c] = v;
+    }
+}
 
 void linear(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, const MatrixRef& w,
             bool accumulate) {
   if (rows <= 0 || w.out <= 0) return;
-  const int fi = float_index(w.dtype, "linear weight");
-  const bool outin = w.layout == WeightLayout::OutIn;
-  const GemmPanelFn fn = outin ? isa().gemm_outin[fi] : isa().gemm_inout[fi];
-  const int64_t panel = outin ? kOutInPanel : kInOutPanel;
+  float_index(w.dtype, "linear weight");
+  if (w.layout == WeightLayout::InOut && rows <= kStreamRows) {
+    // Few rows: each k-chunk streams its rows of W into a partial sum; the partials are added
+    // in chunk order, which gives the bits the panels give.
+    const int64_t chunks = k_chunks(w), stride = rows * w.out;
+    std::vector<float> partials(chunks * stride, 0.f);
+    parallel_for(chunks, stride * kKChunk, [&](int64_t c) {
+      stream_chunk(partials.data() + c * stride, w.out, x, ldx, rows, w, c);
+    });
+    constexpr int64_t kCols = 256;
+    parallel_for((w.out + kCols - 1) / kCols, rows * kCols * chunks, [&](int64_t b) {
+      add_chunks(y, ldy, partials.data(), stride, chunks, rows, w.out, b * kCols, std::min(w.out, (b + 1) * kCols),
+                 accumulate);
+    });
+    return;
+  }
+  const int64_t panel = panel_width(w);
   const int64_t panels = (w.out + panel - 1) / panel;
   const int64_t blocks = (rows + kRowBlock - 1) / kRowBlock;
-  const size_t es = dtype_size(w.dtype);
-  const char* base = static_cast<const char*>(w.data);
   // Panel-major order: a thread's consecutive items reuse the same W panel from cache.
   parallel_for(panels * blocks, std::min(rows, kRowBlock) * panel * w.in, [&](int64_t item) {
     const int64_t p = item / blocks, b = item % blocks;
-    const int64_t c0 = p * panel, n = std::min(panel, w.out - c0);
-    const int64_t r0 = b * kRowBlock, m = std::min(kRowBlock, rows - r0);
-    const void* wp = outin ? base + c0 * w.in * es : base + c0 * es;
-    const int64_t ldw = outin ? w.in : w.out;
-    fn(y + r0 * ldy + c0, ldy, x + r0 * ldx, ldx, m, wp, ldw, n, w.in, accumulate);
+    const int64_t c0 = p * panel, r0 = b * kRowBlock;
+    gemm_panel(y + r0 * ldy + c0, ldy, x + r0 * ldx, ldx, std::min(kRowBlock, rows - r0), w, c0,
+               std::min(panel, w.out - c0), accumulate);
   });
 }
 

@@ -7,6 +7,7 @@
 #include "corral/kernels/linear.h"
 #include "corral/kernels/moe.h"
 #include "corral/kernels/rope.h"
+#include "isa.h"
 
 namespace corral::cpu {
 
@@ -36,6 +37,30 @@ void swiglu_mlp(float* out, const float* x, int64_t rows, const MatrixRef& gate,
                 const MatrixRef& down);
 void moe(float* out, const float* x, int64_t tokens, const MoeWeights& w, int top_k,
          int64_t* expert_tokens);
+
+// Rows of x per linear work item: a block of x stays in cache while a W panel streams past it.
+constexpr int64_t kRowBlock = 64;
+// Output columns per work item of a weight matrix: OutIn panels are rows of W, InOut panels are
+// column blocks of W.
+int64_t panel_width(const MatrixRef& w);
+// One work item of linear: y[r, c0:c0+n] (+)= x[r, :] . W[:, c0:c0+n] for r < rows (n at most a
+// panel's width), through the ISA's inner loops. Throws DTypeError for an unsupported W.
+void gemm_panel(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, const MatrixRef& w, int64_t c0,
+                int64_t n, bool accumulate);
+
+// InOut products sum k in chunks of kKChunk rows, each chunk's sum added to y in order: a fixed
+// order, whether a product runs as panels (gemm_panel) or, for few rows, as chunks streaming W
+// row by row (stream_chunk, then add_chunks), so results never depend on the batch.
+constexpr int64_t kKChunk = 256;
+int64_t k_chunks(const MatrixRef& w);
+// partial[r, 0:w.out] += the sum over chunk `chunk` of k, for r < rows (<= kStreamRows); partial
+// zeroed beforehand.
+void stream_chunk(float* partial, int64_t ldp, const float* x, int64_t ldx, int64_t rows, const MatrixRef& w,
+                  int64_t chunk);
+// y[r, c] = (y[r, c] if accumulate) + partials of chunks 0, 1, ... (each [rows, n], chunk_stride
+// apart), for r < rows and columns [c0, c1).
+void add_chunks(float* y, int64_t ldy, const float* partials, int64_t chunk_stride, int64_t chunks, int64_t rows,
+                int64_t n, int64_t c0, int64_t c1, bool accumulate);
 
 // Calls f(item) for item < items on the CPU threads (OpenMP); inline when the work is small.
 template <class F>

@@ -1,6 +1,7 @@
 // Register-tiled inner loops of kernels::linear: one panel of output columns for all rows.
 #pragma once
 
+#include "isa.h"
 #include "simd/vec.h"
 
 namespace corral::cpu::CORRAL_ISA_NS {
@@ -106,6 +107,48 @@ void gemm_inout(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows
   for (; r + kRowsPerTile <= rows; r += kRowsPerTile)
     axpy_rows<W, kRowsPerTile>(y + r * ldy, ldy, x + r * ldx, ldx, w, ldw, n, k, accumulate);
   for (; r < rows; ++r) axpy_rows<W, 1>(y + r * ldy, ldy, x + r * ldx, ldx, w, ldw, n, k, accumulate);
+}
+
+// W stored [in, out] (rows ldw apart), for few rows of x (at most kStreamRows): y[r, 0:n] +=
+// sum_p x[r, p] * w[p, 0:n], reading W row after row, each row contiguously, four at a time
+// (strided column panels of W wait on memory). Into a zeroed y it gives the bits gemm_inout gives
+// for the same k range: every element sums over p in order, with fused multiply-adds on full
+// vectors and plain ones on the columns past them.
+template <class W>
+void gemm_inout_stream(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, const void* wv,
+                       int64_t ldw, int64_t n, int64_t k, bool /*accumulate: always*/) {
+  const W* w = static_cast<const W*>(wv);
+  int64_t p = 0;
+  for (; p + 4 <= k; p += 4) {
+    const W* w0 = w + p * ldw;
+    VecF xb[kStreamRows][4];
+    for (int64_t r = 0; r < rows; ++r)
+      for (int q = 0; q < 4; ++q) xb[r][q] = vset1(x[r * ldx + p + q]);
+    int64_t j = 0;
+    for (; j + kVecWidth <= n; j += kVecWidth) {
+      const VecF a = vload(w0 + j), b = vload(w0 + ldw + j), c = vload(w0 + 2 * ldw + j), d = vload(w0 + 3 * ldw + j);
+      for (int64_t r = 0; r < rows; ++r) {
+        float* dst = y + r * ldy + j;
+        vstore(dst, vfma(xb[r][3], d, vfma(xb[r][2], c, vfma(xb[r][1], b, vfma(xb[r][0], a, vload(dst))))));
+      }
+    }
+    for (; j < n; ++j)  // columns past the last full vector: as axpy_rows' tail, without FMA
+      for (int64_t r = 0; r < rows; ++r)
+        for (int q = 0; q < 4; ++q) y[r * ldy + j] += x[r * ldx + p + q] * to_float(w0[q * ldw + j]);
+  }
+  for (; p < k; ++p) {
+    const W* wp = w + p * ldw;
+    int64_t j = 0;
+    for (; j + kVecWidth <= n; j += kVecWidth) {
+      const VecF a = vload(wp + j);
+      for (int64_t r = 0; r < rows; ++r) {
+        float* dst = y + r * ldy + j;
+        vstore(dst, vfma(vset1(x[r * ldx + p]), a, vload(dst)));
+      }
+    }
+    for (; j < n; ++j)
+      for (int64_t r = 0; r < rows; ++r) y[r * ldy + j] += x[r * ldx + p] * to_float(wp[j]);
+  }
 }
 
 }  // namespace corral::cpu::CORRAL_ISA_NS

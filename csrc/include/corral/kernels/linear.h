@@ -9,13 +9,18 @@ namespace corral {
 // tensors are [in, out] (used as x @ W).
 enum class WeightLayout : uint8_t { OutIn, InOut };
 
-// A weight matrix in memory: `in` x `out` logical size, elements of `dtype`, rows contiguous.
+// A weight matrix in memory: `in` x `out` logical size, elements of `dtype`. Stored rows ([out]
+// rows of `in` for OutIn, [in] rows of `out` for InOut) are `ld` elements apart; 0 means dense,
+// and a larger ld views a slice of a wider matrix (e.g. the gate half of a fused gate_up).
 struct MatrixRef {
   const void* data = nullptr;
   DType dtype = DType::F32;
   WeightLayout layout = WeightLayout::OutIn;
   int64_t in = 0;
   int64_t out = 0;
+  int64_t ld = 0;
+
+  int64_t row_stride() const { return ld ? ld : layout == WeightLayout::OutIn ? in : out; }
 };
 
 namespace kernels {
