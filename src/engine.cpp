@@ -266,6 +266,7 @@ EngineStats Engine::stats() const {
   for (const auto& [id, r] : requests_) (r->started ? s.requests_running : s.requests_waiting) += 1;
   s.prefill_tokens_computed = prefill_tokens_;
   s.decode_tokens_computed = decode_tokens_;
+  s.expert_tokens = model_->expert_tokens();
   return s;
 }
 

@@ -33,6 +33,9 @@ Llama4Model::Llama4Model(const std::string& dir)
     : checkpoint_(dir), config_(load_config(checkpoint_.config_path())), weights_(load_weights(checkpoint_, config_)) {
   inv_freq_.resize(config_.head_dim / 2);
   kernels::rope_inv_freq(inv_freq_.data(), config_.head_dim, config_.rope);
+  expert_tokens_.resize(config_.num_layers);
+  for (int64_t l = 0; l < config_.num_layers; ++l)
+    if (config_.layers[l].moe) expert_tokens_[l].assign(config_.num_experts, 0);
 }
 
 void Llama4Model::forward(const ForwardBatch& batch, const KvCache& cache, float* logits) {
@@ -112,7 +115,7 @@ void Llama4Model::feed_forward(int64_t l, int64_t T) {
   const ModelConfig& c = config_;
   const LayerWeights& w = weights_.layers[l];
   if (c.layers[l].moe) {
-    kernels::moe(stream_, x_.data(), a_.data(), T, w.moe, int(c.top_k));
+    kernels::moe(stream_, x_.data(), a_.data(), T, w.moe, int(c.top_k), expert_tokens_[l].data());
     return;
   }
   kernels::swiglu_mlp(stream_, x_.data(), a_.data(), T, w.mlp_gate, w.mlp_up, w.mlp_down);

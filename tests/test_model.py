@@ -114,3 +114,25 @@ def test_batched_generation_matches_alone(checkpoints, variant):
     for p, out in zip(prompts, batched):
         assert out.prompt_token_ids == p
         assert out.outputs[0].token_ids == llm.generate([p], params)[0].outputs[0].token_ids
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_expert_load_statistics(checkpoints, variant):
+    """LLM.stats()['moe_expert_tokens'] counts, per MoE layer, the tokens transformers' router sends
+    to each expert (its top-k of the router logits), cumulatively over calls."""
+    path = checkpoints(variant, "causal", "float32")
+    ids = prompt(5, 57)
+    llm = corral.LLM(path)
+    llm.logits(ids)
+    llm.logits(ids)
+    model = load_reference(path, "causal")
+    with torch.no_grad():
+        routers = model(input_ids=torch.tensor([ids]), output_router_logits=True).router_logits
+    moe_layers = [i for i, layer in enumerate(llm.config["layers"]) if layer["moe"]]
+    counts = llm.stats()["moe_expert_tokens"]
+    assert sorted(counts) == moe_layers and len(routers) == len(moe_layers)
+    top_k = llm.config["top_k"]
+    for layer, logits in zip(moe_layers, routers):
+        chosen = torch.topk(logits.reshape(len(ids), -1), top_k, dim=1).indices.flatten()
+        expected = 2 * torch.bincount(chosen, minlength=llm.config["num_experts"])
+        assert counts[layer] == expected.tolist()

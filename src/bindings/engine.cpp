@@ -127,6 +127,10 @@ void register_engine(py::module_& m) {
         d["requests_running"] = s.requests_running;
         d["prefill_tokens_computed"] = s.prefill_tokens_computed;
         d["decode_tokens_computed"] = s.decode_tokens_computed;
+        py::dict experts;  // MoE layer -> tokens routed to each expert, cumulative
+        for (size_t l = 0; l < s.expert_tokens.size(); ++l)
+          if (!s.expert_tokens[l].empty()) experts[py::int_(l)] = s.expert_tokens[l];
+        d["moe_expert_tokens"] = experts;
         return d;
       });
 }

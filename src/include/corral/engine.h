@@ -63,6 +63,7 @@ struct EngineStats {
   int64_t requests_running = 0;
   int64_t prefill_tokens_computed = 0;
   int64_t decode_tokens_computed = 0;
+  std::vector<std::vector<int64_t>> expert_tokens;  // [layer][expert], cumulative; empty: dense layer
 };
 
 class Engine {

@@ -38,6 +38,9 @@ class Llama4Model {
   const ModelConfig& config() const { return config_; }
   // The dtype of the checkpoint's weights (of its embedding table).
   DType weights_dtype() const { return weights_.embed.dtype; }
+  // Tokens routed to each expert of each layer by all forward passes so far ([layer][expert];
+  // empty for dense layers).
+  const std::vector<std::vector<int64_t>>& expert_tokens() const { return expert_tokens_; }
 
   // Runs every layer over the batch, writing each token's K/V into `cache`, and stores the
   // logits of batch.logit_rows in logits[i * vocab_size ...]. Throws InvalidInputError for a
@@ -53,6 +56,7 @@ class Llama4Model {
   ModelConfig config_;
   ModelWeights weights_;
   std::vector<float> inv_freq_;
+  std::vector<std::vector<int64_t>> expert_tokens_;
   Stream stream_;
   // Activations of the current pass, kept between passes to avoid reallocation.
   std::vector<float> x_, a_, q_, k_, v_, attn_;
