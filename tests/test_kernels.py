@@ -20,6 +20,12 @@ from numerics import FLOAT_DTYPES, from_bits, rel_err, rounded, to_bits
 
 ops = _core.ops
 
+
+def k_by_slot(k_cache):
+    """A view of a K cache, stored [num_blocks, kv_heads, head_dim, block_size] (each block
+    transposed), indexed like V: [num_blocks, kv_heads, block_size, head_dim]."""
+    return k_cache.swapaxes(2, 3)
+
 # ---- shared float64 references ------------------------------------------------------------------
 
 
@@ -158,9 +164,8 @@ def build_paged_cache(rng, dtype, kv_heads, head_dim, block_size, written_lens, 
         tables[s, :nb] = perm[i : i + nb]
         tables[s, nb:] = spare[0]  # valid (poisoned) ids past the end: a read of them shows as NaN
         i += nb
-    shape = (num_blocks, kv_heads, block_size, head_dim)
-    k_cache = np.full(shape, NAN_BITS[dtype], cache_np_dtype(dtype))
-    v_cache = np.full(shape, NAN_BITS[dtype], cache_np_dtype(dtype))
+    k_cache = np.full((num_blocks, kv_heads, head_dim, block_size), NAN_BITS[dtype], cache_np_dtype(dtype))
+    v_cache = np.full((num_blocks, kv_heads, block_size, head_dim), NAN_BITS[dtype], cache_np_dtype(dtype))
     keys, values = [], []
     for s, n in enumerate(written_lens):
         k = rng.standard_normal((n, kv_heads * head_dim)).astype(np.float32)
@@ -446,11 +451,12 @@ def test_sample_temperature_distribution(rng, temperature):
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_kv_cache_write_slots(rng, dtype):
-    """kv_cache_write puts token t's head g at [slot // bs, g, slot % bs] bit-exactly and touches nothing else."""
+    """kv_cache_write puts token t's head g at [slot // bs, g, slot % bs] (K transposed per block)
+    bit-exactly and touches nothing else."""
     num_blocks, kvh, bs, d, T = 5, 3, 6, 20, 11
     sentinel = np.float32(1234.5) if dtype == "float32" else np.uint16(0x1234)
-    k_cache = np.full((num_blocks, kvh, bs, d), sentinel, cache_np_dtype(dtype))
-    v_cache = k_cache.copy()
+    k_cache = np.full((num_blocks, kvh, d, bs), sentinel, cache_np_dtype(dtype))
+    v_cache = np.full((num_blocks, kvh, bs, d), sentinel, cache_np_dtype(dtype))
     k = rng.standard_normal((T, kvh * d)).astype(np.float32)
     v = rng.standard_normal((T, kvh * d)).astype(np.float32)
     slots = rng.choice(num_blocks * bs, T, replace=False).astype(np.int64)
@@ -460,7 +466,7 @@ def test_kv_cache_write_slots(rng, dtype):
     kb, vb = to_bits(k, dtype), to_bits(v, dtype)
     for t, slot in enumerate(slots):
         for g in range(kvh):
-            k_exp[slot // bs, g, slot % bs] = kb[t, g * d : (g + 1) * d]
+            k_by_slot(k_exp)[slot // bs, g, slot % bs] = kb[t, g * d : (g + 1) * d]
             v_exp[slot // bs, g, slot % bs] = vb[t, g * d : (g + 1) * d]
     bits = np.uint32 if dtype == "float32" else np.uint16  # compare bit patterns (-0, exact rounding)
     np.testing.assert_array_equal(k_cache.view(bits), k_exp.view(bits))
@@ -478,11 +484,11 @@ EDGE_VALUES = np.array(
 def test_kv_cache_write_rounding(dtype):
     """16-bit caches round to nearest even exactly as numpy (fp16 overflow -> inf, subnormals kept)."""
     d = len(EDGE_VALUES)
-    k_cache = np.zeros((2, 1, 3, d), np.uint16)
-    v_cache = np.zeros_like(k_cache)
+    k_cache = np.zeros((2, 1, d, 3), np.uint16)
+    v_cache = np.zeros((2, 1, 3, d), np.uint16)
     ops.kv_cache_write(k_cache, v_cache, dtype, EDGE_VALUES[None], -EDGE_VALUES[None], np.array([4], np.int64))
     with np.errstate(over="ignore"):
-        np.testing.assert_array_equal(k_cache[1, 0, 1], to_bits(EDGE_VALUES, dtype))
+        np.testing.assert_array_equal(k_by_slot(k_cache)[1, 0, 1], to_bits(EDGE_VALUES, dtype))
         np.testing.assert_array_equal(v_cache[1, 0, 1], to_bits(-EDGE_VALUES, dtype))
 
 
@@ -594,10 +600,11 @@ def fp8_dequant(cache, scale):
 
 
 def fp8_empty_cache(num_blocks, kv_heads, block_size, head_dim):
-    """(k_cache, v_cache, k_scale, v_scale) poisoned with NaN codes and NaN scales."""
-    shape = (num_blocks, kv_heads, block_size, head_dim)
+    """(k_cache, v_cache, k_scale, v_scale) poisoned with NaN codes and NaN scales (K transposed per block)."""
+    k_cache = np.full((num_blocks, kv_heads, head_dim, block_size), FP8_NAN, np.uint8)
+    v_cache = np.full((num_blocks, kv_heads, block_size, head_dim), FP8_NAN, np.uint8)
     k_scale = np.full((num_blocks, kv_heads), np.nan, np.float32)
-    return np.full(shape, FP8_NAN, np.uint8), np.full(shape, FP8_NAN, np.uint8), k_scale, k_scale.copy()
+    return k_cache, v_cache, k_scale, k_scale.copy()
 
 
 def fp8_write(cache, k, v, slots):
@@ -643,7 +650,7 @@ def check_fp8_cache(cache, written, k, v, block_size, kv_heads, head_dim, within
     amax / 448); each written (block, head) scale is fp8_block_scales' last; unwritten
     slots and scales are untouched. written: token index -> slot."""
     k_cache, v_cache, k_scale, v_scale = cache
-    for data, c, sc in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
+    for data, c, sc in ((k, k_by_slot(k_cache), k_scale), (v, v_cache, v_scale)):
         deq = fp8_dequant(c, sc)
         x = data.reshape(len(data), kv_heads, head_dim).astype(np.float64)
         blocks = {}
@@ -716,7 +723,7 @@ def test_fp8_simd_loads_every_code(cpu_isa, rng):
     whose V holds all 256 codes."""
     d = 256
     k_cache, v_cache, k_scale, v_scale = fp8_empty_cache(2, 1, 4, d)
-    k_cache[1, 0, 0] = rng.choice([c for c in range(256) if c & 0x7F != 0x7F], d).astype(np.uint8)
+    k_by_slot(k_cache)[1, 0, 0] = rng.choice([c for c in range(256) if c & 0x7F != 0x7F], d).astype(np.uint8)
     v_cache[1, 0, 0] = np.arange(256, dtype=np.uint8)
     k_scale[1], v_scale[1] = 0.0625, 0.5  # powers of two: the products are exact
     q = rng.standard_normal((1, 3, d)).astype(np.float32)
@@ -760,7 +767,7 @@ def test_kv_cache_write_fp8_requantizes(rng, first_zero):
     assert np.all(scales[2] >= 2 * scales[1]) and np.all(scales[4] >= 2 * scales[3])  # grown, for every head
     np.testing.assert_array_equal(scales[-1], scales[4])
     if first_zero:
-        assert np.all(cache[0][block, :, 0] & 0x7F == 0)
+        assert np.all(k_by_slot(cache[0])[block, :, 0] & 0x7F == 0)
 
 
 def test_kv_cache_write_fp8_small_growths(rng):
@@ -823,7 +830,7 @@ def build_fp8_paged_cache(rng, kv_heads, head_dim, block_size, written_lens, spa
         k = np.stack([k_in[s][p] for s, p in items])
         v = np.stack([v_in[s][p] for s, p in items])
         fp8_write(cache, k, v, slots)
-    k_deq, v_deq = fp8_dequant(cache[0], cache[2]), fp8_dequant(cache[1], cache[3])
+    k_deq, v_deq = fp8_dequant(k_by_slot(cache[0]), cache[2]), fp8_dequant(cache[1], cache[3])
     keys, values = [], []
     for s, n in enumerate(written_lens):
         p = np.arange(n)
@@ -1041,30 +1048,30 @@ BAD_INPUTS = {
         "int8",
     ),
     "kv_write_kv_shape": (
-        lambda: ops.kv_cache_write(_z(2, 1, 4, 8), _z(2, 1, 4, 8), "float32", _z(1, 7), _z(1, 7), np.array([1])),
+        lambda: ops.kv_cache_write(_z(2, 1, 8, 4), _z(2, 1, 4, 8), "float32", _z(1, 7), _z(1, 7), np.array([1])),
         corral.ShapeError,
         r"\(1, 8\)",
     ),
     "kv_write_slot": (
-        lambda: ops.kv_cache_write(_z(2, 1, 4, 8), _z(2, 1, 4, 8), "float32", _z(1, 8), _z(1, 8), np.array([8])),
+        lambda: ops.kv_cache_write(_z(2, 1, 8, 4), _z(2, 1, 4, 8), "float32", _z(1, 8), _z(1, 8), np.array([8])),
         corral.InvalidInputError,
         "slot 8",
     ),
     "kv_write_dtype": (
-        lambda: ops.kv_cache_write(_z(2, 1, 4, 8), _z(2, 1, 4, 8), "double", _z(1, 8), _z(1, 8), np.array([1])),
+        lambda: ops.kv_cache_write(_z(2, 1, 8, 4), _z(2, 1, 4, 8), "double", _z(1, 8), _z(1, 8), np.array([1])),
         corral.DTypeError,
         "double",
     ),
     "attention_heads_not_multiple": (
         lambda: ops.paged_attention(
-            _z(1, 3, 8), _z(2, 2, 4, 8), _z(2, 2, 4, 8), "float32", np.array([0, 1]), np.array([0]), np.array([[0]]), 1.0
+            _z(1, 3, 8), _z(2, 2, 8, 4), _z(2, 2, 4, 8), "float32", np.array([0, 1]), np.array([0]), np.array([[0]]), 1.0
         ),
         corral.ShapeError,
         "multiple",
     ),
     "attention_beyond_block_table": (
         lambda: ops.paged_attention(
-            _z(1, 2, 8), _z(2, 2, 4, 8), _z(2, 2, 4, 8), "float32", np.array([0, 1]), np.array([4]), np.array([[0]]), 1.0
+            _z(1, 2, 8), _z(2, 2, 8, 4), _z(2, 2, 4, 8), "float32", np.array([0, 1]), np.array([4]), np.array([[0]]), 1.0
         ),
         corral.ShapeError,
         "position 4",
@@ -1103,51 +1110,51 @@ BAD_INPUTS = {
     ),
     "fp8_codes_dtype": (lambda: ops.from_fp8_e4m3(_z(3)), corral.DTypeError, "uint8"),
     "kv_write_fp8_no_scales": (
-        lambda: ops.kv_cache_write(_z(2, 1, 4, 8, dtype=np.uint8), _z(2, 1, 4, 8, dtype=np.uint8), "float8_e4m3",
+        lambda: ops.kv_cache_write(_z(2, 1, 8, 4, dtype=np.uint8), _z(2, 1, 4, 8, dtype=np.uint8), "float8_e4m3",
                                    _z(1, 8), _z(1, 8), np.array([0])),
         corral.InvalidInputError,
         "k_scale and v_scale",
     ),
     "kv_write_scales_not_fp8": (
-        lambda: ops.kv_cache_write(_z(2, 1, 4, 8), _z(2, 1, 4, 8), "float32", _z(1, 8), _z(1, 8), np.array([0]),
+        lambda: ops.kv_cache_write(_z(2, 1, 8, 4), _z(2, 1, 4, 8), "float32", _z(1, 8), _z(1, 8), np.array([0]),
                                    k_scale=_z(2, 1), v_scale=_z(2, 1)),
         corral.InvalidInputError,
         "only for float8_e4m3",
     ),
     "kv_write_fp8_cache_dtype": (
-        lambda: ops.kv_cache_write(_z(2, 1, 4, 8), _z(2, 1, 4, 8), "float8_e4m3", _z(1, 8), _z(1, 8), np.array([0]),
+        lambda: ops.kv_cache_write(_z(2, 1, 8, 4), _z(2, 1, 4, 8), "float8_e4m3", _z(1, 8), _z(1, 8), np.array([0]),
                                    k_scale=_z(2, 1), v_scale=_z(2, 1)),
         corral.DTypeError,
         "uint8",
     ),
     "kv_write_fp8_scale_dtype": (
-        lambda: ops.kv_cache_write(_z(2, 1, 4, 8, dtype=np.uint8), _z(2, 1, 4, 8, dtype=np.uint8), "float8_e4m3",
+        lambda: ops.kv_cache_write(_z(2, 1, 8, 4, dtype=np.uint8), _z(2, 1, 4, 8, dtype=np.uint8), "float8_e4m3",
                                    _z(1, 8), _z(1, 8), np.array([0]), k_scale=_z(2, 1),
                                    v_scale=_z(2, 1, dtype=np.float64)),
         corral.DTypeError,
         "v_scale must be a numpy float32",
     ),
     "kv_write_fp8_scale_shape": (
-        lambda: ops.kv_cache_write(_z(2, 1, 4, 8, dtype=np.uint8), _z(2, 1, 4, 8, dtype=np.uint8), "float8_e4m3",
+        lambda: ops.kv_cache_write(_z(2, 1, 8, 4, dtype=np.uint8), _z(2, 1, 4, 8, dtype=np.uint8), "float8_e4m3",
                                    _z(1, 8), _z(1, 8), np.array([0]), k_scale=_z(2), v_scale=_z(2, 1)),
         corral.ShapeError,
         r"k_scale must be \(2, 1\)",
     ),
     "attention_fp8_no_scales": (
-        lambda: ops.paged_attention(_z(1, 2, 8), _z(2, 2, 4, 8, dtype=np.uint8), _z(2, 2, 4, 8, dtype=np.uint8),
+        lambda: ops.paged_attention(_z(1, 2, 8), _z(2, 2, 8, 4, dtype=np.uint8), _z(2, 2, 4, 8, dtype=np.uint8),
                                     "float8_e4m3", np.array([0, 1]), np.array([0]), np.array([[0]]), 1.0),
         corral.InvalidInputError,
         "k_scale and v_scale",
     ),
     "attention_fp8_scale_shape": (
-        lambda: ops.paged_attention(_z(1, 2, 8), _z(2, 2, 4, 8, dtype=np.uint8), _z(2, 2, 4, 8, dtype=np.uint8),
+        lambda: ops.paged_attention(_z(1, 2, 8), _z(2, 2, 8, 4, dtype=np.uint8), _z(2, 2, 4, 8, dtype=np.uint8),
                                     "float8_e4m3", np.array([0, 1]), np.array([0]), np.array([[0]]), 1.0,
                                     k_scale=_z(2, 2), v_scale=_z(2, 3)),
         corral.ShapeError,
         r"v_scale must be \(2, 2\)",
     ),
     "attention_cache_dtype_name": (
-        lambda: ops.paged_attention(_z(1, 2, 8), _z(2, 2, 4, 8), _z(2, 2, 4, 8), "float8", np.array([0, 1]),
+        lambda: ops.paged_attention(_z(1, 2, 8), _z(2, 2, 8, 4), _z(2, 2, 4, 8), "float8", np.array([0, 1]),
                                     np.array([0]), np.array([[0]]), 1.0),
         corral.DTypeError,
         "float8_e4m3",
@@ -1206,3 +1213,51 @@ def test_moe_tokens_do_not_depend_on_the_batch(cpu_isa, rng, dtype):
     together = ops.moe(x, *args, top_k, dtype)[0]
     alone = np.concatenate([ops.moe(x[t : t + 1], *args, top_k, dtype)[0] for t in range(T)])
     np.testing.assert_array_equal(alone, together)
+
+
+# ---- long contexts: split-KV decode ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("chunk", [0, 8192])
+def test_decode_attention_million_token_context(rng, dtype, chunk):
+    """One decode row over a 1,048,576-token context (blocks shuffled through the pool), GQA 5:
+    the context is split across threads and the partial softmax results merged; within 1e-4 (fp32)
+    or 2e-2 (bf16) of float64 over the cached values. chunk 8192: a local layer reads one chunk."""
+    n, bs, d, group = 1 << 20, 16, 64, 5
+    table = rng.permutation(n // bs).astype(np.int32)[None]
+    slots = table[0, np.arange(n) // bs].astype(np.int64) * bs + np.arange(n) % bs
+    k = rng.standard_normal((n, d), dtype=np.float32)
+    v = rng.standard_normal((n, d), dtype=np.float32)
+    k_cache = np.empty((n // bs, 1, d, bs), cache_np_dtype(dtype))
+    v_cache = np.empty((n // bs, 1, bs, d), cache_np_dtype(dtype))
+    ops.kv_cache_write(k_cache, v_cache, dtype, k, v, slots)
+    q = rng.standard_normal((1, group, d)).astype(np.float32) * 2
+    scale = 1 / np.sqrt(d)
+    out = ops.paged_attention(q, k_cache, v_cache, dtype, np.array([0, 1], np.int32), np.array([n - 1], np.int32),
+                              table, scale, chunk)
+    lo = 0 if chunk == 0 else (n - 1) - (n - 1) % chunk
+    keys, values = from_bits(to_bits(k[lo:], dtype), dtype), from_bits(to_bits(v[lo:], dtype), dtype)
+    scores = q[0].astype(np.float64) @ keys.T * scale
+    w = np.exp(scores - scores.max(axis=1, keepdims=True))
+    ref = (w / w.sum(axis=1, keepdims=True)) @ values
+    assert rel_err(out[0], ref) < (1e-4 if dtype == "float32" else 2e-2)
+
+
+def test_attention_rows_do_not_depend_on_the_batch(cpu_isa, rng):
+    """Rows past several 4096-key splits: computed in one prefill tile, as decode rows alone (their
+    splits then run on different threads), or in other groupings: the same bits."""
+    n, bs, kvh, group, d = 9000, 16, 2, 3, 40
+    k_cache, v_cache, tables, _, _ = build_paged_cache(rng, "bfloat16", kvh, d, bs, [n])
+    rows = np.arange(n - 37, n, dtype=np.int32)
+    q = rng.standard_normal((len(rows), kvh * group, d)).astype(np.float32)
+
+    def attend(sel):
+        return ops.paged_attention(q[sel], k_cache, v_cache, "bfloat16", np.array([0, len(sel)], np.int32), rows[sel],
+                                   tables[:1], 0.2, 0)
+
+    together = attend(np.arange(len(rows)))
+    alone = np.concatenate([attend(np.array([i])) for i in range(len(rows))])
+    pairs = np.concatenate([attend(np.arange(i, min(i + 2, len(rows)))) for i in range(0, len(rows), 2)])
+    np.testing.assert_array_equal(alone, together)
+    np.testing.assert_array_equal(pairs, together)

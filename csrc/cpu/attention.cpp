@@ -11,129 +11,205 @@ namespace corral::cpu {
 
 namespace {
 
-// Query tokens per work item; all query heads of one KV head go together, so each K/V block
-// read serves tokens x group rows.
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Query tokens per tile; all query heads of one KV head go together, so each K/V block read
+// serves tokens x group rows.
 constexpr int64_t kQueryTile = 16;
+// Keys per split (rounded up to whole blocks): a row's softmax runs split by split, each split's
+// (max, sum, output) merged in order. Splits are fixed by key position, so a row's result does
+// not depend on the batch or on how its keys were spread over threads.
+constexpr int64_t kSplitKeys = 4096;
+// Tiles of at most this many query tokens (decode) run their splits on different threads.
+constexpr int64_t kSplitTileTokens = 4;
 
-// One work item: query tokens [r0, r1) of sequence s against KV head g.
-struct Scratch {
-  std::vector<float> q, scores, acc, max, sum;
+// One KV head g of query tokens [r0, r1) of sequence seq.
+struct Tile {
+  int64_t seq, r0, r1, g;
 };
 
-void attend_tile(float* out, const float* q, int64_t heads, const PagedKv& c,
-                 const AttentionBatch& b, float scale, int64_t chunk, int64_t s, int64_t g,
-                 int64_t r0, int64_t r1, Scratch& w) {
-  const int64_t d = c.head_dim, bs = c.block_size, group = heads / c.kv_heads;
-  const int64_t rows = (r1 - r0) * group;
-  const int fi = kv_index(c.dtype, "KV cache");
-  const GemmPanelFn scores_fn = isa().gemm_outin[fi], accum_fn = isa().gemm_inout[fi];
-  const bool fp8 = c.dtype == DType::F8_E4M3;  // the loops read codes; scales are applied here
-  const size_t es = dtype_size(c.dtype);
-  w.q.resize(rows * d);
-  w.scores.resize(rows * bs);
-  w.acc.assign(rows * d, 0.f);
-  w.max.assign(rows, -std::numeric_limits<float>::infinity());
-  w.sum.assign(rows, 0.f);
-  // Row (t, hh) holds query head g * group + hh of token r0 + t, pre-multiplied by the scale.
-  for (int64_t t = 0; t < r1 - r0; ++t)
-    for (int64_t hh = 0; hh < group; ++hh)
-      for (int64_t i = 0; i < d; ++i)
-        w.q[(t * group + hh) * d + i] = q[(r0 + t) * heads * d + (g * group + hh) * d + i] * scale;
+// Online-softmax state of a tile's rows: running max, sum and unnormalized output.
+struct Partial {
+  std::vector<float> m, l, acc;
+  void reset(int64_t rows, int64_t d) {
+    m.assign(rows, kNegInf);
+    l.assign(rows, 0.f);
+    acc.assign(rows * d, 0.f);
+  }
+};
 
-  auto lo_of = [&](int64_t p) { return chunk > 0 ? p - p % chunk : int64_t(0); };
-  const int64_t p_first = b.positions[r0], p_last = b.positions[r1 - 1];
-  int64_t lo_min = lo_of(p_first), hi_max = p_last;
-  for (int64_t r = r0; r < r1; ++r) {
-    lo_min = std::min(lo_min, lo_of(b.positions[r]));
-    hi_max = std::max<int64_t>(hi_max, b.positions[r]);
-  }
-  const int32_t* table = b.block_tables + s * int64_t(b.max_blocks);
-  const char* kbase = static_cast<const char*>(c.k);
-  const char* vbase = static_cast<const char*>(c.v);
-  const int64_t head_offset = g * bs * d * int64_t(es);
-  for (int64_t blk = lo_min / bs; blk <= hi_max / bs; ++blk) {
-    const int64_t key0 = blk * bs, nk = std::min(bs, hi_max + 1 - key0);
-    const int64_t offset = int64_t(table[blk]) * c.block_stride + head_offset;
-    scores_fn(w.scores.data(), bs, w.q.data(), d, rows, kbase + offset, d, nk, d, false);
-    // fp8: this block's scales for KV head g (stored value * scale = real value).
-    float k_scale = 1.f, v_scale = 1.f;
-    if (fp8) {
-      const int64_t at = int64_t(table[blk]) * c.block_stride;
-      k_scale = reinterpret_cast<const float*>(reinterpret_cast<const char*>(c.k_scale) + at)[g];
-      v_scale = reinterpret_cast<const float*>(reinterpret_cast<const char*>(c.v_scale) + at)[g];
+// What a tile needs, set up once: its rows' scaled queries and the keys each row sees.
+struct TileWork {
+  const PagedKv& c;
+  const AttentionBatch& b;
+  int64_t heads, chunk;
+  Tile t;
+  int64_t group, rows, d, bs;
+  std::vector<float> q;           // [rows, d], row (token, hh), pre-multiplied by the scale
+  std::vector<int64_t> lo, hi;    // per token: visible keys [lo, hi]
+  int64_t first_block, last_block;
+
+  TileWork(const PagedKv& cache, const AttentionBatch& batch, int64_t h, int64_t chunk_size, const float* qin,
+           float scale, const Tile& tile)
+      : c(cache), b(batch), heads(h), chunk(chunk_size), t(tile), group(h / cache.kv_heads),
+        rows((tile.r1 - tile.r0) * group), d(cache.head_dim), bs(cache.block_size) {
+    q.resize(rows * d);
+    for (int64_t tok = 0; tok < t.r1 - t.r0; ++tok)
+      for (int64_t hh = 0; hh < group; ++hh)
+        for (int64_t i = 0; i < d; ++i)
+          q[(tok * group + hh) * d + i] = qin[(t.r0 + tok) * heads * d + (t.g * group + hh) * d + i] * scale;
+    int64_t lo_min = std::numeric_limits<int64_t>::max(), hi_max = 0;
+    for (int64_t r = t.r0; r < t.r1; ++r) {
+      const int64_t p = b.positions[r];
+      lo.push_back(chunk > 0 ? p - p % chunk : 0);
+      hi.push_back(p);
+      lo_min = std::min(lo_min, lo.back());
+      hi_max = std::max(hi_max, p);
     }
-    bool any = false;
-    for (int64_t t = 0; t < r1 - r0; ++t) {
-      const int64_t p = b.positions[r0 + t], lo = lo_of(p);
-      for (int64_t hh = 0; hh < group; ++hh) {
-        const int64_t row = t * group + hh;
-        float* sc = w.scores.data() + row * bs;
-        float m = -std::numeric_limits<float>::infinity();
-        if (fp8)
-          for (int64_t j = 0; j < nk; ++j) sc[j] *= k_scale;
-        for (int64_t j = 0; j < nk; ++j) {
-          const int64_t key = key0 + j;
-          if (key < lo || key > p) sc[j] = -std::numeric_limits<float>::infinity();
-          m = std::max(m, sc[j]);
+    first_block = lo_min / bs;
+    last_block = hi_max / bs;
+  }
+
+  int64_t split_blocks() const { return (kSplitKeys + bs - 1) / bs; }
+  int64_t first_split() const { return first_block / split_blocks(); }
+  int64_t last_split() const { return last_block / split_blocks(); }
+
+  // The online softmax of the rows over the blocks of split `split`, from a fresh state.
+  void attend_split(int64_t split, Partial& p, std::vector<float>& scores, std::vector<float>& corr) const {
+    p.reset(rows, d);
+    scores.resize(rows * bs);
+    corr.resize(rows);
+    const IsaKernels& k = isa();
+    const int fi = kv_index(c.dtype, "KV cache");
+    const int64_t es = int64_t(dtype_size(c.dtype)), head_bytes = bs * d * es;
+    const int32_t* table = b.block_tables + t.seq * int64_t(b.max_blocks);
+    const int64_t b0 = std::max(first_block, split * split_blocks());
+    const int64_t b1 = std::min(last_block + 1, (split + 1) * split_blocks());
+    const int64_t hi_max = *std::max_element(hi.begin(), hi.end());
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t page = table[blk], key0 = blk * bs, nk = std::min(bs, hi_max + 1 - key0);
+      const char* kt = static_cast<const char*>(c.k) + page * c.block_stride + t.g * head_bytes;  // [d, bs]
+      const char* vb = static_cast<const char*>(c.v) + page * c.block_stride + t.g * head_bytes;  // [bs, d]
+      if (blk + 1 < b1) {  // the next block sits elsewhere in the pool: fetch it while this one runs
+        const int64_t next = int64_t(table[blk + 1]) * c.block_stride + t.g * head_bytes;
+        for (int64_t at = 0; at < head_bytes; at += 64) {
+          __builtin_prefetch(static_cast<const char*>(c.k) + next + at);
+          __builtin_prefetch(static_cast<const char*>(c.v) + next + at);
         }
-        if (m == -std::numeric_limits<float>::infinity()) {  // no visible key in this block
-          for (int64_t j = 0; j < nk; ++j) sc[j] = 0.f;
-          continue;
-        }
-        any = true;
-        const float m_new = std::max(w.max[row], m);
-        const float correction = std::exp(w.max[row] - m_new);
-        float sum = 0.f;
-        for (int64_t j = 0; j < nk; ++j) {
-          sc[j] = std::exp(sc[j] - m_new);
-          sum += sc[j];
-        }
-        w.sum[row] = w.sum[row] * correction + sum;
-        w.max[row] = m_new;
-        if (fp8)  // P . (codes * v_scale) = (P * v_scale) . codes
-          for (int64_t j = 0; j < nk; ++j) sc[j] *= v_scale;
-        if (correction != 1.f)
-          for (int64_t i = 0; i < d; ++i) w.acc[row * d + i] *= correction;
       }
+      // Scores of the whole block, so that a key's score comes from the same vector lanes
+      // whichever rows share the tile; keys past the last written one are masked with the rest.
+      k.gemm_inout[fi](scores.data(), bs, q.data(), d, rows, kt, bs, bs, d, false);
+      for (int64_t tok = 0; tok < int64_t(hi.size()); ++tok) {  // keys a row does not see
+        if (lo[tok] <= key0 && key0 + bs - 1 <= hi[tok]) continue;
+        for (int64_t hh = 0; hh < group; ++hh) {
+          float* s = scores.data() + (tok * group + hh) * bs;
+          for (int64_t j = 0; j < bs; ++j)
+            if (key0 + j < lo[tok] || key0 + j > hi[tok]) s[j] = kNegInf;
+        }
+      }
+      float k_scale = 1.f, v_scale = 1.f;  // fp8: the block's scales for this KV head
+      if (c.dtype == DType::F8_E4M3) {
+        k_scale = reinterpret_cast<const float*>(reinterpret_cast<const char*>(c.k_scale) + page * c.block_stride)[t.g];
+        v_scale = reinterpret_cast<const float*>(reinterpret_cast<const char*>(c.v_scale) + page * c.block_stride)[t.g];
+      }
+      k.softmax_block(scores.data(), bs, rows, bs, k_scale, v_scale, p.m.data(), p.l.data(), corr.data());
+      for (int64_t r = 0; r < rows; ++r)
+        if (corr[r] != 1.f)
+          for (int64_t i = 0; i < d; ++i) p.acc[r * d + i] *= corr[r];
+      k.gemm_inout[fi](p.acc.data(), d, scores.data(), bs, rows, vb, d, d, nk, true);  // V past nk: unwritten
     }
-    if (any) accum_fn(w.acc.data(), d, w.scores.data(), bs, rows, vbase + offset, d, d, nk, true);
   }
-  for (int64_t t = 0; t < r1 - r0; ++t)
-    for (int64_t hh = 0; hh < group; ++hh) {
-      const int64_t row = t * group + hh;
-      const float inv = 1.0f / w.sum[row];
-      float* o = out + (r0 + t) * heads * d + (g * group + hh) * d;
-      for (int64_t i = 0; i < d; ++i) o[i] = w.acc[row * d + i] * inv;
+
+  // Folds split partial p into the running state (the first one with keys is copied).
+  void merge(Partial& run, const Partial& p) const {
+    for (int64_t r = 0; r < rows; ++r) {
+      if (p.m[r] == kNegInf) continue;
+      if (run.m[r] == kNegInf) {
+        run.m[r] = p.m[r];
+        run.l[r] = p.l[r];
+        std::copy_n(p.acc.data() + r * d, d, run.acc.data() + r * d);
+        continue;
+      }
+      const float m = std::max(run.m[r], p.m[r]);
+      const float a = std::exp(run.m[r] - m), c2 = std::exp(p.m[r] - m);
+      run.m[r] = m;
+      run.l[r] = run.l[r] * a + p.l[r] * c2;
+      for (int64_t i = 0; i < d; ++i) run.acc[r * d + i] = run.acc[r * d + i] * a + p.acc[r * d + i] * c2;
     }
-}
+  }
+
+  void write(float* out, const Partial& run) const {
+    for (int64_t tok = 0; tok < t.r1 - t.r0; ++tok)
+      for (int64_t hh = 0; hh < group; ++hh) {
+        const int64_t row = tok * group + hh;
+        const float inv = 1.0f / run.l[row];
+        float* o = out + (t.r0 + tok) * heads * d + (t.g * group + hh) * d;
+        for (int64_t i = 0; i < d; ++i) o[i] = run.acc[row * d + i] * inv;
+      }
+  }
+};
 
 }  // namespace
 
 void paged_attention(float* out, const float* q, int64_t heads, const PagedKv& cache,
                      const AttentionBatch& batch, float scale, int64_t chunk_size) {
   if (cache.kv_heads <= 0 || heads % cache.kv_heads != 0)
-    throw ShapeError("paged_attention: " + std::to_string(heads) +
-                     " query heads are not a multiple of " + std::to_string(cache.kv_heads) +
-                     " KV heads");
+    throw ShapeError("paged_attention: " + std::to_string(heads) + " query heads are not a multiple of " +
+                     std::to_string(cache.kv_heads) + " KV heads");
   kv_index(cache.dtype, "KV cache");
   if (cache.dtype == DType::F8_E4M3 && (cache.k_scale == nullptr || cache.v_scale == nullptr))
     throw InvalidInputError("paged_attention: a float8_e4m3 KV cache needs k_scale and v_scale");
-  struct Item {
-    int64_t seq, r0, r1;
-  };
-  std::vector<Item> items;
+  std::vector<TileWork> tiles;
   for (int64_t s = 0; s < batch.num_seqs; ++s)
     for (int64_t r = batch.seq_starts[s]; r < batch.seq_starts[s + 1]; r += kQueryTile)
-      items.push_back({s, r, std::min<int64_t>(r + kQueryTile, batch.seq_starts[s + 1])});
-  const int64_t n = int64_t(items.size()) * cache.kv_heads;
+      for (int64_t g = 0; g < cache.kv_heads; ++g)
+        tiles.emplace_back(cache, batch, heads, chunk_size, q, scale,
+                           Tile{s, r, std::min<int64_t>(r + kQueryTile, batch.seq_starts[s + 1]), g});
+  // Decode tiles with several splits run one split per work item; the rest one tile per item.
+  struct Item {
+    int64_t tile, split;  // split -1: the whole tile
+    int64_t partial;      // where a split's result goes
+  };
+  std::vector<Item> items;
+  std::vector<int64_t> first_partial(tiles.size(), -1);
+  int64_t partials = 0;
+  for (int64_t i = 0; i < int64_t(tiles.size()); ++i) {
+    const TileWork& t = tiles[i];
+    if (t.t.r1 - t.t.r0 <= kSplitTileTokens && t.last_split() > t.first_split()) {
+      first_partial[i] = partials;
+      for (int64_t sp = t.first_split(); sp <= t.last_split(); ++sp) items.push_back({i, sp, partials++});
+    } else {
+      items.push_back({i, -1, -1});
+    }
+  }
+  std::vector<Partial> split_results(partials);
 #pragma omp parallel
   {
-    Scratch scratch;
+    Partial run, part;
+    std::vector<float> scores, corr;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < n; ++i) {
-      const Item& it = items[i / cache.kv_heads];
-      attend_tile(out, q, heads, cache, batch, scale, chunk_size, it.seq, i % cache.kv_heads,
-                  it.r0, it.r1, scratch);
+    for (int64_t i = 0; i < int64_t(items.size()); ++i) {
+      const Item& it = items[i];
+      const TileWork& t = tiles[it.tile];
+      if (it.split >= 0) {
+        t.attend_split(it.split, split_results[it.partial], scores, corr);
+        continue;
+      }
+      run.reset(t.rows, t.d);
+      for (int64_t sp = t.first_split(); sp <= t.last_split(); ++sp) {
+        t.attend_split(sp, part, scores, corr);
+        t.merge(run, part);
+      }
+      t.write(out, run);
+    }
+    // Merge the split tiles' partials, split by split in order.
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < int64_t(tiles.size()); ++i) {
+      if (first_partial[i] < 0) continue;
+      const TileWork& t = tiles[i];
+      run.reset(t.rows, t.d);
+      for (int64_t sp = 0; sp <= t.last_split() - t.first_split(); ++sp) t.merge(run, split_results[first_partial[i] + sp]);
+      t.write(out, run);
     }
   }
 }

@@ -19,6 +19,10 @@ using GemmPanelFn = void (*)(float* y, int64_t ldy, const float* x, int64_t ldx,
 // Rows of x up to which InOut products stream W row by row (gemm_inout_stream).
 constexpr int64_t kStreamRows = 8;
 
+// The softmax step of attention over one block (see simd/softmax.h).
+using SoftmaxBlockFn = void (*)(float* s, int64_t lds, int64_t rows, int64_t nk, float pre, float post, float* m,
+                                float* l, float* corr);
+
 // Inner loops of one ISA level, indexed by the dtype of W (see float_index and kv_index): the
 // first three serve weights and the KV cache, the fp8 entry only the KV cache. The fp8 loops
 // read the stored codes; scales are the caller's.
@@ -27,6 +31,7 @@ struct IsaKernels {
   GemmPanelFn gemm_outin[4];
   GemmPanelFn gemm_inout[4];
   GemmPanelFn gemm_inout_stream[3];  // accumulates; at most kStreamRows rows; weights only
+  SoftmaxBlockFn softmax_block;
 };
 
 // 0, 1, 2 for float32, bfloat16, float16; throws DTypeError naming `what` otherwise (float8_e4m3

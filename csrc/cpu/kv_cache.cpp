@@ -20,11 +20,11 @@ void write_rows(const PagedKv& c, const float* k, const float* v, int64_t ld, in
   parallel_for(tokens, 2 * c.kv_heads * d, [&](int64_t t) {
     const int64_t block = slots[t] / bs, off = slots[t] % bs;
     for (int64_t g = 0; g < c.kv_heads; ++g) {
-      const int64_t at = block * c.block_stride + ((g * bs + off) * d) * int64_t(sizeof(T));
-      T* kd = reinterpret_cast<T*>(static_cast<char*>(c.k) + at);
-      T* vd = reinterpret_cast<T*>(static_cast<char*>(c.v) + at);
+      const int64_t head = block * c.block_stride + g * bs * d * int64_t(sizeof(T));
+      T* kd = reinterpret_cast<T*>(static_cast<char*>(c.k) + head) + off;      // [d, bs]: a column
+      T* vd = reinterpret_cast<T*>(static_cast<char*>(c.v) + head) + off * d;  // [bs, d]: a row
       for (int64_t i = 0; i < d; ++i) {
-        kd[i] = from_float<T>(k[t * ld + g * d + i]);
+        kd[i * bs] = from_float<T>(k[t * ld + g * d + i]);
         vd[i] = from_float<T>(v[t * ld + g * d + i]);
       }
     }
@@ -79,16 +79,21 @@ void write_fp8(const PagedKv& c, const float* k, const float* v, int64_t ld, int
       const int64_t t = order[i], off = slots[t] % bs;
       const float* x = src + t * ld + g * d;
       const float need = fp8_scale_for(x, d);
+      // K is [d, bs] (a token is a column), V [bs, d] (a row): element (token j, dim i).
+      const int64_t tok_step = is_v ? d : 1, dim_step = is_v ? 1 : bs;
       if (off == 0) {
         scale = need;  // the block's first token sets the scale
       } else if (need > scale) {
         // More range needed: re-quantize the block's earlier tokens with the grown scale.
         const float grown = grown_scale(scale, need), ratio = scale / grown;
-        for (int64_t j = 0; j < off * d; ++j) dst[j] = to_fp8_e4m3(to_float(dst[j]) * ratio);
+        for (int64_t j = 0; j < off; ++j)
+          for (int64_t i = 0; i < d; ++i) {
+            fp8_e4m3& e = dst[j * tok_step + i * dim_step];
+            e = to_fp8_e4m3(to_float(e) * ratio);
+          }
         scale = grown;
       }
-      fp8_e4m3* row = dst + off * d;
-      for (int64_t j = 0; j < d; ++j) row[j] = to_fp8_e4m3(x[j] / scale);
+      for (int64_t i = 0; i < d; ++i) dst[off * tok_step + i * dim_step] = to_fp8_e4m3(x[i] / scale);
     }
     *scale_at = scale;
   });

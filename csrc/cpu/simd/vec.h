@@ -59,8 +59,27 @@ CORRAL_INLINE VecF vload(const fp8_e4m3* p) {
 CORRAL_INLINE void vstore(float* p, VecF a) { _mm512_storeu_ps(p, a.v); }
 CORRAL_INLINE VecF vfma(VecF a, VecF b, VecF c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
 CORRAL_INLINE VecF vadd(VecF a, VecF b) { return {_mm512_add_ps(a.v, b.v)}; }
+CORRAL_INLINE VecF vsub(VecF a, VecF b) { return {_mm512_sub_ps(a.v, b.v)}; }
 CORRAL_INLINE VecF vmul(VecF a, VecF b) { return {_mm512_mul_ps(a.v, b.v)}; }
 CORRAL_INLINE float vsum(VecF a) { return _mm512_reduce_add_ps(a.v); }
+CORRAL_INLINE VecF vmax(VecF a, VecF b) { return {_mm512_max_ps(a.v, b.v)}; }
+CORRAL_INLINE float vhmax(VecF a) { return _mm512_reduce_max_ps(a.v); }
+// exp(x) to about 2 ulp; exactly 0 below -87.3 (and for -inf), +inf above 88.7.
+CORRAL_INLINE VecF vexp(VecF a) {
+  const __m512 x = _mm512_min_ps(a.v, _mm512_set1_ps(88.7f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ);
+  return {_mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n))};
+}
 
 #elif defined(__AVX2__)
 
@@ -85,11 +104,39 @@ CORRAL_INLINE VecF vload(const fp8_e4m3* p) {
 CORRAL_INLINE void vstore(float* p, VecF a) { _mm256_storeu_ps(p, a.v); }
 CORRAL_INLINE VecF vfma(VecF a, VecF b, VecF c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
 CORRAL_INLINE VecF vadd(VecF a, VecF b) { return {_mm256_add_ps(a.v, b.v)}; }
+CORRAL_INLINE VecF vsub(VecF a, VecF b) { return {_mm256_sub_ps(a.v, b.v)}; }
 CORRAL_INLINE VecF vmul(VecF a, VecF b) { return {_mm256_mul_ps(a.v, b.v)}; }
 CORRAL_INLINE float vsum(VecF a) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
   const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+CORRAL_INLINE VecF vmax(VecF a, VecF b) { return {_mm256_max_ps(a.v, b.v)}; }
+CORRAL_INLINE float vhmax(VecF a) {
+  const __m128 s = _mm_max_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+  const __m128 t = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(t, _mm_shuffle_ps(t, t, 1)));
+}
+// exp(x) to about 2 ulp; exactly 0 below -87.3 (and for -inf), +inf above 88.7.
+CORRAL_INLINE VecF vexp(VecF a) {
+  const __m256 x = _mm256_min_ps(a.v, _mm256_set1_ps(88.7f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  // 2^n through the exponent field, in two halves so that n = 128 (x near 88.7) stays finite.
+  const __m256i e = _mm256_cvtps_epi32(n);
+  const __m256i e1 = _mm256_srai_epi32(e, 1), e2 = _mm256_sub_epi32(e, e1);
+  const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e1, _mm256_set1_epi32(127)), 23));
+  const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e2, _mm256_set1_epi32(127)), 23));
+  const __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_GE_OQ);
+  return {_mm256_and_ps(live, _mm256_mul_ps(_mm256_mul_ps(p, s1), s2))};
 }
 
 #else
@@ -122,7 +169,23 @@ CORRAL_INLINE VecF vmul(VecF a, VecF b) {
   for (int i = 0; i < 4; ++i) a.v[i] *= b.v[i];
   return a;
 }
+CORRAL_INLINE VecF vsub(VecF a, VecF b) {
+  for (int i = 0; i < 4; ++i) a.v[i] -= b.v[i];
+  return a;
+}
 CORRAL_INLINE float vsum(VecF a) { return (a.v[0] + a.v[1]) + (a.v[2] + a.v[3]); }
+CORRAL_INLINE VecF vmax(VecF a, VecF b) {
+  for (int i = 0; i < 4; ++i) a.v[i] = a.v[i] > b.v[i] ? a.v[i] : b.v[i];
+  return a;
+}
+CORRAL_INLINE float vhmax(VecF a) {
+  const float x = a.v[0] > a.v[1] ? a.v[0] : a.v[1], y = a.v[2] > a.v[3] ? a.v[2] : a.v[3];
+  return x > y ? x : y;
+}
+CORRAL_INLINE VecF vexp(VecF a) {
+  for (int i = 0; i < 4; ++i) a.v[i] = a.v[i] < -87.3f ? 0.f : __builtin_expf(a.v[i]);
+  return a;
+}
 
 #endif
 

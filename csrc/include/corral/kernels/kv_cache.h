@@ -7,8 +7,9 @@
 namespace corral {
 
 // One layer's view of the KV cache. Block b of the layer holds, per KV head, block_size tokens
-// of head_dim values: K at (char*)k + b * block_stride, laid out [kv_heads, block_size, head_dim],
-// and V likewise at v. With dtype F8_E4M3 each (block, KV head) has a float scale (the stored
+// of head_dim values: K at (char*)k + b * block_stride, laid out [kv_heads, head_dim, block_size]
+// (transposed: a block's scores are then a product with no horizontal sums), and V at
+// (char*)v + b * block_stride, laid out [kv_heads, block_size, head_dim]. With dtype F8_E4M3 each (block, KV head) has a float scale (the stored
 // value times the scale is the real one), at (char*)k_scale + b * block_stride, [kv_heads].
 struct PagedKv {
   void* k = nullptr;
