@@ -162,7 +162,8 @@ PagedArrays paged(py::array k_cache, py::array v_cache, const std::string& dtype
   const DType t = parse_cache_dtype(dtype);
   const bool fp8 = t == DType::F8_E4M3;
   for (const py::array* a : {&k_cache, &v_cache}) {
-    expect(a->ndim() == 4, "caches must be (num_blocks, kv_heads, block_size, head_dim), got " + shape_of(*a));
+    expect(a->ndim() == 4, "caches must be 4-D: k_cache (num_blocks, kv_heads, head_dim, block_size), v_cache "
+                           "(num_blocks, kv_heads, block_size, head_dim); got " + shape_of(*a));
     const bool right_type = t == DType::F32 ? a->dtype().is(py::dtype::of<float>())
                             : fp8           ? a->dtype().is(py::dtype::of<uint8_t>())
                                             : a->dtype().is(py::dtype::of<uint16_t>());
@@ -172,16 +173,20 @@ PagedArrays paged(py::array k_cache, py::array v_cache, const std::string& dtype
                        " arrays, got " + std::string(py::str(a->dtype())));
     expect(a->flags() & py::array::c_style, "caches must be C-contiguous (they are written in place)");
   }
-  expect(shape_of(k_cache) == shape_of(v_cache), "k_cache and v_cache must have one shape");
+  // K is stored transposed per block and head: [head_dim, block_size].
+  expect(k_cache.shape(0) == v_cache.shape(0) && k_cache.shape(1) == v_cache.shape(1) &&
+             k_cache.shape(2) == v_cache.shape(3) && k_cache.shape(3) == v_cache.shape(2),
+         "k_cache must be (num_blocks, kv_heads, head_dim, block_size) for v_cache (num_blocks, kv_heads, "
+         "block_size, head_dim); got " + shape_of(k_cache) + " and " + shape_of(v_cache));
   PagedArrays p;
   p.k_cache = k_cache;
   p.v_cache = v_cache;
   PagedKv& c = p.kv;
   c.dtype = t;
-  c.num_blocks = k_cache.shape(0);
-  c.kv_heads = int32_t(k_cache.shape(1));
-  c.block_size = int32_t(k_cache.shape(2));
-  c.head_dim = int32_t(k_cache.shape(3));
+  c.num_blocks = v_cache.shape(0);
+  c.kv_heads = int32_t(v_cache.shape(1));
+  c.block_size = int32_t(v_cache.shape(2));
+  c.head_dim = int32_t(v_cache.shape(3));
   if (!fp8) {
     if (!k_scale.is_none() || !v_scale.is_none())
       throw InvalidInputError("k_scale and v_scale are only for float8_e4m3 caches, not " + dtype);
