@@ -136,3 +136,21 @@ def test_expert_load_statistics(checkpoints, variant):
         chosen = torch.topk(logits.reshape(len(ids), -1), top_k, dim=1).indices.flatten()
         expected = 2 * torch.bincount(chosen, minlength=llm.config["num_experts"])
         assert counts[layer] == expected.tolist()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_chunked_prefill_long_prompt(tmp_path, dtype):
+    """A 1,000-token prompt prefilled in pieces of 128 tokens (chunk 32: 31 chunk boundaries;
+    temperature tuning active on the NoPE layers) matches transformers' logits at the last 10
+    positions, and generation from it starts with transformers' greedy token."""
+    path = build("chunked", "causal", getattr(torch, dtype), tmp_path, attention_chunk_size=32)
+    ids = prompt(6, 1000)
+    llm = corral.LLM(path, max_num_batched_tokens=128, kv_cache_dtype="float32")
+    got = llm.logits(ids)[-10:]
+    ref = reference_logits(load_reference(path, "causal"), ids)[-10:]
+    assert rel_err(got, ref) <= (1e-4 if dtype == "float32" else 2e-2)
+    first = llm.generate([ids], corral.SamplingParams(max_tokens=1))[0].outputs[0].token_ids
+    assert first == [int(np.argmax(ref[-1]))]
+    # logits() cached the prompt's 62 full blocks of 16: generate prefills only the last 8 tokens.
+    assert llm.stats()["prefix_cache_hit_tokens"] == 992
+    assert llm.stats()["prefill_tokens_computed"] == 1000 + 8
