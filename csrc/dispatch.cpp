@@ -127,7 +127,13 @@ void swiglu_mlp(const Stream& s, float* out, const float* x, int64_t rows, const
 
 void moe(const Stream& s, float* out, const float* x, int64_t tokens, const MoeWeights& w,
          int top_k, int64_t* expert_tokens) {
-  require_cpu(s, "moe");
+  if (is_cuda(s)) {
+#if CORRAL_WITH_CUDA
+    return cuda::moe(s.handle, out, x, tokens, w, top_k, expert_tokens);
+#else
+    no_cuda("moe");
+#endif
+  }
   cpu::moe(out, x, tokens, w, top_k, expert_tokens);
 }
 

@@ -4,6 +4,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -464,7 +465,10 @@ void register_ops(py::module_& m) {
   m.def(
       "moe",
       [](F32 x, const py::array& router, const py::array& gate_up, const py::array& down, const py::array& shared_gate,
-         const py::array& shared_up, const py::array& shared_down, int top_k, const std::string& dtype) {
+         const py::array& shared_up, const py::array& shared_down, int top_k, const std::string& dtype,
+         const std::string& device, int repeat) -> py::tuple {
+        const Device dev = parse_device(device);
+        if (repeat < 0) throw InvalidInputError("repeat must be >= 0");
         const Typed r = typed(router, dtype, "router"), gu = typed(gate_up, dtype, "gate_up"),
                     dn = typed(down, dtype, "down"), sg = typed(shared_gate, dtype, "shared_gate"),
                     su = typed(shared_up, dtype, "shared_up"), sd = typed(shared_down, dtype, "shared_down");
@@ -494,14 +498,74 @@ void register_ops(py::module_& m) {
         std::fill(out.mutable_data(), out.mutable_data() + out.size(), 0.f);
         I64 counts({E});
         std::fill(counts.mutable_data(), counts.mutable_data() + E, 0);
+        float* out_data = out.mutable_data();
+        int64_t* counts_data = counts.mutable_data();
+        const size_t xbytes = size_t(T * H) * sizeof(float), cbytes = size_t(E) * sizeof(int64_t);
+        double seconds = 0.0;
+        // repeat > 0: that many more runs on the same (resident) inputs into scratch outputs, timed.
         {
           py::gil_scoped_release release;
-          kernels::moe(kCpu, out.mutable_data(), x.data(), T, w, top_k, counts.mutable_data());
+          if (dev.type == DeviceType::CPU) {
+            kernels::moe(kCpu, out_data, x.data(), T, w, top_k, counts_data);
+            if (repeat > 0) {
+              std::vector<float> scratch_out(static_cast<size_t>(T * H));
+              std::vector<int64_t> scratch_counts(static_cast<size_t>(E));
+              const auto t0 = std::chrono::steady_clock::now();
+              for (int i = 0; i < repeat; ++i)
+                kernels::moe(kCpu, scratch_out.data(), x.data(), T, w, top_k, scratch_counts.data());
+              seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / repeat;
+            }
+          } else {
+            // On a GPU: upload x, the weights, out (zeros) and counts (zeros); run; copy out and counts back.
+            StreamOwner stream(dev);
+            if (T > 0) {
+              const Typed* weights[] = {&r, &gu, &dn, &sg, &su, &sd};
+              std::vector<DeviceBuffer> dw;
+              dw.reserve(6);
+              for (const Typed* t : weights) {
+                const size_t bytes = size_t(t->array.nbytes());
+                dw.emplace_back(dev, bytes);
+                copy_to_device(dw.back(), t->data(), bytes, stream.get());
+              }
+              DeviceBuffer dx(dev, xbytes), dout(dev, xbytes), dcounts(dev, cbytes);
+              copy_to_device(dx, x.data(), xbytes, stream.get());
+              copy_to_device(dout, out_data, xbytes, stream.get());
+              copy_to_device(dcounts, counts_data, cbytes, stream.get());
+              MoeWeights wd = w;
+              wd.router.data = dw[0].data();
+              wd.gate_up = dw[1].data();
+              wd.down = dw[2].data();
+              wd.shared_gate.data = dw[3].data();
+              wd.shared_up.data = dw[4].data();
+              wd.shared_down.data = dw[5].data();
+              const float* dxp = static_cast<const float*>(dx.data());
+              kernels::moe(stream.get(), static_cast<float*>(dout.data()), dxp, T, wd, top_k,
+                           static_cast<int64_t*>(dcounts.data()));
+              copy_to_host(out_data, dout, xbytes, stream.get());
+              copy_to_host(counts_data, dcounts, cbytes, stream.get());
+              stream.synchronize();
+              if (repeat > 0) {
+                DeviceBuffer scratch_out(dev, xbytes), scratch_counts(dev, cbytes);
+                const auto t0 = std::chrono::steady_clock::now();
+                for (int i = 0; i < repeat; ++i)
+                  kernels::moe(stream.get(), static_cast<float*>(scratch_out.data()), dxp, T, wd, top_k,
+                               static_cast<int64_t*>(scratch_counts.data()));
+                stream.synchronize();
+                seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / repeat;
+              }
+            }
+          }
         }
+        if (repeat > 0) return py::make_tuple(out, counts, seconds);
         return py::make_tuple(out, counts);
       },
+      "moe(x, router, gate_up, down, shared_gate, shared_up, shared_down, top_k, dtype, device) -> (out, counts):\n"
+      "out = the MoE of x (added to zeros), counts = tokens per expert. device: cpu, cuda or cuda:N (inputs\n"
+      "are uploaded). repeat=n > 0 also runs the op n more times on the resident inputs and returns\n"
+      "(out, counts, seconds per run).",
       py::arg("x"), py::arg("router"), py::arg("gate_up"), py::arg("down"), py::arg("shared_gate"),
-      py::arg("shared_up"), py::arg("shared_down"), py::arg("top_k"), py::arg("dtype") = "float32");
+      py::arg("shared_up"), py::arg("shared_down"), py::arg("top_k"), py::arg("dtype") = "float32",
+      py::arg("device") = "cpu", py::arg("repeat") = 0);
 }
 
 }  // namespace corral::bindings

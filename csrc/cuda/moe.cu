@@ -1,0 +1,367 @@
+// The fused MoE op on CUDA (contract: corral/kernels/moe.h). Everything runs on the stream with
+// no host round trip:
+//   1. router logits (float32, CUDA cores), top-k per token with sigmoid scores, histogram;
+//   2. prefix sums and a scatter that make each expert's (token, k) rows contiguous, each row
+//      score * x[t] (the score scales the expert's input), plus the shared expert's rows x[t];
+//   3. one grouped launch for gate + up of every expert with rows and of the shared expert, SwiGLU
+//      in the epilogue;
+//   4. one grouped launch for the down projections;
+//   5. out[t] += shared[t] + the token's routed rows, summed in k order (deterministic).
+// Products: tensor cores (wmma, float32 accumulation) for bfloat16 / float16 weights, CUDA cores in
+// float32 for float32 weights, and for decode (at most kDecodePairs (token, k) pairs) a GEMV that
+// streams each active expert's weights once. Experts without tokens get no work. Scratch memory
+// comes from cudaMallocAsync on the stream.
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+
+#include "check.h"
+#include "corral/error.h"
+#include "corral/kernels/moe.h"
+#include "moe_common.cuh"
+#include "moe_gemm_simt.cuh"
+#include "moe_gemm_tc.cuh"
+#include "moe_gemv.cuh"
+#include "moe_route.cuh"
+#include "ops.h"
+
+namespace corral::cuda {
+
+namespace {
+
+using namespace moe_detail;
+
+// Up to this many (token, k) pairs the products run as GEMVs (decode).
+constexpr int64_t kDecodePairs = kMaxGemvRows;
+// Row counts live in int32 on the device.
+constexpr int64_t kMaxRows = int64_t(1) << 30;
+
+enum class Path { Gemv, TensorCore, CudaCore };
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// B can be read in 16-byte pieces of `elems` elements: every row (and every expert's matrix)
+// starts 16-byte aligned and the contiguous extent is a whole number of pieces.
+bool vector_ok(const Operand& op, bool swiglu, int64_t elems) {
+  const int64_t contiguous = op.n_major ? op.k : op.n;
+  return contiguous % elems == 0 && op.ldb % elems == 0 && op.b_stride % elems == 0 && aligned16(op.b0) &&
+         (!swiglu || aligned16(op.b1));
+}
+
+// One grouped product over the routed experts and/or the shared expert (whichever `g` includes).
+struct Product {
+  cudaStream_t stream;
+  Groups g;
+  Operand routed, shared;
+  bool swiglu;
+  int64_t pairs, tokens, experts;
+  int gemv_rows;       // R of the GEMV kernels
+  int gemv_chunks = 1;  // GEMV: chunks of gemv_rows rows of the shared side (blockIdx.z)
+
+  bool has_routed() const { return g.num_experts > 0 || g.routed_slots > 0; }
+  bool has_shared() const { return g.shared_rows > 0; }
+  bool vec(int64_t elems) const {
+    return (!has_routed() || vector_ok(routed, swiglu, elems)) && (!has_shared() || vector_ok(shared, swiglu, elems));
+  }
+  // Grid of the GEMM kernels: x = M tiles for the worst case of the device-side counts (every
+  // expert's last tile partial), y = N tiles.
+  dim3 gemm_grid() const {
+    int64_t x = 0, y = 0;
+    if (has_routed()) {
+      x += ceil_div(pairs, kTileM) + std::min(experts, pairs);
+      y = std::max(y, ceil_div(routed.n, kTileN));
+    }
+    if (has_shared()) {
+      x += ceil_div(tokens, kTileM);
+      y = std::max(y, ceil_div(shared.n, kTileN));
+    }
+    if (x > 0x7fffffff || y > 65535)
+      throw ShapeError("moe: the products are too large for one CUDA launch (" + std::to_string(x) + " x " +
+                       std::to_string(y) + " tiles)");
+    return dim3(unsigned(x), unsigned(y));
+  }
+};
+
+template <class W, bool Swiglu>
+void launch_tc(const Product& p) {
+  const dim3 grid = p.gemm_grid();
+  if (p.vec(8))
+    grouped_gemm_tc<W, Swiglu, true><<<grid, tc::kThreads, 0, p.stream>>>(p.g, p.routed, p.shared);
+  else
+    grouped_gemm_tc<W, Swiglu, false><<<grid, tc::kThreads, 0, p.stream>>>(p.g, p.routed, p.shared);
+  CORRAL_CUDA_CHECK_LAUNCH();
+}
+
+template <class W, bool Swiglu>
+void launch_simt(const Product& p) {
+  grouped_gemm_simt<W, Swiglu><<<p.gemm_grid(), simt::kThreads, 0, p.stream>>>(p.g, p.routed, p.shared);
+  CORRAL_CUDA_CHECK_LAUNCH();
+}
+
+template <class W, int R, bool Swiglu>
+void launch_gemv_rows(const Product& p) {
+  constexpr int64_t VW = Vec16<W>::kElems;
+  const bool vec = p.vec(VW);
+  auto cols = [&](const Operand& op) -> int64_t {
+    if (op.n_major) return gemv::nmajor_cols<Swiglu>();
+    return vec ? gemv::kmajor_cols<int(VW), Swiglu>() : gemv::kmajor_cols<1, Swiglu>();
+  };
+  int64_t x = 0;
+  if (p.has_routed()) x = std::max(x, ceil_div(p.routed.n, cols(p.routed)));
+  if (p.has_shared()) x = std::max(x, ceil_div(p.shared.n, cols(p.shared)));
+  if (x > 0x7fffffff) throw ShapeError("moe: the products are too large for one CUDA launch");
+  const dim3 grid(unsigned(x), unsigned(p.g.routed_slots + (p.has_shared() ? 1 : 0)), unsigned(p.gemv_chunks));
+  if (vec)
+    grouped_gemv<W, R, Swiglu, true><<<grid, gemv::kThreads, 0, p.stream>>>(p.g, p.routed, p.shared);
+  else
+    grouped_gemv<W, R, Swiglu, false><<<grid, gemv::kThreads, 0, p.stream>>>(p.g, p.routed, p.shared);
+  CORRAL_CUDA_CHECK_LAUNCH();
+}
+
+template <class W, bool Swiglu>
+void launch_gemv(const Product& p) {
+  switch (p.gemv_rows) {
+    case 1: return launch_gemv_rows<W, 1, Swiglu>(p);
+    case 2: return launch_gemv_rows<W, 2, Swiglu>(p);
+    case 4: return launch_gemv_rows<W, 4, Swiglu>(p);
+    default: return launch_gemv_rows<W, kMaxGemvRows, Swiglu>(p);
+  }
+}
+
+template <class W>
+void launch_typed(const Product& p, Path path) {
+  switch (path) {
+    case Path::Gemv: return p.swiglu ? launch_gemv<W, true>(p) : launch_gemv<W, false>(p);
+    case Path::CudaCore: return p.swiglu ? launch_simt<W, true>(p) : launch_simt<W, false>(p);
+    case Path::TensorCore:
+      if constexpr (std::is_same<W, float>::value) {
+        throw NotSupportedError("moe: no tensor-core path for float32 weights");
+      } else {
+        return p.swiglu ? launch_tc<W, true>(p) : launch_tc<W, false>(p);
+      }
+  }
+}
+
+void launch(const Product& p, DType weights, Path path) {
+  switch (weights) {
+    case DType::F32: return launch_typed<float>(p, path);
+    case DType::BF16: return launch_typed<__nv_bfloat16>(p, path);
+    case DType::F16: return launch_typed<__half>(p, path);
+    default: throw DTypeError(std::string("moe: weights of ") + dtype_name(weights) + " are not supported on CUDA");
+  }
+}
+
+DType check_float(DType t, const char* what) {
+  if (t != DType::F32 && t != DType::BF16 && t != DType::F16)
+    throw DTypeError(std::string("moe ") + what + ": dtype " + dtype_name(t) + " is not supported on CUDA");
+  return t;
+}
+
+// Scratch carved from one cudaMallocAsync block, freed on the stream when done (or on an error).
+class Scratch {
+ public:
+  explicit Scratch(cudaStream_t s) : stream_(s) {}
+  ~Scratch() {
+    if (base_) cudaFreeAsync(base_, stream_);
+  }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  // Reserves `bytes` (256-byte aligned) and returns its offset; allocate() then makes it real.
+  size_t reserve(size_t bytes) {
+    const size_t at = size_;
+    size_ += (bytes + 255) / 256 * 256;
+    return at;
+  }
+  void allocate() { CORRAL_CUDA_CHECK(cudaMallocAsync(&base_, size_ ? size_ : 256, stream_)); }
+  template <class T>
+  T* at(size_t offset) const {
+    return reinterpret_cast<T*>(static_cast<char*>(base_) + offset);
+  }
+
+ private:
+  cudaStream_t stream_;
+  void* base_ = nullptr;
+  size_t size_ = 0;
+};
+
+}  // namespace
+
+void moe(void* stream, float* out, const float* x, int64_t tokens, const MoeWeights& w, int top_k,
+         int64_t* expert_tokens) {
+  const int64_t E = w.num_experts, H = w.hidden, I = w.inter;
+  if (top_k < 1 || top_k > E)
+    throw InvalidInputError("moe: top_k " + std::to_string(top_k) + " must be in [1, " + std::to_string(E) + "]");
+  if (H < 1 || I < 1 || E > kMaxRows)
+    throw ShapeError("moe: hidden, inter and experts must be positive (hidden " + std::to_string(H) + ", inter " +
+                     std::to_string(I) + ", experts " + std::to_string(E) + ")");
+  const DType wt = check_float(w.experts_dtype, "experts");
+  const DType st = check_float(w.shared_gate.dtype, "shared expert");
+  check_float(w.router.dtype, "router");
+  if (w.shared_up.dtype != st || w.shared_down.dtype != st)
+    throw DTypeError("moe: the shared expert's gate, up and down must have one dtype on CUDA");
+  const int64_t Is = w.shared_gate.out;
+  if (w.router.in != H || w.router.out != E)
+    throw ShapeError("moe: router must be (experts, hidden) = (" + std::to_string(E) + ", " + std::to_string(H) + ")");
+  if (Is < 1 || w.shared_gate.in != H || w.shared_up.in != H || w.shared_up.out != Is || w.shared_down.in != Is ||
+      w.shared_down.out != H)
+    throw ShapeError("moe: the shared expert must be gate and up (I, hidden), down (hidden, I)");
+  if (w.shared_gate.layout != w.shared_up.layout || w.shared_gate.row_stride() != w.shared_up.row_stride())
+    throw NotSupportedError("moe: the shared expert's gate and up must have one layout and row stride on CUDA");
+  if (!w.router.data || !w.gate_up || !w.down || !w.shared_gate.data || !w.shared_up.data || !w.shared_down.data)
+    throw InvalidInputError("moe: a weight pointer is null");
+  if (tokens <= 0) return;
+  if (!out || !x) throw InvalidInputError("moe: x and out must not be null");
+  const int64_t T = tokens, P = tokens * top_k;
+  if (T > kMaxRows || P + T > kMaxRows)
+    throw ShapeError("moe: " + std::to_string(T) + " tokens x top_k " + std::to_string(top_k) +
+                     " are too many for one CUDA call");
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+
+  // How each side's products run, and the dtype of their activations (A operands and hidden rows).
+  const bool decode = P <= kDecodePairs;
+  auto path_of = [&](DType t) { return decode ? Path::Gemv : t == DType::F32 ? Path::CudaCore : Path::TensorCore; };
+  const Path path_r = path_of(wt), path_s = path_of(st);
+  const DType act_r = path_r == Path::TensorCore ? wt : DType::F32;
+  const DType act_s = path_s == Path::TensorCore ? st : DType::F32;
+  // Activation rows are zero-padded to a multiple of 8 elements (16-byte pieces, float4 reads).
+  const int64_t Hp = round_up(H, 8), Ip = round_up(I, 8), Isp = round_up(Is, 8);
+
+  Scratch sc(s);
+  const size_t o_logits = sc.reserve(size_t(T) * E * 4), o_chosen = sc.reserve(size_t(P) * 4),
+               o_score = sc.reserve(size_t(P) * 4), o_pair_row = sc.reserve(size_t(P) * 4),
+               o_counts = sc.reserve(size_t(E) * 4), o_row_start = sc.reserve(size_t(E + 1) * 4),
+               o_tile_start = sc.reserve(size_t(E + 1) * 4), o_active = sc.reserve(size_t(E) * 4),
+               o_num_active = sc.reserve(4), o_cursor = sc.reserve(size_t(E) * 4),
+               o_xs_r = sc.reserve(size_t(P) * Hp * dtype_size(act_r)),
+               o_xs_s = sc.reserve(size_t(T) * Hp * dtype_size(act_s)),
+               o_hid_r = sc.reserve(size_t(P) * Ip * dtype_size(act_r)),
+               o_hid_s = sc.reserve(size_t(T) * Isp * dtype_size(act_s)), o_y_r = sc.reserve(size_t(P) * H * 4),
+               o_y_s = sc.reserve(size_t(T) * H * 4);
+  sc.allocate();
+  float* logits = sc.at<float>(o_logits);
+  int* chosen = sc.at<int>(o_chosen);
+  float* score = sc.at<float>(o_score);
+  int* pair_row = sc.at<int>(o_pair_row);
+  int* counts = sc.at<int>(o_counts);
+  int* cursor = sc.at<int>(o_cursor);
+  float* y_r = sc.at<float>(o_y_r);
+  float* y_s = sc.at<float>(o_y_s);
+  void* xs_r = sc.at<char>(o_xs_r);
+  void* xs_s = sc.at<char>(o_xs_s);
+  void* hid_r = sc.at<char>(o_hid_r);
+  void* hid_s = sc.at<char>(o_hid_s);
+
+  int* row_start = sc.at<int>(o_row_start);
+  int* tile_start = sc.at<int>(o_tile_start);
+  int* active = sc.at<int>(o_active);
+  int* num_active = sc.at<int>(o_num_active);
+  Groups g;
+  g.row_start = row_start;
+  g.tile_start = tile_start;
+  g.active = active;
+  g.num_active = num_active;
+  g.num_experts = int(E);
+  g.routed_slots = int(std::min(E, P));
+  g.shared_rows = int(T);
+
+  // 1. Router logits [T, E] in float32, as the shared-expert side of a product over all tokens: a
+  // GEMV over chunks of 8 tokens (the router stays in L2) when x allows its float4 reads, else the
+  // CUDA-core GEMM.
+  const int gemv_rows = T <= 1 ? 1 : T <= 2 ? 2 : T <= 4 ? 4 : int(kMaxGemvRows);
+  {
+    const int64_t chunks = ceil_div(T, gemv_rows);
+    const bool gemv = aligned16(x) && H % 8 == 0 && chunks <= 65535;
+    Product p{s, Groups{}, Operand{}, Operand{}, false, P, T, E, gemv_rows, int(gemv ? chunks : 1)};
+    p.g.shared_rows = int(T);
+    Operand& op = p.shared;
+    op.a = x;
+    op.lda = H;
+    op.b0 = w.router.data;
+    op.n_major = w.router.layout == WeightLayout::OutIn;
+    op.ldb = w.router.row_stride();
+    op.c = logits;
+    op.ldc = E;
+    op.n = E;
+    op.k = H;
+    CORRAL_CUDA_CHECK(cudaMemsetAsync(counts, 0, size_t(E) * sizeof(int), s));
+    launch(p, w.router.dtype, gemv ? Path::Gemv : Path::CudaCore);
+  }
+  route_topk<<<unsigned(ceil_div(T, 8)), 256, 0, s>>>(logits, T, int(E), top_k, chosen, score, counts);
+  CORRAL_CUDA_CHECK_LAUNCH();
+
+  // 2. Expert-contiguous rows.
+  const int scan_threads = int(std::min<int64_t>(1024, round_up(E, 32)));
+  route_scan<<<1, scan_threads, 0, s>>>(counts, int(E), row_start, tile_start, active, num_active, cursor,
+                                        expert_tokens);
+  CORRAL_CUDA_CHECK_LAUNCH();
+  route_gather<<<unsigned(P + T), 256, 0, s>>>(x, H, top_k, P, chosen, score, cursor, pair_row, xs_r, act_r, xs_s,
+                                               act_s, Hp);
+  CORRAL_CUDA_CHECK_LAUNCH();
+
+  // 3 and 4. Gate + up (SwiGLU), then down; one launch each when both sides share a weight dtype.
+  auto run = [&](const Operand& r, const Operand& sh, bool swiglu) {
+    Product p{s, g, r, sh, swiglu, P, T, E, gemv_rows};
+    if (wt == st) return launch(p, wt, path_r);
+    Product pr = p, ps = p;
+    pr.g.shared_rows = 0;
+    ps.g.num_experts = 0;
+    ps.g.routed_slots = 0;
+    launch(pr, wt, path_r);
+    launch(ps, st, path_s);
+  };
+  const bool shared_n_major = w.shared_gate.layout == WeightLayout::OutIn;
+  Operand gu_r, gu_s, dn_r, dn_s;
+  gu_r.a = xs_r;
+  gu_r.lda = Hp;
+  gu_r.b0 = w.gate_up;
+  gu_r.b1 = static_cast<const char*>(w.gate_up) + I * int64_t(dtype_size(wt));
+  gu_r.ldb = 2 * I;
+  gu_r.b_stride = H * 2 * I;
+  gu_r.c = hid_r;
+  gu_r.ldc = Ip;
+  gu_r.n = I;
+  gu_r.k = H;
+  gu_s.a = xs_s;
+  gu_s.lda = Hp;
+  gu_s.b0 = w.shared_gate.data;
+  gu_s.b1 = w.shared_up.data;
+  gu_s.n_major = shared_n_major;
+  gu_s.ldb = w.shared_gate.row_stride();
+  gu_s.c = hid_s;
+  gu_s.ldc = Isp;
+  gu_s.n = Is;
+  gu_s.k = H;
+  run(gu_r, gu_s, true);
+
+  dn_r.a = hid_r;
+  dn_r.lda = Ip;
+  dn_r.b0 = w.down;
+  dn_r.ldb = H;
+  dn_r.b_stride = I * H;
+  dn_r.c = y_r;
+  dn_r.ldc = H;
+  dn_r.n = H;
+  dn_r.k = I;
+  dn_s.a = hid_s;
+  dn_s.lda = Isp;
+  dn_s.b0 = w.shared_down.data;
+  dn_s.n_major = w.shared_down.layout == WeightLayout::OutIn;
+  dn_s.ldb = w.shared_down.row_stride();
+  dn_s.c = y_s;
+  dn_s.ldc = H;
+  dn_s.n = H;
+  dn_s.k = Is;
+  run(dn_r, dn_s, false);
+
+  // 5. out[t] += shared[t] + routed rows of t in k order.
+  route_combine<<<unsigned(T), 256, 0, s>>>(out, y_r, y_s, pair_row, H, top_k);
+  CORRAL_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace corral::cuda
