@@ -102,6 +102,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=3, help="copies of the layer, rotated between calls")
     ap.add_argument("--hf-max-tokens", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=2.0, help="time budget per variant and T")
+    ap.add_argument("--tokens", type=int, nargs="*", default=list(TOKENS), help="token counts to run")
+    ap.add_argument("--burst", type=int, default=3, help="calls timed back to back per variant and round")
     args = ap.parse_args()
     E, H, I, k = args.experts, args.hidden, args.inter, args.top_k
     _core.set_num_threads(args.threads)
@@ -114,25 +116,30 @@ def main() -> None:
 
     rows, result = [], {}
     bandwidth = []
-    for T in TOKENS:
+    for T in args.tokens:
         xs = [rng.standard_normal((T, H), dtype=np.float32) for _ in range(4)]
         variants = {"fused": fused, "naive": naive}
         if T <= args.hf_max_tokens:
             variants["transformers"] = lambda layer, x, top_k: hf(x)
         times = {name: [] for name in variants}
-        bandwidth.append(memory_bandwidth(args.threads))
         deadline = time.perf_counter() + args.seconds * len(variants)
         i = 0
-        while i < 3 or (time.perf_counter() < deadline and i < 200):
+        while i < 3 or (time.perf_counter() < deadline and i < 100):
+            if i % 4 == 0:  # the machine's bandwidth drifts: sample it between the variants too
+                bandwidth.append(memory_bandwidth(args.threads, gib=0.5, repeats=1))
             for name, fn in variants.items():  # interleaved: A, B, C, A, B, C, ...
                 if name == "transformers" and i >= 5:
                     continue
-                layer = layers[i % len(layers)] if name != "transformers" else layers[0]
-                x = xs[i % len(xs)]
-                time.sleep(0.02)  # let the previous variant's spinning worker threads go idle
-                t0 = time.perf_counter()
-                fn(layer, x, k)
-                times[name].append(time.perf_counter() - t0)
+                # A burst of calls back to back, as in a model's forward pass (worker threads awake);
+                # the first of each burst wakes them and is not counted.
+                for b in range(args.burst + 1):
+                    layer = layers[(i + b) % len(layers)] if name != "transformers" else layers[0]
+                    x = xs[(i + b) % len(xs)]
+                    t0 = time.perf_counter()
+                    fn(layer, x, k)
+                    if b:
+                        times[name].append(time.perf_counter() - t0)
+                time.sleep(0.02)  # let this variant's spinning worker threads go idle
             i += 1
         # Bytes: router, each distinct expert the tokens pick, and the shared expert.
         logits = xs[0] @ layers[0]["router"].astype(np.uint32).__lshift__(16).view(np.float32).T
@@ -144,14 +151,16 @@ def main() -> None:
             result[(name, T)] = t
             rows.append((T, name, t, weight_bytes, flops))
     bw = statistics.median(bandwidth)
-    print(f"memory bandwidth ({args.threads} threads, measured here): {bw / 1e9:.1f} GB/s")
+    print(f"memory bandwidth ({args.threads} threads, measured between the runs): median {bw / 1e9:.1f} GB/s "
+          f"(min {min(bandwidth) / 1e9:.1f}, max {max(bandwidth) / 1e9:.1f}, {len(bandwidth)} samples)")
     print(f"{'T':>5} {'variant':<13}{'time ms':>10}{'weights MB':>12}{'GB/s':>8}{'GFLOP/s':>9}{'of bandwidth':>14}")
     for T, name, t, b, f in rows:
         print(f"{T:>5} {name:<13}{t * 1e3:>10.3f}{b / 1e6:>12.1f}{b / t / 1e9:>8.1f}{f / t / 1e9:>9.1f}{b / t / bw:>14.2f}")
-    t1 = result[("fused", 1)]
-    print(f"moe: T1_bandwidth_ratio={rows[0][3] / t1 / bw:.2f} "
-          f"T1_speedup_vs_transformers={result[('transformers', 1)] / t1:.1f} "
-          f"T1024_speedup_vs_naive={result[('naive', 1024)] / result[('fused', 1024)]:.2f}")
+    if 1 in args.tokens and 1024 in args.tokens:
+        t1 = result[("fused", 1)]
+        print(f"moe: T1_bandwidth_ratio={rows[0][3] / t1 / bw:.2f} "
+              f"T1_speedup_vs_transformers={result[('transformers', 1)] / t1:.1f} "
+              f"T1024_speedup_vs_naive={result[('naive', 1024)] / result[('fused', 1024)]:.2f}")
 
 
 if __name__ == "__main__":

@@ -49,18 +49,20 @@ void gemm_panel(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows
                 int64_t n, bool accumulate);
 
 // InOut products sum k in chunks of kKChunk rows, each chunk's sum added to y in order: a fixed
-// order, whether a product runs as panels (gemm_panel) or, for few rows, as chunks streaming W
-// row by row (stream_chunk, then add_chunks), so results never depend on the batch.
+// order, whether a product runs as panels (gemm_panel) or, for few rows, as chunks streaming
+// whole rows of W (stream_chunk, then add_chunks), so results never depend on the batch.
 constexpr int64_t kKChunk = 256;
 int64_t k_chunks(const MatrixRef& w);
-// partial[r, 0:w.out] += the sum over chunk `chunk` of k, for r < rows (<= kStreamRows); partial
-// zeroed beforehand.
+// partial[r, 0:w.out] = the sum over k-chunk `chunk`, for r < rows (<= kStreamRows).
 void stream_chunk(float* partial, int64_t ldp, const float* x, int64_t ldx, int64_t rows, const MatrixRef& w,
                   int64_t chunk);
-// y[r, c] = (y[r, c] if accumulate) + partials of chunks 0, 1, ... (each [rows, n], chunk_stride
-// apart), for r < rows and columns [c0, c1).
-void add_chunks(float* y, int64_t ldy, const float* partials, int64_t chunk_stride, int64_t chunks, int64_t rows,
-                int64_t n, int64_t c0, int64_t c1, bool accumulate);
+// y[r, c] = (y[r, c] if accumulate) + the partials of chunks 0, 1, ... in order (each [rows, ldp],
+// chunk_stride apart), for r < rows and columns [c0, c1).
+void add_chunks(float* y, int64_t ldy, const float* partials, int64_t ldp, int64_t chunk_stride, int64_t chunks,
+                int64_t rows, int64_t c0, int64_t c1, bool accumulate);
+// A buffer of at least `floats` floats kept by the calling thread across calls (no page faults
+// on every call); slots 0..3 are independent.
+float* scratch(int slot, int64_t floats);
 
 // Calls f(item) for item < items on the CPU threads (OpenMP); inline when the work is small.
 template <class F>

@@ -121,15 +121,14 @@ void gemm_inout_stream(float* y, int64_t ldy, const float* x, int64_t ldx, int64
   int64_t p = 0;
   for (; p + 4 <= k; p += 4) {
     const W* w0 = w + p * ldw;
-    VecF xb[kStreamRows][4];
-    for (int64_t r = 0; r < rows; ++r)
-      for (int q = 0; q < 4; ++q) xb[r][q] = vset1(x[r * ldx + p + q]);
     int64_t j = 0;
     for (; j + kVecWidth <= n; j += kVecWidth) {
+      // Four rows of W, loaded once for every row of x.
       const VecF a = vload(w0 + j), b = vload(w0 + ldw + j), c = vload(w0 + 2 * ldw + j), d = vload(w0 + 3 * ldw + j);
       for (int64_t r = 0; r < rows; ++r) {
+        const float* xr = x + r * ldx + p;
         float* dst = y + r * ldy + j;
-        vstore(dst, vfma(xb[r][3], d, vfma(xb[r][2], c, vfma(xb[r][1], b, vfma(xb[r][0], a, vload(dst))))));
+        vstore(dst, vfma(vset1(xr[3]), d, vfma(vset1(xr[2]), c, vfma(vset1(xr[1]), b, vfma(vset1(xr[0]), a, vload(dst))))));
       }
     }
     for (; j < n; ++j)  // columns past the last full vector: as axpy_rows' tail, without FMA
