@@ -109,8 +109,8 @@ struct TileWork {
       }
       float k_scale = 1.f, v_scale = 1.f;  // fp8: the block's scales for this KV head
       if (c.dtype == DType::F8_E4M3) {
-        k_scale = reinterpret_cast<const float*>(reinterpret_cast<const char*>(c.k_scale) + page * c.block_stride)[t.g];
-        v_scale = reinterpret_cast<const float*>(reinterpret_cast<const char*>(c.v_scale) + page * c.block_stride)[t.g];
+        k_scale = reinterpret_cast<const float*>(reinterpret_cast<const char*>(c.k_scale) + page * c.scale_step())[t.g];
+        v_scale = reinterpret_cast<const float*>(reinterpret_cast<const char*>(c.v_scale) + page * c.scale_step())[t.g];
       }
       k.softmax_block(scores.data(), bs, rows, bs, k_scale, v_scale, p.m.data(), p.l.data(), corr.data());
       for (int64_t r = 0; r < rows; ++r)

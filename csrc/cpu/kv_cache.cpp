@@ -72,7 +72,8 @@ void write_fp8(const PagedKv& c, const float* k, const float* v, int64_t ld, int
     const int64_t block = slots[order[starts[seg]]] / bs;
     const int64_t at = block * c.block_stride;
     fp8_e4m3* dst = reinterpret_cast<fp8_e4m3*>(static_cast<char*>(is_v ? c.v : c.k) + at) + g * bs * d;
-    float* scale_at = reinterpret_cast<float*>(reinterpret_cast<char*>(is_v ? c.v_scale : c.k_scale) + at) + g;
+    float* scale_at =
+        reinterpret_cast<float*>(reinterpret_cast<char*>(is_v ? c.v_scale : c.k_scale) + block * c.scale_step()) + g;
     const float* src = is_v ? v : k;
     float scale = *scale_at;
     for (int64_t i = starts[seg]; i < starts[seg + 1]; ++i) {

@@ -116,46 +116,13 @@ MatrixRef matrix(const Typed& w, const std::string& layout, const char* what) {
 
 const Stream kCpu{};
 
-// A paged cache given as numpy arrays: k_cache and v_cache [num_blocks, kv_heads, block_size,
-// head_dim] (float32, uint16 bits of 16-bit floats, or uint8 fp8 codes), and for float8_e4m3
-// k_scale and v_scale [num_blocks, kv_heads] float32. 16/32-bit caches are used in place. An fp8
-// cache is copied into pages [K | V | k_scale | v_scale] of one pool, as PagedKv addresses all
-// four with one block stride, and copied back by copy_back() after a write.
+// A paged cache given as numpy arrays, used in place: k_cache [num_blocks, kv_heads, head_dim,
+// block_size] and v_cache [num_blocks, kv_heads, block_size, head_dim] (float32, uint16 bits of
+// 16-bit floats, or uint8 fp8 codes), and for float8_e4m3 k_scale and v_scale [num_blocks,
+// kv_heads] float32.
 struct PagedArrays {
-  PagedArrays() = default;
-  PagedArrays(PagedArrays&&) = default;  // moves keep the pool's buffer, which kv points into
-  PagedArrays(const PagedArrays&) = delete;
   PagedKv kv;
   py::array k_cache, v_cache, k_scale, v_scale;
-  std::vector<char> pool;
-  int64_t kv_bytes = 0, scale_bytes = 0, page = 0;
-
-  // Section i (0: K, 1: V, 2: k_scale, 3: v_scale) of a block's page.
-  char* section(int64_t block, int i) {
-    return pool.data() + block * page + (i < 2 ? i * kv_bytes : 2 * kv_bytes + (i - 2) * scale_bytes);
-  }
-  static int64_t padded(int64_t n) { return (n + 63) / 64 * 64; }
-
-  void copy_in() {
-    const int64_t kvb = kv_heads_bytes(), sb = int64_t(kv.kv_heads) * 4;
-    for (int64_t b = 0; b < kv.num_blocks; ++b) {
-      std::memcpy(section(b, 0), static_cast<const char*>(k_cache.data()) + b * kvb, size_t(kvb));
-      std::memcpy(section(b, 1), static_cast<const char*>(v_cache.data()) + b * kvb, size_t(kvb));
-      std::memcpy(section(b, 2), static_cast<const char*>(k_scale.data()) + b * sb, size_t(sb));
-      std::memcpy(section(b, 3), static_cast<const char*>(v_scale.data()) + b * sb, size_t(sb));
-    }
-  }
-  void copy_back() {
-    if (pool.empty()) return;
-    const int64_t kvb = kv_heads_bytes(), sb = int64_t(kv.kv_heads) * 4;
-    for (int64_t b = 0; b < kv.num_blocks; ++b) {
-      std::memcpy(static_cast<char*>(k_cache.mutable_data()) + b * kvb, section(b, 0), size_t(kvb));
-      std::memcpy(static_cast<char*>(v_cache.mutable_data()) + b * kvb, section(b, 1), size_t(kvb));
-      std::memcpy(static_cast<char*>(k_scale.mutable_data()) + b * sb, section(b, 2), size_t(sb));
-      std::memcpy(static_cast<char*>(v_scale.mutable_data()) + b * sb, section(b, 3), size_t(sb));
-    }
-  }
-  int64_t kv_heads_bytes() const { return int64_t(kv.kv_heads) * kv.block_size * kv.head_dim; }
 };
 
 PagedArrays paged(py::array k_cache, py::array v_cache, const std::string& dtype, const py::object& k_scale,
@@ -211,16 +178,12 @@ PagedArrays paged(py::array k_cache, py::array v_cache, const std::string& dtype
     expect(a.flags() & py::array::c_style, std::string(name) + " must be C-contiguous (it is written in place)");
     *dst = a;
   }
-  p.kv_bytes = PagedArrays::padded(p.kv_heads_bytes());
-  p.scale_bytes = PagedArrays::padded(int64_t(c.kv_heads) * 4);
-  p.page = 2 * p.kv_bytes + 2 * p.scale_bytes;
-  p.pool.assign(size_t(c.num_blocks * p.page), 0);
-  p.copy_in();
-  c.k = p.section(0, 0);
-  c.v = p.section(0, 1);
-  c.k_scale = reinterpret_cast<float*>(p.section(0, 2));
-  c.v_scale = reinterpret_cast<float*>(p.section(0, 3));
-  c.block_stride = p.page;
+  c.k = k_cache.mutable_data();
+  c.v = v_cache.mutable_data();
+  c.block_stride = k_cache.strides(0);
+  c.k_scale = static_cast<float*>(p.k_scale.mutable_data());
+  c.v_scale = static_cast<float*>(p.v_scale.mutable_data());
+  c.scale_stride = p.k_scale.strides(0);
   return p;
 }
 
@@ -394,7 +357,6 @@ void register_ops(py::module_& m) {
           if (slots.data()[t] < 0 || slots.data()[t] >= c.num_blocks * c.block_size)
             throw InvalidInputError("slot " + std::to_string(slots.data()[t]) + " is outside the cache");
         kernels::kv_cache_write(kCpu, c, k.data(), v.data(), width, T, slots.data());
-        p.copy_back();
       },
       py::arg("k_cache"), py::arg("v_cache"), py::arg("dtype"), py::arg("k"), py::arg("v"), py::arg("slots"),
       py::kw_only(), py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none());

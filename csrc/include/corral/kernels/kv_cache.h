@@ -10,18 +10,22 @@ namespace corral {
 // of head_dim values: K at (char*)k + b * block_stride, laid out [kv_heads, head_dim, block_size]
 // (transposed: a block's scores are then a product with no horizontal sums), and V at
 // (char*)v + b * block_stride, laid out [kv_heads, block_size, head_dim]. With dtype F8_E4M3 each (block, KV head) has a float scale (the stored
-// value times the scale is the real one), at (char*)k_scale + b * block_stride, [kv_heads].
+// value times the scale is the real one), at (char*)k_scale + b * scale_stride, [kv_heads]
+// (scale_stride 0: block_stride, scales inside the pages).
 struct PagedKv {
   void* k = nullptr;
   void* v = nullptr;
   float* k_scale = nullptr;  // F8_E4M3 only
   float* v_scale = nullptr;
   int64_t block_stride = 0;  // bytes
+  int64_t scale_stride = 0;  // bytes; 0: block_stride
   DType dtype = DType::F32;
   int64_t num_blocks = 0;
   int32_t block_size = 16;
   int32_t kv_heads = 0;
   int32_t head_dim = 0;
+
+  int64_t scale_step() const { return scale_stride ? scale_stride : block_stride; }
 };
 
 namespace kernels {
