@@ -143,3 +143,24 @@ def test_fp8_kv_cache_close_to_bf16(tmp_path, weights):
     assert rel_err(fp8.logits(prompt)[-1], bf16.logits(prompt)[-1]) <= 5e-2
     assert fp8.generate([prompt], params)[0].outputs[0].token_ids == bf16.generate([prompt], params)[0].outputs[0].token_ids
     assert fp8.stats()["kv_bytes_per_token"] < 0.51 * bf16.stats()["kv_bytes_per_token"]
+
+
+def test_kv_cache_attend_reads_the_layer_pages(tmp_path, rng=np.random.default_rng(3)):
+    """KvCache.attend (a decode step of one layer through its group's pages) equals float64
+    attention over what was written: all keys on a global layer, the last chunk on a local one."""
+    layout = corral._core.KvLayout.from_config(str(tiny_config(tmp_path, num_key_value_heads=2)), 16, "float32")
+    kv = corral._core.KvCache(layout, 4096 * layout.page_bytes)
+    n = 150  # the last chunk of 64 starts at 128
+    k = rng.standard_normal((n, 16)).astype(np.float32)
+    v = rng.standard_normal((n, 16)).astype(np.float32)
+    kv.blocks.add(0, [1])
+    assert kv.append(0, n)
+    kv.write(0, 0, k, v)
+    q = rng.standard_normal((6, 8)).astype(np.float32)  # 3 query heads per KV head
+    for layer, lo in ((3, 0), (0, 128)):  # layer 3 is NoPE (global), layer 0 chunked
+        out = kv.attend(0, layer, q, 0.5)
+        keys, values = k.reshape(n, 2, 8)[lo:], v.reshape(n, 2, 8)[lo:]
+        for h in range(6):
+            s = keys[:, h // 3] @ q[h].astype(np.float64) * 0.5
+            w = np.exp(s - s.max())
+            np.testing.assert_allclose(out[h], (w / w.sum()) @ values[:, h // 3], rtol=1e-5, atol=1e-6)

@@ -12,22 +12,26 @@ namespace corral::cpu {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-// Query tokens per tile; all query heads of one KV head go together, so each K/V block read
-// serves tokens x group rows.
+// Query tokens per tile; all query heads of a KV head go together, so each K/V block read serves
+// tokens x group rows.
 constexpr int64_t kQueryTile = 16;
 // Keys per split (rounded up to whole blocks): a row's softmax runs split by split, each split's
 // (max, sum, output) merged in order. Splits are fixed by key position, so a row's result does
 // not depend on the batch or on how its keys were spread over threads.
-constexpr int64_t kSplitKeys = 4096;
-// Tiles of at most this many query tokens (decode) run their splits on different threads.
+constexpr int64_t kSplitKeys = 2048;
+// Tiles of at most this many query tokens (decode) take every KV head at once, reading whole
+// pages, and run their splits on different threads.
 constexpr int64_t kSplitTileTokens = 4;
+// How many blocks ahead attention prefetches K and V.
+constexpr int64_t kPrefetchBlocks = 2;
 
-// One KV head g of query tokens [r0, r1) of sequence seq.
+// KV heads [g0, g1) of query tokens [r0, r1) of sequence seq.
 struct Tile {
-  int64_t seq, r0, r1, g;
+  int64_t seq, r0, r1, g0, g1;
 };
 
-// Online-softmax state of a tile's rows: running max, sum and unnormalized output.
+// Online-softmax state of a tile's rows (per KV head, its tokens x group rows): running max, sum
+// and unnormalized output.
 struct Partial {
   std::vector<float> m, l, acc;
   void reset(int64_t rows, int64_t d) {
@@ -37,27 +41,31 @@ struct Partial {
   }
 };
 
-// What a tile needs, set up once: its rows' scaled queries and the keys each row sees.
+// What a tile needs, set up once: its rows' scaled queries and the keys each token sees.
 struct TileWork {
   const PagedKv& c;
   const AttentionBatch& b;
   int64_t heads, chunk;
   Tile t;
-  int64_t group, rows, d, bs;
-  std::vector<float> q;           // [rows, d], row (token, hh), pre-multiplied by the scale
-  std::vector<int64_t> lo, hi;    // per token: visible keys [lo, hi]
-  int64_t first_block, last_block;
+  int64_t group, tokens, rows_per_head, rows, d, bs;
+  std::vector<float> q;         // [g1 - g0][tokens * group][d], pre-multiplied by the scale
+  std::vector<int64_t> lo, hi;  // per token: visible keys [lo, hi]
+  int64_t first_block, last_block, hi_max;
 
   TileWork(const PagedKv& cache, const AttentionBatch& batch, int64_t h, int64_t chunk_size, const float* qin,
            float scale, const Tile& tile)
-      : c(cache), b(batch), heads(h), chunk(chunk_size), t(tile), group(h / cache.kv_heads),
-        rows((tile.r1 - tile.r0) * group), d(cache.head_dim), bs(cache.block_size) {
+      : c(cache), b(batch), heads(h), chunk(chunk_size), t(tile), group(h / cache.kv_heads), tokens(tile.r1 - tile.r0),
+        rows_per_head(tokens * group), rows(rows_per_head * (tile.g1 - tile.g0)), d(cache.head_dim),
+        bs(cache.block_size) {
     q.resize(rows * d);
-    for (int64_t tok = 0; tok < t.r1 - t.r0; ++tok)
-      for (int64_t hh = 0; hh < group; ++hh)
-        for (int64_t i = 0; i < d; ++i)
-          q[(tok * group + hh) * d + i] = qin[(t.r0 + tok) * heads * d + (t.g * group + hh) * d + i] * scale;
-    int64_t lo_min = std::numeric_limits<int64_t>::max(), hi_max = 0;
+    for (int64_t g = t.g0; g < t.g1; ++g)
+      for (int64_t tok = 0; tok < tokens; ++tok)
+        for (int64_t hh = 0; hh < group; ++hh)
+          for (int64_t i = 0; i < d; ++i)
+            q[(((g - t.g0) * tokens + tok) * group + hh) * d + i] =
+                qin[(t.r0 + tok) * heads * d + (g * group + hh) * d + i] * scale;
+    int64_t lo_min = std::numeric_limits<int64_t>::max();
+    hi_max = 0;
     for (int64_t r = t.r0; r < t.r1; ++r) {
       const int64_t p = b.positions[r];
       lo.push_back(chunk > 0 ? p - p % chunk : 0);
@@ -76,47 +84,51 @@ struct TileWork {
   // The online softmax of the rows over the blocks of split `split`, from a fresh state.
   void attend_split(int64_t split, Partial& p, std::vector<float>& scores, std::vector<float>& corr) const {
     p.reset(rows, d);
-    scores.resize(rows * bs);
-    corr.resize(rows);
+    scores.resize(rows_per_head * bs);
+    corr.resize(rows_per_head);
     const IsaKernels& k = isa();
     const int fi = kv_index(c.dtype, "KV cache");
     const int64_t es = int64_t(dtype_size(c.dtype)), head_bytes = bs * d * es;
     const int32_t* table = b.block_tables + t.seq * int64_t(b.max_blocks);
     const int64_t b0 = std::max(first_block, split * split_blocks());
     const int64_t b1 = std::min(last_block + 1, (split + 1) * split_blocks());
-    const int64_t hi_max = *std::max_element(hi.begin(), hi.end());
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t page = table[blk], key0 = blk * bs, nk = std::min(bs, hi_max + 1 - key0);
-      const char* kt = static_cast<const char*>(c.k) + page * c.block_stride + t.g * head_bytes;  // [d, bs]
-      const char* vb = static_cast<const char*>(c.v) + page * c.block_stride + t.g * head_bytes;  // [bs, d]
-      if (blk + 1 < b1) {  // the next block sits elsewhere in the pool: fetch it while this one runs
-        const int64_t next = int64_t(table[blk + 1]) * c.block_stride + t.g * head_bytes;
-        for (int64_t at = 0; at < head_bytes; at += 64) {
-          __builtin_prefetch(static_cast<const char*>(c.k) + next + at);
-          __builtin_prefetch(static_cast<const char*>(c.v) + next + at);
+      if (blk + kPrefetchBlocks < b1) {  // blocks sit anywhere in the pool: fetch ahead, into L2
+        const int64_t next = int64_t(table[blk + kPrefetchBlocks]) * c.block_stride + t.g0 * head_bytes;
+        for (int64_t at = 0; at < (t.g1 - t.g0) * head_bytes; at += 64) {
+          __builtin_prefetch(static_cast<const char*>(c.k) + next + at, 0, 1);
+          __builtin_prefetch(static_cast<const char*>(c.v) + next + at, 0, 1);
         }
       }
-      // Scores of the whole block, so that a key's score comes from the same vector lanes
-      // whichever rows share the tile; keys past the last written one are masked with the rest.
-      k.gemm_inout[fi](scores.data(), bs, q.data(), d, rows, kt, bs, bs, d, false);
-      for (int64_t tok = 0; tok < int64_t(hi.size()); ++tok) {  // keys a row does not see
-        if (lo[tok] <= key0 && key0 + bs - 1 <= hi[tok]) continue;
-        for (int64_t hh = 0; hh < group; ++hh) {
-          float* s = scores.data() + (tok * group + hh) * bs;
-          for (int64_t j = 0; j < bs; ++j)
-            if (key0 + j < lo[tok] || key0 + j > hi[tok]) s[j] = kNegInf;
+      for (int64_t g = t.g0; g < t.g1; ++g) {
+        const int64_t at = page * c.block_stride + g * head_bytes;
+        const char* kt = static_cast<const char*>(c.k) + at;  // [d, bs]
+        const char* vb = static_cast<const char*>(c.v) + at;  // [bs, d]
+        const int64_t r0 = (g - t.g0) * rows_per_head;
+        float* acc = p.acc.data() + r0 * d;
+        // Scores of the whole block, keys past the last written one masked with the rest.
+        k.attn_scores[fi](scores.data(), bs, q.data() + r0 * d, d, rows_per_head, kt, bs, d);
+        for (int64_t tok = 0; tok < tokens; ++tok) {  // keys a row does not see
+          if (lo[tok] <= key0 && key0 + bs - 1 <= hi[tok]) continue;
+          for (int64_t hh = 0; hh < group; ++hh) {
+            float* s = scores.data() + (tok * group + hh) * bs;
+            for (int64_t j = 0; j < bs; ++j)
+              if (key0 + j < lo[tok] || key0 + j > hi[tok]) s[j] = kNegInf;
+          }
         }
+        float k_scale = 1.f, v_scale = 1.f;  // fp8: the block's scales for this KV head
+        if (c.dtype == DType::F8_E4M3) {
+          k_scale = reinterpret_cast<const float*>(reinterpret_cast<const char*>(c.k_scale) + page * c.scale_step())[g];
+          v_scale = reinterpret_cast<const float*>(reinterpret_cast<const char*>(c.v_scale) + page * c.scale_step())[g];
+        }
+        k.softmax_block(scores.data(), bs, rows_per_head, bs, k_scale, v_scale, p.m.data() + r0, p.l.data() + r0,
+                        corr.data());
+        for (int64_t r = 0; r < rows_per_head; ++r)
+          if (corr[r] != 1.f)
+            for (int64_t i = 0; i < d; ++i) acc[r * d + i] *= corr[r];
+        k.attn_pv[fi](acc, d, scores.data(), bs, rows_per_head, vb, nk, d);  // V past nk: unwritten
       }
-      float k_scale = 1.f, v_scale = 1.f;  // fp8: the block's scales for this KV head
-      if (c.dtype == DType::F8_E4M3) {
-        k_scale = reinterpret_cast<const float*>(reinterpret_cast<const char*>(c.k_scale) + page * c.scale_step())[t.g];
-        v_scale = reinterpret_cast<const float*>(reinterpret_cast<const char*>(c.v_scale) + page * c.scale_step())[t.g];
-      }
-      k.softmax_block(scores.data(), bs, rows, bs, k_scale, v_scale, p.m.data(), p.l.data(), corr.data());
-      for (int64_t r = 0; r < rows; ++r)
-        if (corr[r] != 1.f)
-          for (int64_t i = 0; i < d; ++i) p.acc[r * d + i] *= corr[r];
-      k.gemm_inout[fi](p.acc.data(), d, scores.data(), bs, rows, vb, d, d, nk, true);  // V past nk: unwritten
     }
   }
 
@@ -139,13 +151,14 @@ struct TileWork {
   }
 
   void write(float* out, const Partial& run) const {
-    for (int64_t tok = 0; tok < t.r1 - t.r0; ++tok)
-      for (int64_t hh = 0; hh < group; ++hh) {
-        const int64_t row = tok * group + hh;
-        const float inv = 1.0f / run.l[row];
-        float* o = out + (t.r0 + tok) * heads * d + (t.g * group + hh) * d;
-        for (int64_t i = 0; i < d; ++i) o[i] = run.acc[row * d + i] * inv;
-      }
+    for (int64_t g = t.g0; g < t.g1; ++g)
+      for (int64_t tok = 0; tok < tokens; ++tok)
+        for (int64_t hh = 0; hh < group; ++hh) {
+          const int64_t row = ((g - t.g0) * tokens + tok) * group + hh;
+          const float inv = 1.0f / run.l[row];
+          float* o = out + (t.r0 + tok) * heads * d + (g * group + hh) * d;
+          for (int64_t i = 0; i < d; ++i) o[i] = run.acc[row * d + i] * inv;
+        }
   }
 };
 
@@ -160,11 +173,18 @@ void paged_attention(float* out, const float* q, int64_t heads, const PagedKv& c
   if (cache.dtype == DType::F8_E4M3 && (cache.k_scale == nullptr || cache.v_scale == nullptr))
     throw InvalidInputError("paged_attention: a float8_e4m3 KV cache needs k_scale and v_scale");
   std::vector<TileWork> tiles;
-  for (int64_t s = 0; s < batch.num_seqs; ++s)
-    for (int64_t r = batch.seq_starts[s]; r < batch.seq_starts[s + 1]; r += kQueryTile)
+  for (int64_t s = 0; s < batch.num_seqs; ++s) {
+    const int64_t n = batch.seq_starts[s + 1] - batch.seq_starts[s];
+    for (int64_t r = batch.seq_starts[s]; r < batch.seq_starts[s + 1]; r += kQueryTile) {
+      const int64_t r1 = std::min<int64_t>(r + kQueryTile, batch.seq_starts[s + 1]);
+      if (n <= kSplitTileTokens) {  // decode: every KV head in one tile, whole pages read at once
+        tiles.emplace_back(cache, batch, heads, chunk_size, q, scale, Tile{s, r, r1, 0, cache.kv_heads});
+        continue;
+      }
       for (int64_t g = 0; g < cache.kv_heads; ++g)
-        tiles.emplace_back(cache, batch, heads, chunk_size, q, scale,
-                           Tile{s, r, std::min<int64_t>(r + kQueryTile, batch.seq_starts[s + 1]), g});
+        tiles.emplace_back(cache, batch, heads, chunk_size, q, scale, Tile{s, r, r1, g, g + 1});
+    }
+  }
   // Decode tiles with several splits run one split per work item; the rest one tile per item.
   struct Item {
     int64_t tile, split;  // split -1: the whole tile
@@ -175,7 +195,7 @@ void paged_attention(float* out, const float* q, int64_t heads, const PagedKv& c
   int64_t partials = 0;
   for (int64_t i = 0; i < int64_t(tiles.size()); ++i) {
     const TileWork& t = tiles[i];
-    if (t.t.r1 - t.t.r0 <= kSplitTileTokens && t.last_split() > t.first_split()) {
+    if (t.tokens <= kSplitTileTokens && t.last_split() > t.first_split()) {
       first_partial[i] = partials;
       for (int64_t sp = t.first_split(); sp <= t.last_split(); ++sp) items.push_back({i, sp, partials++});
     } else {

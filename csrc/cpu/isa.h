@@ -19,6 +19,12 @@ using GemmPanelFn = void (*)(float* y, int64_t ldy, const float* x, int64_t ldx,
 // Rows of x up to which InOut products stream W row by row (gemm_inout_stream).
 constexpr int64_t kStreamRows = 8;
 
+// Attention scores of rows of q against one block of keys stored [d, bs] (see simd/attention.h).
+using AttnScoresFn = void (*)(float* s, int64_t lds, const float* q, int64_t ldq, int64_t rows, const void* kt,
+                              int64_t bs, int64_t d);
+// acc[r, 0:d] += p[r, 0:nk] . V for one block's values stored [nk, d] (see simd/attention.h).
+using AttnPvFn = void (*)(float* acc, int64_t lda, const float* p, int64_t ldp, int64_t rows, const void* v,
+                          int64_t nk, int64_t d);
 // The softmax step of attention over one block (see simd/softmax.h).
 using SoftmaxBlockFn = void (*)(float* s, int64_t lds, int64_t rows, int64_t nk, float pre, float post, float* m,
                                 float* l, float* corr);
@@ -31,6 +37,8 @@ struct IsaKernels {
   GemmPanelFn gemm_outin[4];
   GemmPanelFn gemm_inout[4];
   GemmPanelFn gemm_inout_stream[3];  // accumulates; at most kStreamRows rows; weights only
+  AttnScoresFn attn_scores[4];  // by kv_index
+  AttnPvFn attn_pv[4];          // by kv_index
   SoftmaxBlockFn softmax_block;
 };
 

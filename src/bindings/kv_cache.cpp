@@ -9,6 +9,7 @@
 #include "corral/block_manager.h"
 #include "corral/config.h"
 #include "corral/error.h"
+#include "corral/kernels/attention.h"
 #include "corral/kv_cache.h"
 
 namespace py = pybind11;
@@ -137,7 +138,34 @@ void register_kv_cache(py::module_& m) {
               kernels::kv_cache_write(Stream{}, kv.layer(layer), k.data(), v.data(), width, n,
                                       slots[l.group_of_layer[layer]].data());
           },
-          py::arg("seq"), py::arg("start"), py::arg("k"), py::arg("v"));
+          py::arg("seq"), py::arg("start"), py::arg("k"), py::arg("v"))
+      .def(
+          "attend",
+          [](const KvCache& kv, BlockManager::SeqId id, int64_t layer,
+             py::array_t<float, py::array::c_style | py::array::forcecast> q, float scale) {
+            // Attention of one query token at the sequence's last position, through the layer's
+            // pages (a decode step of one layer), as the model runs it.
+            const KvLayout& l = kv.layout();
+            if (layer < 0 || layer >= l.num_layers()) throw InvalidInputError("no layer " + std::to_string(layer));
+            if (q.ndim() != 2 || q.shape(1) != l.head_dim || q.shape(0) % l.kv_heads != 0)
+              throw ShapeError("q must be (heads, " + std::to_string(l.head_dim) + ") with heads a multiple of " +
+                               std::to_string(l.kv_heads));
+            const int64_t group = l.group_of_layer[layer], n = kv.blocks().num_tokens(id);
+            if (n < 1) throw InvalidInputError("sequence " + std::to_string(id) + " holds no tokens");
+            const std::vector<int32_t>& table = kv.blocks().table(id, group);
+            const int32_t starts[2] = {0, 1}, position = int32_t(n - 1);
+            const AttentionBatch batch{starts, 1, &position, table.data(), int32_t(table.size())};
+            const bool local = kv.blocks().group_kind(group) == AttentionKind::Local;
+            py::array_t<float> out({q.shape(0), q.shape(1)});
+            float* o = out.mutable_data();
+            {
+              py::gil_scoped_release release;
+              kernels::paged_attention(Stream{}, o, q.data(), q.shape(0), kv.layer(layer), batch, scale,
+                                       local ? l.chunk_size : 0);
+            }
+            return out;
+          },
+          py::arg("seq"), py::arg("layer"), py::arg("q"), py::arg("scale"));
 }
 
 }  // namespace corral::bindings
