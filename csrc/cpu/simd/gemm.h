@@ -123,6 +123,10 @@ void gemm_inout_stream(float* y, int64_t ldy, const float* x, int64_t ldx, int64
     const W* w0 = w + p * ldw;
     int64_t j = 0;
     for (; j + kVecWidth <= n; j += kVecWidth) {
+      // Eight rows ahead: each row segment starts a new page, where the hardware prefetchers
+      // stall; one prefetch per cache line keeps enough reads in flight.
+      if (p + 12 <= k && (j * int64_t(sizeof(W))) % 64 == 0)
+        for (int q = 8; q < 12; ++q) __builtin_prefetch(w0 + q * ldw + j, 0, 1);
       // Four rows of W, loaded once for every row of x.
       const VecF a = vload(w0 + j), b = vload(w0 + ldw + j), c = vload(w0 + 2 * ldw + j), d = vload(w0 + 3 * ldw + j);
       for (int64_t r = 0; r < rows; ++r) {
