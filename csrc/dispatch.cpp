@@ -82,10 +82,16 @@ void argmax(const Stream& s, int32_t* out, const float* logits, int64_t rows, in
   cpu::argmax(out, logits, rows, vocab);
 }
 
-void sample_temperature(const Stream& s, int32_t* out, const float* logits, int64_t rows,
-                        int64_t vocab, const float* temperature, const float* uniform) {
-  require_cpu(s, "sample_temperature");
-  cpu::sample_temperature(out, logits, rows, vocab, temperature, uniform);
+void sample(const Stream& s, int32_t* out, const float* logits, int64_t rows, int64_t vocab,
+            const SamplerRow* settings, const float* uniform) {
+  require_cpu(s, "sample");
+  cpu::sample(out, logits, rows, vocab, settings, uniform);
+}
+
+void apply_penalties(const Stream& s, float* logits, int64_t rows, int64_t vocab, const int64_t* offsets,
+                     const int32_t* token_ids, const int32_t* output_counts, const PenaltyRow* penalties) {
+  require_cpu(s, "apply_penalties");
+  cpu::apply_penalties(logits, rows, vocab, offsets, token_ids, output_counts, penalties);
 }
 
 void logprobs(const Stream& s, const float* logits, int64_t rows, int64_t vocab, const int32_t* chosen,
@@ -96,7 +102,13 @@ void logprobs(const Stream& s, const float* logits, int64_t rows, int64_t vocab,
 
 void kv_cache_write(const Stream& s, const PagedKv& cache, const float* k, const float* v,
                     int64_t ld, int64_t tokens, const int64_t* slots) {
-  require_cpu(s, "kv_cache_write");
+  if (is_cuda(s)) {
+#if CORRAL_WITH_CUDA
+    return cuda::kv_cache_write(s.handle, cache, k, v, ld, tokens, slots);
+#else
+    no_cuda("kv_cache_write");
+#endif
+  }
   cpu::kv_cache_write(cache, k, v, ld, tokens, slots);
 }
 
@@ -109,13 +121,25 @@ void kv_cache_copy_pages(const Stream& s, void* pool, int64_t page_bytes, const 
 void paged_attention(const Stream& s, float* out, const float* q, int64_t heads,
                      const PagedKv& cache, const AttentionBatch& batch, float scale,
                      int64_t chunk_size) {
-  require_cpu(s, "paged_attention");
+  if (is_cuda(s)) {
+#if CORRAL_WITH_CUDA
+    return cuda::paged_attention(s.handle, out, q, heads, cache, batch, scale, chunk_size);
+#else
+    no_cuda("paged_attention");
+#endif
+  }
   cpu::paged_attention(out, q, heads, cache, batch, scale, chunk_size);
 }
 
 void attn_temperature_scale(const Stream& s, float* q, int64_t ld, int64_t rows, int64_t width,
                             const int32_t* positions, float attn_scale, float floor_scale) {
-  require_cpu(s, "attn_temperature_scale");
+  if (is_cuda(s)) {
+#if CORRAL_WITH_CUDA
+    return cuda::attn_temperature_scale(s.handle, q, ld, rows, width, positions, attn_scale, floor_scale);
+#else
+    no_cuda("attn_temperature_scale");
+#endif
+  }
   cpu::attn_temperature_scale(q, ld, rows, width, positions, attn_scale, floor_scale);
 }
 

@@ -3,7 +3,9 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <string>
+#include <unordered_map>
 
 #include "corral/error.h"
 #include "corral/kernels/sampling.h"
@@ -12,19 +14,37 @@ namespace corral {
 
 struct Engine::Request {
   int64_t id = 0;
+  SamplingParams params;
+  uint64_t seed = 0;                    // sample i draws from a generator seeded with seed + i * golden
+  std::vector<int32_t> stop_ids;        // tokens that end a sample: eos (unless ignored) and stop_token_ids
+  std::vector<std::unique_ptr<Sequence>> samples;  // by index; the first is created with the request
+  int64_t live = 0;                     // samples not finished
+  bool penalized() const {
+    return params.repetition_penalty != 1.f || params.presence_penalty != 0.f || params.frequency_penalty != 0.f;
+  }
+};
+
+// One sample of a request: its own tokens, KV-cache sequence and random generator.
+struct Engine::Sequence {
+  Request* request = nullptr;
+  int32_t index = 0;
+  BlockManager::SeqId kv = 0;   // its KV-cache sequence (exists while it is running)
   std::vector<int32_t> tokens;  // prompt, then generated tokens
   int64_t prompt_len = 0;
-  int64_t computed = 0;  // tokens whose K/V are in the cache (its KV-cache sequence has the same id)
-  bool started = false;  // scheduled in a step yet
-  SamplingParams params;
+  int64_t computed = 0;         // tokens whose K/V are in the cache
+  bool running = false;         // holds KV blocks (in running_), else in waiting_ or finished
+  bool finished = false;
   std::mt19937_64 rng;
+  std::unordered_map<int32_t, int32_t> counts;  // with penalties: prompt and output tokens -> output count
   int64_t generated() const { return int64_t(tokens.size()) - prompt_len; }
+  std::pair<int64_t, int32_t> key() const { return {request->id, index}; }
 };
 
 const char* finish_reason_name(FinishReason r) {
   switch (r) {
     case FinishReason::Length: return "length";
     case FinishReason::Stop: return "stop";
+    case FinishReason::Abort: return "abort";
     default: return "";
   }
 }
@@ -70,126 +90,275 @@ void Engine::validate_tokens(const std::vector<int32_t>& tokens, const char* wha
 
 int64_t Engine::add_request(const std::vector<int32_t>& prompt, const SamplingParams& params) {
   validate_tokens(prompt, "prompt");
-  const int64_t n = int64_t(prompt.size());
+  const int64_t n = int64_t(prompt.size()), vocab = config().vocab_size;
   if (n >= max_model_len_)
     throw InvalidInputError("prompt of " + std::to_string(n) + " tokens leaves no room to generate within max_model_len " +
                             std::to_string(max_model_len_));
-  if (params.max_tokens < 1) throw InvalidInputError("max_tokens must be >= 1, got " + std::to_string(params.max_tokens));
-  if (!(params.temperature >= 0.f)) throw InvalidInputError("temperature must be >= 0");
+  const SamplingParams& p = params;
+  const auto check = [](bool ok, const std::string& what) {
+    if (!ok) throw InvalidInputError(what);
+  };
+  check(p.n >= 1, "n must be >= 1, got " + std::to_string(p.n));
+  check(p.max_tokens >= 1, "max_tokens must be >= 1, got " + std::to_string(p.max_tokens));
+  check(p.min_tokens >= 0 && p.min_tokens <= p.max_tokens,
+        "min_tokens must be in [0, max_tokens], got " + std::to_string(p.min_tokens));
+  check(p.temperature >= 0.f, "temperature must be >= 0");
+  check(p.top_k >= 0, "top_k must be >= 0 (0: all tokens), got " + std::to_string(p.top_k));
+  check(p.top_p > 0.f && p.top_p <= 1.f, "top_p must be in (0, 1]");
+  check(p.min_p >= 0.f && p.min_p <= 1.f, "min_p must be in [0, 1]");
+  check(p.repetition_penalty > 0.f, "repetition_penalty must be > 0");
+  check(std::isfinite(p.presence_penalty) && std::isfinite(p.frequency_penalty),
+        "presence_penalty and frequency_penalty must be finite");
+  for (int64_t t : p.stop_token_ids)
+    check(t >= 0 && t < vocab, "stop_token_ids: " + std::to_string(t) + " is outside the vocabulary [0, " +
+                                   std::to_string(vocab) + ")");
+  // Every sample must fit in the cache alone at its longest, counting the blocks a step's prompt
+  // piece holds besides in chunked layers; then preempting the others always lets it finish.
   const KvLayout& layout = cache_->layout();
-  if (layout.sequence_bytes(n + 1, true) > cache_->num_pages() * layout.page_bytes)
-    throw OutOfKVCacheError("prompt of " + std::to_string(n) + " tokens needs more KV blocks than the whole cache has (" +
+  const int64_t longest = std::min(n + p.max_tokens, max_model_len_);
+  const int64_t piece_blocks = (std::min(longest, options_.max_num_batched_tokens) + layout.block_size - 1) /
+                                   layout.block_size + 1;
+  const int64_t peak =
+      std::min(layout.sequence_bytes(longest, true) +
+                   layout.num_groups(AttentionKind::Local) * piece_blocks * layout.page_bytes,
+               layout.sequence_bytes(longest, false));
+  if (peak > cache_->num_pages() * layout.page_bytes)
+    throw OutOfKVCacheError("a sample of " + std::to_string(longest) + " tokens (prompt " + std::to_string(n) +
+                            " + max_tokens " + std::to_string(p.max_tokens) +
+                            ") needs more KV blocks than the whole cache has (" +
                             std::to_string(cache_->num_pages()) + " blocks of " + std::to_string(layout.block_size) +
-                            " tokens); raise kv_cache_bytes");
+                            " tokens); raise kv_cache_bytes or lower max_tokens");
+
   auto r = std::make_unique<Request>();
   r->id = next_id_++;
-  r->tokens = prompt;
-  r->prompt_len = n;
   r->params = params;
-  r->rng.seed(params.seed >= 0 ? uint64_t(params.seed) : seeder_());
-  r->computed = cache_->blocks().add(r->id, prompt);
+  r->seed = p.seed >= 0 ? uint64_t(p.seed) : seeder_();
+  if (!p.ignore_eos) r->stop_ids.assign(config().eos_token_ids.begin(), config().eos_token_ids.end());
+  r->stop_ids.insert(r->stop_ids.end(), p.stop_token_ids.begin(), p.stop_token_ids.end());
+  auto s = std::make_unique<Sequence>();
+  s->request = r.get();
+  s->kv = next_id_++;
+  s->tokens = prompt;
+  s->prompt_len = n;
+  s->rng.seed(r->seed);
+  if (r->penalized())
+    for (int32_t t : prompt) s->counts.emplace(t, 0);
+  waiting_[s->key()] = s.get();
+  r->samples.push_back(std::move(s));
+  r->live = 1;
   const int64_t id = r->id;
   requests_[id] = std::move(r);
   return id;
 }
 
-void Engine::finish(Request& r, FinishReason why, RequestUpdate& update) {
-  update.finish_reason = why;
-  cache_->blocks().free(r.id);
+void Engine::preempt(Sequence& s) {
+  // Recompute later: its tokens stay, its K/V go (prefix caching may give some back).
+  cache_->blocks().free(s.kv);
+  s.computed = 0;
+  s.running = false;
+  running_.erase(s.key());
+  waiting_[s.key()] = &s;
+  ++preemptions_;
+}
+
+void Engine::fork_samples(Request& r) {
+  // The other n - 1 samples share the first one's blocks (copy-on-write) and its logits row.
+  Sequence& first = *r.samples.front();
+  for (int32_t i = 1; i < int32_t(r.params.n); ++i) {
+    auto s = std::make_unique<Sequence>(first);
+    s->index = i;
+    s->kv = next_id_++;
+    s->rng.seed(r.seed + uint64_t(i) * 0x9E3779B97F4A7C15ull);
+    cache_->blocks().fork(first.kv, s->kv);
+    running_[s->key()] = s.get();
+    r.samples.push_back(std::move(s));
+    ++r.live;
+  }
+}
+
+void Engine::finish(Sequence& s, FinishReason why, RequestUpdate* update) {
+  if (s.finished) return;
+  if (update) update->finish_reason = why;
+  cache_->blocks().free(s.kv);
+  (s.running ? running_ : waiting_).erase(s.key());
+  s.running = false;
+  s.finished = true;
+  --s.request->live;
 }
 
 std::vector<RequestUpdate> Engine::step() {
-  // First come, first served: decode steps and prompt pieces share the token budget.
   BlockManager& blocks = cache_->blocks();
   ForwardBatch batch(blocks.num_groups());
-  std::vector<std::pair<Request*, int64_t>> scheduled;  // with the number of tokens each computes
-  std::vector<Request*> sampled;  // requests whose logits this step yields, in logit-row order
+  std::vector<std::pair<Sequence*, int64_t>> scheduled;  // with the number of tokens each computes
+  std::vector<Sequence*> sampled;  // sequences whose logits this step yields, in logit-row order
   int64_t budget = options_.max_num_batched_tokens;
-  int64_t seqs = 0;
-  const int64_t watermark_pages = int64_t(options_.kv_watermark * double(cache_->num_pages()));
-  for (auto& [id, rp] : requests_) {
-    Request& r = *rp;
-    if (budget == 0 || seqs == options_.max_num_seqs) break;
-    const int64_t pending = int64_t(r.tokens.size()) - r.computed;
-    const int64_t n = std::min(pending, budget);
-    // A request starts only if it leaves the watermark free for the running ones to grow into.
-    if (!r.started && !blocks.can_append(r.id, n, watermark_pages)) continue;
-    if (!cache_->append(r.id, n)) continue;  // waits for blocks
-    const bool completes = r.computed + n == int64_t(r.tokens.size());
-    batch.add_sequence(r.tokens.data() + r.computed, n, r.computed, blocks, r.id, completes);
-    scheduled.emplace_back(&r, n);
-    r.started = true;
-    if (completes) sampled.push_back(&r);
+  const auto schedule = [&](Sequence& s, int64_t n) {
+    const bool completes = s.computed + n == int64_t(s.tokens.size());
+    batch.add_sequence(s.tokens.data() + s.computed, n, s.computed, blocks, s.kv, completes);
+    scheduled.emplace_back(&s, n);
+    if (completes) sampled.push_back(&s);
     budget -= n;
-    ++seqs;
+  };
+
+  // Running sequences, oldest first; one that cannot get blocks preempts the youngest (itself last).
+  bool preempted = false;
+  for (auto it = running_.begin(); it != running_.end() && budget > 0;) {
+    Sequence& s = *it->second;
+    const int64_t n = std::min(int64_t(s.tokens.size()) - s.computed, budget);
+    bool self = false;
+    while (!cache_->append(s.kv, n)) {
+      Sequence& youngest = *std::prev(running_.end())->second;
+      self = &youngest == &s;
+      preempt(youngest);
+      preempted = true;
+      if (self) break;
+    }
+    if (self) break;
+    schedule(s, n);
+    ++it;
+  }
+  // Then waiting ones in arrival order while they leave the watermark free for the running ones
+  // to grow into (not right after a preemption, which would only thrash).
+  const int64_t watermark = int64_t(options_.kv_watermark * double(cache_->num_pages()));
+  while (budget > 0 && !waiting_.empty() && int64_t(running_.size()) < options_.max_num_seqs &&
+         (!preempted || scheduled.empty())) {
+    Sequence& s = *waiting_.begin()->second;
+    s.computed = blocks.add(s.kv, s.tokens);
+    const int64_t n = std::min(int64_t(s.tokens.size()) - s.computed, budget);
+    if (!blocks.can_append(s.kv, n, running_.empty() ? 0 : watermark)) {
+      blocks.free(s.kv);
+      s.computed = 0;
+      break;  // first come, first served: the later ones wait too
+    }
+    cache_->append(s.kv, n);
+    waiting_.erase(waiting_.begin());
+    running_[s.key()] = &s;
+    s.running = true;
+    schedule(s, n);
   }
   if (batch.num_tokens() == 0) {
     if (requests_.empty()) return {};
-    throw OutOfKVCacheError("KV cache is full: " + std::to_string(requests_.size()) +
-                            " requests need more blocks than the " + std::to_string(cache_->num_pages()) +
-                            " blocks of " + std::to_string(blocks.block_size()) +
-                            " tokens hold; raise kv_cache_bytes or lower max_num_seqs");
+    throw OutOfKVCacheError("KV cache is full: no sequence can get a block among the " +
+                            std::to_string(cache_->num_pages()) + " blocks of " + std::to_string(blocks.block_size()) +
+                            " tokens; raise kv_cache_bytes");
   }
 
-  const int64_t vocab = config().vocab_size, R = int64_t(sampled.size());
-  logits_.resize(size_t(std::max<int64_t>(R, 1) * vocab));
+  logits_.resize(size_t(std::max<size_t>(sampled.size(), 1)) * size_t(config().vocab_size));
   model_->forward(batch, *cache_, logits_.data());
-  for (auto& [r, n] : scheduled) {
-    (r->computed >= r->prompt_len ? decode_tokens_ : prefill_tokens_) += n;
-    blocks.commit(r->id, r->tokens.data() + r->computed, n);
-    r->computed += n;
+  for (auto& [s, n] : scheduled) {
+    (s->computed >= s->prompt_len ? decode_tokens_ : prefill_tokens_) += n;
+    blocks.commit(s->kv, s->tokens.data() + s->computed, n);
+    s->computed += n;
   }
 
-  std::vector<int32_t> next(R);
-  std::vector<float> temperature(R), uniform(R);
-  for (int64_t i = 0; i < R; ++i) {
-    temperature[i] = sampled[i]->params.temperature;
-    uniform[i] = std::uniform_real_distribution<float>(0.f, 1.f)(sampled[i]->rng);
+  // Each logits row is drawn from once, or n times when it ends a prompt of n > 1 samples.
+  std::vector<Sequence*> draws;
+  std::vector<int64_t> rows;
+  for (size_t i = 0; i < sampled.size(); ++i) {
+    Request& r = *sampled[i]->request;
+    if (r.params.n > 1 && r.samples.size() == 1) fork_samples(r);
+    const bool all = r.samples.size() > 1 && sampled[i]->generated() == 0;
+    for (const auto& s : r.samples)
+      if (all ? !s->finished : s.get() == sampled[i]) {
+        draws.push_back(s.get());
+        rows.push_back(int64_t(i));
+      }
   }
-  kernels::sample_temperature(Stream{}, next.data(), logits_.data(), R, vocab, temperature.data(), uniform.data());
+  std::vector<RequestUpdate> updates;
+  sample(draws, rows, updates);
+  for (auto it = requests_.begin(); it != requests_.end();)
+    it = it->second->live == 0 ? requests_.erase(it) : std::next(it);
+  return updates;
+}
 
-  // Log-probabilities (of every row, in one kernel call) when any request asks for them.
+void Engine::sample(const std::vector<Sequence*>& seqs, const std::vector<int64_t>& rows,
+                    std::vector<RequestUpdate>& updates) {
+  const int64_t D = int64_t(seqs.size()), vocab = config().vocab_size;
+  // Rows are adjusted in a copy, one per draw, when a penalty or ban changes them or a row is
+  // drawn from more than once; otherwise the draws read the model's logits as they are.
+  bool copy = D != (D ? rows.back() + 1 : 0);  // rows rise from 0: equal counts mean draw d reads row d
+  for (const Sequence* s : seqs)
+    copy = copy || s->request->penalized() || s->generated() < s->request->params.min_tokens;
+  const auto gather = [&] {
+    processed_.resize(size_t(D * vocab));
+    for (int64_t d = 0; d < D; ++d)
+      std::copy_n(logits_.data() + rows[d] * vocab, vocab, processed_.data() + d * vocab);
+    return processed_.data();
+  };
+  float* logits = copy ? gather() : logits_.data();
+
+  // Penalties from each sequence's token counts, then min_tokens' bans, then the draw.
+  std::vector<int64_t> offsets{0};
+  std::vector<int32_t> ids, counts;
+  std::vector<PenaltyRow> penalties(static_cast<size_t>(D));
+  std::vector<SamplerRow> settings(static_cast<size_t>(D));
+  std::vector<float> uniform(static_cast<size_t>(D));
+  for (int64_t d = 0; d < D; ++d) {
+    const Sequence& s = *seqs[d];
+    const SamplingParams& p = s.request->params;
+    for (const auto& [token, count] : s.counts) {
+      ids.push_back(token);
+      counts.push_back(count);
+    }
+    offsets.push_back(int64_t(ids.size()));
+    penalties[d] = {p.repetition_penalty, p.presence_penalty, p.frequency_penalty};
+    if (s.generated() < p.min_tokens)
+      for (int32_t t : s.request->stop_ids) logits[d * vocab + t] = -INFINITY;
+    settings[d] = {p.temperature, int32_t(std::min<int64_t>(p.top_k, vocab)), p.top_p, p.min_p};
+    uniform[d] = std::uniform_real_distribution<float>(0.f, 1.f)(seqs[d]->rng);
+  }
+  if (!ids.empty())
+    kernels::apply_penalties(Stream{}, logits, D, vocab, offsets.data(), ids.data(), counts.data(),
+                             penalties.data());
+  std::vector<int32_t> next(static_cast<size_t>(D));
+  kernels::sample(Stream{}, next.data(), logits, D, vocab, settings.data(), uniform.data());
+
+  // Log-probabilities of the model's own distribution (before penalties and temperature), as vLLM.
   int64_t top_n = -1;
-  for (Request* r : sampled) top_n = std::max(top_n, std::min(r->params.logprobs, vocab));
-  std::vector<float> chosen_lp(R), top_lp(R * std::max<int64_t>(top_n, 0));
+  for (const Sequence* s : seqs) top_n = std::max(top_n, std::min(s->request->params.logprobs, vocab));
+  std::vector<float> chosen_lp(static_cast<size_t>(D)), top_lp(size_t(D * std::max<int64_t>(top_n, 0)));
   std::vector<int32_t> top_ids(top_lp.size());
   if (top_n >= 0)
-    kernels::logprobs(Stream{}, logits_.data(), R, vocab, next.data(), chosen_lp.data(), top_n, top_ids.data(),
-                      top_lp.data());
+    kernels::logprobs(Stream{}, copy ? gather() : logits_.data(), D, vocab, next.data(), chosen_lp.data(), top_n,
+                      top_ids.data(), top_lp.data());
 
-  std::vector<RequestUpdate> updates;
-  const std::vector<int64_t>& eos = config().eos_token_ids;
-  for (int64_t i = 0; i < R; ++i) {
-    Request& r = *sampled[i];
-    const int32_t tok = next[i];
-    r.tokens.push_back(tok);
+  for (int64_t d = 0; d < D; ++d) {
+    Sequence& s = *seqs[d];
+    const SamplingParams& p = s.request->params;
+    const int32_t tok = next[d];
+    s.tokens.push_back(tok);
+    if (s.request->penalized()) ++s.counts[tok];
     RequestUpdate u;
-    u.request_id = r.id;
+    u.request_id = s.request->id;
+    u.index = s.index;
     u.new_token_ids.push_back(tok);
-    if (r.params.logprobs >= 0) {
-      std::vector<std::pair<int32_t, float>> entry{{tok, chosen_lp[i]}};
-      for (int64_t k = 0; k < std::min(r.params.logprobs, top_n); ++k)
-        entry.emplace_back(top_ids[i * top_n + k], top_lp[i * top_n + k]);
+    if (p.logprobs >= 0) {
+      std::vector<std::pair<int32_t, float>> entry{{tok, chosen_lp[d]}};
+      for (int64_t k = 0; k < std::min(p.logprobs, top_n); ++k)
+        entry.emplace_back(top_ids[d * top_n + k], top_lp[d * top_n + k]);
       u.logprobs.push_back(std::move(entry));
     }
-    const auto& stops = r.params.stop_token_ids;
-    const bool is_eos = !r.params.ignore_eos && std::find(eos.begin(), eos.end(), tok) != eos.end();
-    if (is_eos || std::find(stops.begin(), stops.end(), tok) != stops.end())
-      finish(r, FinishReason::Stop, u);
-    else if (r.generated() >= r.params.max_tokens || int64_t(r.tokens.size()) >= max_model_len_)
-      finish(r, FinishReason::Length, u);
+    const auto& stops = s.request->stop_ids;
+    if (std::find(stops.begin(), stops.end(), tok) != stops.end() && s.generated() > p.min_tokens)
+      finish(s, FinishReason::Stop, &u);
+    else if (s.generated() >= p.max_tokens || int64_t(s.tokens.size()) >= max_model_len_)
+      finish(s, FinishReason::Length, &u);
     updates.push_back(std::move(u));
   }
-  for (const RequestUpdate& u : updates)
-    if (u.finished()) requests_.erase(u.request_id);
-  return updates;
 }
 
 void Engine::abort(int64_t request_id) {
   auto it = requests_.find(request_id);
   if (it == requests_.end()) return;
-  cache_->blocks().free(request_id);
+  for (const auto& s : it->second->samples) finish(*s, FinishReason::Abort, nullptr);
   requests_.erase(it);
+}
+
+void Engine::finish_sample(int64_t request_id, int32_t index) {
+  auto it = requests_.find(request_id);
+  if (it == requests_.end() || index < 0 || index >= int32_t(it->second->samples.size())) return;
+  finish(*it->second->samples[size_t(index)], FinishReason::Abort, nullptr);
+  if (it->second->live == 0) requests_.erase(it);
 }
 
 void Engine::prompt_logits(const std::vector<std::vector<int32_t>>& prompts, float* out) {
@@ -263,9 +432,13 @@ EngineStats Engine::stats() const {
   s.kv_bytes_per_token = layout.bytes_per_token();
   s.kv_global_groups = layout.num_groups(AttentionKind::Global);
   s.kv_local_groups = layout.num_groups(AttentionKind::Local);
-  for (const auto& [id, r] : requests_) (r->started ? s.requests_running : s.requests_waiting) += 1;
+  for (const auto& [id, r] : requests_) {
+    const bool running = std::any_of(r->samples.begin(), r->samples.end(), [](const auto& q) { return q->running; });
+    (running ? s.requests_running : s.requests_waiting) += 1;
+  }
   s.prefill_tokens_computed = prefill_tokens_;
   s.decode_tokens_computed = decode_tokens_;
+  s.preemptions = preemptions_;
   s.expert_tokens = model_->expert_tokens();
   return s;
 }

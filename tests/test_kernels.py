@@ -405,7 +405,7 @@ def sampling_expectation(logits, temperature, uniform):
 
 @pytest.mark.parametrize("rows,vocab", [(64, 1000), (6, 202048)])
 def test_sample_temperature_inverse_cdf(rng, rows, vocab):
-    """sample_temperature picks the first index whose softmax(l/T) CDF exceeds u; T = 0 is argmax."""
+    """Without truncation, sample picks the first index whose softmax(l/T) CDF exceeds u; T = 0 is argmax."""
     logits = (rng.standard_normal((rows, vocab)) * 2).astype(np.float32)
     logits[rng.random((rows, vocab)) < 0.1] = -np.inf  # masked tokens: never drawn
     logits[1, [3, vocab - 2]] = 20.0  # a tie at the max, for a T = 0 row
@@ -420,30 +420,112 @@ def test_sample_temperature_inverse_cdf(rng, rows, vocab):
         uniform[near] = rng.random(int(near.sum()), dtype=np.float32)
     else:
         pytest.fail("could not draw uniforms away from CDF boundaries")
-    got = ops.sample_temperature(logits, temperature, uniform)
+    got = ops.sample(logits, uniform, temperature=temperature)
     assert got.dtype == np.int32
     np.testing.assert_array_equal(got, expected)
     assert np.all(np.isfinite(logits[np.arange(rows), got]))
 
 
-@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
-def test_sample_temperature_distribution(rng, temperature):
-    """20,000 draws follow softmax(l/T) (chi-square), and clearly differ from softmax(l/(1.5 T))."""
-    V, N = 20, 20_000
-    lg = rng.standard_normal(V).astype(np.float32)
+def reference_probs(logits, temperature, top_k=0, top_p=1.0, min_p=0.0):
+    """The distribution transformers' warpers sample from (float64): temperature, then top-k,
+    top-p (on the renormalized top-k), min-p; ties broken towards the lower id."""
+    z = logits.astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = np.argsort(-logits, kind="stable")  # most likely first, lower id first among equals
+    keep = np.zeros(len(p), bool)
+    keep[order[: top_k if top_k > 0 else len(p)]] = True
+    if top_p < 1.0:
+        q = np.where(keep, p, 0.0)
+        q /= q.sum()
+        before = np.cumsum(q[order]) - q[order]  # mass of the more likely tokens
+        keep[order[before >= top_p]] = False
+    keep &= p >= min_p * p.max()
+    out = np.where(keep, p, 0.0)
+    return out / out.sum()
+
+
+SAMPLER_SETTINGS = [  # temperature, top_k, top_p, min_p
+    (1.0, 0, 1.0, 0.0),
+    (0.5, 0, 1.0, 0.0),
+    (2.0, 0, 1.0, 0.0),
+    (0.8, 6, 1.0, 0.0),
+    (1.0, 0, 0.7, 0.0),
+    (1.5, 0, 1.0, 0.15),
+    (1.2, 15, 0.85, 0.05),
+]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", SAMPLER_SETTINGS)
+def test_sample_distribution(rng, temperature, top_k, top_p, min_p):
+    """20,000 draws follow the numpy reference distribution (chi-square), never pick a token it
+    excludes, and clearly differ from the distribution without the setting under test."""
+    V, N = 40, 20_000
+    lg = (rng.standard_normal(V) * 1.5).astype(np.float32)
+    lg[7] = lg[8] = lg.max() + 0.5  # a tie at the top
     uniform = rng.random(N, dtype=np.float32)
-    draws = ops.sample_temperature(np.tile(lg, (N, 1)), np.full(N, temperature, np.float32), uniform)
+    draws = ops.sample(np.tile(lg, (N, 1)), uniform, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     counts = np.bincount(draws, minlength=V)
-    assert counts.shape == (V,)
+    probs = reference_probs(lg, temperature, top_k, top_p, min_p)
+    assert counts[probs == 0].sum() == 0, "drew a token the settings exclude"
+    kept = probs > 0
+    critical = chi_square_critical(int(kept.sum()) - 1)
+    assert chi_square(counts[kept], probs[kept]) < critical
+    if (top_k, top_p, min_p) == (0, 1.0, 0.0):
+        other = reference_probs(lg, 1.5 * temperature)
+    else:
+        other = reference_probs(lg, temperature)  # the test has power: truncation matters
+        assert (other > 0).sum() > kept.sum()
+    assert chi_square(counts, other) > chi_square_critical(V - 1)
 
-    def softmax(t):
-        z = lg.astype(np.float64) / t
-        p = np.exp(z - z.max())
-        return p / p.sum()
 
-    critical = chi_square_critical(V - 1)
-    assert chi_square(counts, softmax(temperature)) < critical
-    assert chi_square(counts, softmax(1.5 * temperature)) > critical  # the test has power
+@pytest.mark.parametrize("top_k,top_p,min_p", [(50, 1.0, 0.0), (0, 0.9, 0.0), (0, 1.0, 0.02), (1000, 0.95, 0.01)])
+def test_sample_truncation_large_vocab(rng, top_k, top_p, min_p):
+    """At Llama 4's vocabulary every draw lands in the reference's kept set; top-k 1 and top-p
+    tiny are greedy."""
+    rows, V = 8, 202048
+    logits = (rng.standard_normal((rows, V)) * 3).astype(np.float32)
+    uniform = rng.random(rows, dtype=np.float32)
+    got = ops.sample(logits, uniform, temperature=0.9, top_k=top_k, top_p=top_p, min_p=min_p)
+    for r in range(rows):
+        assert reference_probs(logits[r], 0.9, top_k, top_p, min_p)[got[r]] > 0
+    greedy = np.argmax(logits, axis=1)
+    np.testing.assert_array_equal(ops.sample(logits, uniform, temperature=0.9, top_k=1), greedy)
+    np.testing.assert_array_equal(ops.sample(logits, uniform, temperature=0.9, top_p=1e-6), greedy)
+
+
+def test_apply_penalties_matches_numpy(rng):
+    """Repetition on prompt and output tokens (divide positive logits, multiply negative ones),
+    presence and frequency on output tokens only, per row, against a numpy reference built from
+    the raw token lists."""
+    rows, V = 6, 300
+    logits = (rng.standard_normal((rows, V)) * 3).astype(np.float32)
+    prompts = [rng.integers(0, V, rng.integers(1, 40)) for _ in range(rows)]
+    outputs = [rng.integers(0, V, rng.integers(0, 30)) for _ in range(rows)]
+    repetition = rng.uniform(0.5, 2.0, rows).astype(np.float32)
+    presence = rng.uniform(-1, 1, rows).astype(np.float32)
+    frequency = rng.uniform(-0.5, 0.5, rows).astype(np.float32)
+    repetition[0], presence[0], frequency[0] = 1.0, 0.0, 0.0  # a row left alone
+
+    offsets, ids, counts = [0], [], []
+    for prompt, output in zip(prompts, outputs):
+        seen = np.union1d(prompt, output)
+        ids += list(seen)
+        counts += [int(np.sum(output == t)) for t in seen]
+        offsets.append(len(ids))
+    got = ops.apply_penalties(logits, np.array(offsets), np.array(ids), np.array(counts, np.int32), repetition,
+                              presence, frequency)
+
+    want = logits.astype(np.float64)
+    for r in range(rows):
+        out_counts = np.bincount(outputs[r], minlength=V)
+        seen = (np.bincount(prompts[r], minlength=V) > 0) | (out_counts > 0)
+        rep = np.where(seen, float(repetition[r]), 1.0)
+        want[r] = np.where(want[r] > 0, want[r] / rep, want[r] * rep)
+        want[r] -= float(frequency[r]) * out_counts + float(presence[r]) * (out_counts > 0)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5)
+    np.testing.assert_array_equal(got[0], logits[0])
+    assert not np.allclose(got[1:], logits[1:])
 
 
 # ---- KV cache and paged attention -------------------------------------------------------------

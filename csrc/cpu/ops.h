@@ -7,6 +7,7 @@
 #include "corral/kernels/linear.h"
 #include "corral/kernels/moe.h"
 #include "corral/kernels/rope.h"
+#include "corral/kernels/sampling.h"
 #include "isa.h"
 
 namespace corral::cpu {
@@ -22,8 +23,10 @@ void rope_interleaved(float* x, int64_t ld, int64_t tokens, int64_t heads, int64
 void embedding(float* out, const void* table, DType dtype, int64_t vocab, int64_t dim,
                const int32_t* ids, int64_t tokens);
 void argmax(int32_t* out, const float* logits, int64_t rows, int64_t vocab);
-void sample_temperature(int32_t* out, const float* logits, int64_t rows, int64_t vocab,
-                        const float* temperature, const float* uniform);
+void sample(int32_t* out, const float* logits, int64_t rows, int64_t vocab, const SamplerRow* settings,
+            const float* uniform);
+void apply_penalties(float* logits, int64_t rows, int64_t vocab, const int64_t* offsets, const int32_t* token_ids,
+                     const int32_t* output_counts, const PenaltyRow* penalties);
 void logprobs(const float* logits, int64_t rows, int64_t vocab, const int32_t* chosen, float* chosen_logprob,
               int64_t top_n, int32_t* top_ids, float* top_logprobs);
 void kv_cache_write(const PagedKv& cache, const float* k, const float* v, int64_t ld,

@@ -27,6 +27,7 @@
 #include "moe_gemv.cuh"
 #include "moe_route.cuh"
 #include "ops.h"
+#include "scratch.h"
 
 namespace corral::cuda {
 
@@ -162,33 +163,6 @@ DType check_float(DType t, const char* what) {
     throw DTypeError(std::string("moe ") + what + ": dtype " + dtype_name(t) + " is not supported on CUDA");
   return t;
 }
-
-// Scratch carved from one cudaMallocAsync block, freed on the stream when done (or on an error).
-class Scratch {
- public:
-  explicit Scratch(cudaStream_t s) : stream_(s) {}
-  ~Scratch() {
-    if (base_) cudaFreeAsync(base_, stream_);
-  }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-  // Reserves `bytes` (256-byte aligned) and returns its offset; allocate() then makes it real.
-  size_t reserve(size_t bytes) {
-    const size_t at = size_;
-    size_ += (bytes + 255) / 256 * 256;
-    return at;
-  }
-  void allocate() { CORRAL_CUDA_CHECK(cudaMallocAsync(&base_, size_ ? size_ : 256, stream_)); }
-  template <class T>
-  T* at(size_t offset) const {
-    return reinterpret_cast<T*>(static_cast<char*>(base_) + offset);
-  }
-
- private:
-  cudaStream_t stream_;
-  void* base_ = nullptr;
-  size_t size_ = 0;
-};
 
 }  // namespace
 

@@ -2,6 +2,8 @@
 // of the kernels:: function of the same name. `stream` is a cudaStream_t.
 #pragma once
 
+#include "corral/kernels/attention.h"
+#include "corral/kernels/kv_cache.h"
 #include "corral/kernels/moe.h"
 #include "corral/kernels/types.h"
 
@@ -12,6 +14,18 @@ void rms_norm(void* stream, void* y, const void* x, DType act, const void* w, DT
 
 // x, out and every weight pointer are device pointers; expert_tokens, when not null, is a device
 // int64 array [experts]. Weights: bfloat16 / float16 (tensor cores) or float32 (CUDA cores).
+// Paged KV cache and attention: the cache pools, q, out, k, v, slots and every array of the
+// batch are device pointers. Float32, bfloat16, float16 and float8_e4m3 caches.
+void kv_cache_write(void* stream, const PagedKv& cache, const float* k, const float* v, int64_t ld,
+                    int64_t tokens, const int64_t* slots);
+// Tensor cores (bfloat16 / float16 inputs, float32 accumulation) for prefill rows of bfloat16 /
+// float16 caches with head_dim 64 or 128 and block_size 16, 32 or 64; CUDA cores in float32
+// otherwise (decode rows always). head_dim up to 256, block_size up to 128.
+void paged_attention(void* stream, float* out, const float* q, int64_t heads, const PagedKv& cache,
+                     const AttentionBatch& batch, float scale, int64_t chunk_size);
+void attn_temperature_scale(void* stream, float* q, int64_t ld, int64_t rows, int64_t width,
+                            const int32_t* positions, float attn_scale, float floor_scale);
+
 void moe(void* stream, float* out, const float* x, int64_t tokens, const MoeWeights& w, int top_k,
          int64_t* expert_tokens);
 

@@ -57,8 +57,16 @@ void register_engine(py::module_& m) {
 
   py::class_<SamplingParams>(m, "SamplingParams")
       .def(py::init<>())
+      .def_readwrite("n", &SamplingParams::n)
       .def_readwrite("temperature", &SamplingParams::temperature)
+      .def_readwrite("top_k", &SamplingParams::top_k)
+      .def_readwrite("top_p", &SamplingParams::top_p)
+      .def_readwrite("min_p", &SamplingParams::min_p)
+      .def_readwrite("repetition_penalty", &SamplingParams::repetition_penalty)
+      .def_readwrite("presence_penalty", &SamplingParams::presence_penalty)
+      .def_readwrite("frequency_penalty", &SamplingParams::frequency_penalty)
       .def_readwrite("max_tokens", &SamplingParams::max_tokens)
+      .def_readwrite("min_tokens", &SamplingParams::min_tokens)
       .def_readwrite("ignore_eos", &SamplingParams::ignore_eos)
       .def_readwrite("stop_token_ids", &SamplingParams::stop_token_ids)
       .def_readwrite("seed", &SamplingParams::seed)
@@ -66,6 +74,7 @@ void register_engine(py::module_& m) {
 
   py::class_<RequestUpdate>(m, "RequestUpdate")
       .def_readonly("request_id", &RequestUpdate::request_id)
+      .def_readonly("index", &RequestUpdate::index)
       .def_readonly("new_token_ids", &RequestUpdate::new_token_ids)
       .def_readonly("logprobs", &RequestUpdate::logprobs)
       .def_property_readonly("finished", &RequestUpdate::finished)
@@ -85,6 +94,7 @@ void register_engine(py::module_& m) {
       .def("add_request", &Engine::add_request, py::arg("prompt_token_ids"), py::arg("params"))
       .def("step", &Engine::step, py::call_guard<py::gil_scoped_release>())
       .def("abort", &Engine::abort, py::arg("request_id"))
+      .def("finish_sample", &Engine::finish_sample, py::arg("request_id"), py::arg("index"))
       .def("has_unfinished", &Engine::has_unfinished)
       .def(
           "prompt_logits",
@@ -127,6 +137,7 @@ void register_engine(py::module_& m) {
         d["requests_running"] = s.requests_running;
         d["prefill_tokens_computed"] = s.prefill_tokens_computed;
         d["decode_tokens_computed"] = s.decode_tokens_computed;
+        d["preemptions"] = s.preemptions;
         py::dict experts;  // MoE layer -> tokens routed to each expert, cumulative
         for (size_t l = 0; l < s.expert_tokens.size(); ++l)
           if (!s.expert_tokens[l].empty()) experts[py::int_(l)] = s.expert_tokens[l];

@@ -187,6 +187,50 @@ PagedArrays paged(py::array k_cache, py::array v_cache, const std::string& dtype
   return p;
 }
 
+// A paged cache copied to a device (the page layout kept: K, V and the fp8 scales each in a device
+// buffer shaped like its numpy array), for the ops' device= argument.
+struct DeviceCache {
+  DeviceBuffer k, v, k_scale, v_scale;
+  PagedKv kv;
+};
+
+DeviceCache upload_cache(const Device& dev, const PagedArrays& p, const Stream& stream) {
+  DeviceCache d;
+  d.kv = p.kv;
+  auto up = [&](DeviceBuffer& buf, const py::array& a) {
+    buf = DeviceBuffer(dev, size_t(a.nbytes()));
+    copy_to_device(buf, a.data(), size_t(a.nbytes()), stream);
+  };
+  up(d.k, p.k_cache);
+  up(d.v, p.v_cache);
+  d.kv.k = d.k.data();
+  d.kv.v = d.v.data();
+  if (p.kv.dtype == DType::F8_E4M3) {
+    up(d.k_scale, p.k_scale);
+    up(d.v_scale, p.v_scale);
+    d.kv.k_scale = static_cast<float*>(d.k_scale.data());
+    d.kv.v_scale = static_cast<float*>(d.v_scale.data());
+  }
+  return d;
+}
+
+// Copies a device cache back into its numpy arrays (in place).
+void download_cache(const DeviceCache& d, PagedArrays& p, const Stream& stream) {
+  copy_to_host(p.k_cache.mutable_data(), d.k, size_t(p.k_cache.nbytes()), stream);
+  copy_to_host(p.v_cache.mutable_data(), d.v, size_t(p.v_cache.nbytes()), stream);
+  if (p.kv.dtype == DType::F8_E4M3) {
+    copy_to_host(p.k_scale.mutable_data(), d.k_scale, size_t(p.k_scale.nbytes()), stream);
+    copy_to_host(p.v_scale.mutable_data(), d.v_scale, size_t(p.v_scale.nbytes()), stream);
+  }
+}
+
+// A host array copied to a new device buffer.
+DeviceBuffer upload(const Device& dev, const void* data, size_t bytes, const Stream& stream) {
+  DeviceBuffer b(dev, bytes);
+  if (bytes) copy_to_device(b, data, bytes, stream);
+  return b;
+}
+
 }  // namespace
 
 void register_ops(py::module_& m) {
@@ -331,22 +375,60 @@ void register_ops(py::module_& m) {
       py::arg("logits"));
 
   m.def(
-      "sample_temperature",
-      [](F32 logits, F32 temperature, F32 uniform) {
+      "sample",
+      [](F32 logits, F32 uniform, F32 temperature, I32 top_k, F32 top_p, F32 min_p) {
         expect(logits.ndim() == 2, "logits must be 2-D, got " + shape_of(logits));
         const int64_t rows = logits.shape(0);
-        expect(temperature.size() == rows && uniform.size() == rows, "temperature and uniform need one value per row");
+        expect(uniform.size() == rows, "uniform needs one value per row");
+        // Each setting is one value for every row or one per row.
+        const auto at = [rows](const auto& a, const char* name, int64_t r) {
+          expect(a.size() == 1 || a.size() == rows, std::string(name) + " needs 1 or " + std::to_string(rows) + " values");
+          return a.data()[a.size() == 1 ? 0 : r];
+        };
+        std::vector<SamplerRow> settings(static_cast<size_t>(rows));
+        for (int64_t r = 0; r < rows; ++r)
+          settings[r] = {at(temperature, "temperature", r), at(top_k, "top_k", r), at(top_p, "top_p", r),
+                         at(min_p, "min_p", r)};
         I32 out({rows});
-        kernels::sample_temperature(kCpu, out.mutable_data(), logits.data(), rows, logits.shape(1), temperature.data(),
-                                    uniform.data());
+        kernels::sample(kCpu, out.mutable_data(), logits.data(), rows, logits.shape(1), settings.data(), uniform.data());
         return out;
       },
-      py::arg("logits"), py::arg("temperature"), py::arg("uniform"));
+      py::arg("logits"), py::arg("uniform"), py::kw_only(), py::arg("temperature"), py::arg("top_k") = 0,
+      py::arg("top_p") = 1.f, py::arg("min_p") = 0.f);
+
+  m.def(
+      "apply_penalties",
+      [](F32 logits, I64 offsets, const py::array& ids, I32 output_counts, F32 repetition, F32 presence,
+         F32 frequency) {
+        expect(logits.ndim() == 2, "logits must be 2-D, got " + shape_of(logits));
+        const int64_t rows = logits.shape(0), vocab = logits.shape(1);
+        const I32 tokens = token_ids(ids, "token_ids");
+        expect(offsets.ndim() == 1 && offsets.shape(0) == rows + 1, "offsets must be (" + std::to_string(rows + 1) + ",)");
+        expect(output_counts.size() == tokens.size(), "output_counts needs one value per token id");
+        for (int64_t r = 0; r < rows; ++r)
+          expect(offsets.data()[r] >= 0 && offsets.data()[r] <= offsets.data()[r + 1] &&
+                     offsets.data()[r + 1] <= tokens.size(),
+                 "offsets must rise from 0 to len(token_ids)");
+        for (py::ssize_t e = 0; e < tokens.size(); ++e)
+          expect(tokens.data()[e] >= 0 && tokens.data()[e] < vocab, "token id outside the vocabulary");
+        expect(repetition.size() == rows && presence.size() == rows && frequency.size() == rows,
+               "repetition, presence and frequency need one value per row");
+        std::vector<PenaltyRow> penalties(static_cast<size_t>(rows));
+        for (int64_t r = 0; r < rows; ++r)
+          penalties[r] = {repetition.data()[r], presence.data()[r], frequency.data()[r]};
+        F32 out({rows, vocab});
+        std::copy(logits.data(), logits.data() + rows * vocab, out.mutable_data());
+        kernels::apply_penalties(kCpu, out.mutable_data(), rows, vocab, offsets.data(), tokens.data(),
+                                 output_counts.data(), penalties.data());
+        return out;
+      },
+      py::arg("logits"), py::arg("offsets"), py::arg("token_ids"), py::arg("output_counts"), py::arg("repetition"),
+      py::arg("presence"), py::arg("frequency"));
 
   m.def(
       "kv_cache_write",
       [](py::array k_cache, py::array v_cache, const std::string& dtype, F32 k, F32 v, I64 slots, py::object k_scale,
-         py::object v_scale) {
+         py::object v_scale, const std::string& device) {
         PagedArrays p = paged(k_cache, v_cache, dtype, k_scale, v_scale);
         const PagedKv& c = p.kv;
         const int64_t T = slots.shape(0), width = int64_t(c.kv_heads) * c.head_dim;
@@ -356,15 +438,30 @@ void register_ops(py::module_& m) {
         for (int64_t t = 0; t < T; ++t)
           if (slots.data()[t] < 0 || slots.data()[t] >= c.num_blocks * c.block_size)
             throw InvalidInputError("slot " + std::to_string(slots.data()[t]) + " is outside the cache");
-        kernels::kv_cache_write(kCpu, c, k.data(), v.data(), width, T, slots.data());
+        const Device dev = parse_device(device);
+        if (dev.type == DeviceType::CPU) {
+          kernels::kv_cache_write(kCpu, c, k.data(), v.data(), width, T, slots.data());
+          return;
+        }
+        // On a GPU: upload the caches (unwritten slots keep their contents), run, copy them back.
+        StreamOwner stream(dev);
+        DeviceCache dc = upload_cache(dev, p, stream.get());
+        const size_t xbytes = size_t(T * width) * sizeof(float);
+        DeviceBuffer dk = upload(dev, k.data(), xbytes, stream.get()), dv = upload(dev, v.data(), xbytes, stream.get());
+        DeviceBuffer ds = upload(dev, slots.data(), size_t(T) * sizeof(int64_t), stream.get());
+        kernels::kv_cache_write(stream.get(), dc.kv, static_cast<const float*>(dk.data()),
+                                static_cast<const float*>(dv.data()), width, T, static_cast<const int64_t*>(ds.data()));
+        download_cache(dc, p, stream.get());
+        stream.synchronize();
       },
       py::arg("k_cache"), py::arg("v_cache"), py::arg("dtype"), py::arg("k"), py::arg("v"), py::arg("slots"),
-      py::kw_only(), py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none());
+      py::kw_only(), py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none(), py::arg("device") = "cpu");
 
   m.def(
       "paged_attention",
       [](F32 q, py::array k_cache, py::array v_cache, const std::string& dtype, I32 seq_starts, I32 positions,
-         I32 block_tables, float scale, int64_t chunk_size, py::object k_scale, py::object v_scale) {
+         I32 block_tables, float scale, int64_t chunk_size, py::object k_scale, py::object v_scale,
+         const std::string& device, int repeat) -> py::object {
         const PagedArrays p = paged(k_cache, v_cache, dtype, k_scale, v_scale);
         const PagedKv& c = p.kv;
         expect(q.ndim() == 3 && q.shape(2) == c.head_dim, "q must be (rows, heads, head_dim), got " + shape_of(q));
@@ -374,6 +471,7 @@ void register_ops(py::module_& m) {
                "block_tables must be (num_seqs, max_blocks) with num_seqs = len(seq_starts) - 1");
         expect(positions.shape(0) == rows && seq_starts.data()[S] == rows && seq_starts.data()[0] == 0,
                "positions must have one entry per row, and seq_starts must run from 0 to rows");
+        if (repeat < 0) throw InvalidInputError("repeat must be >= 0");
         const int32_t mb = int32_t(block_tables.shape(1));
         for (int64_t s = 0; s < S; ++s)
           for (int64_t r = seq_starts.data()[s]; r < seq_starts.data()[s + 1]; ++r) {
@@ -387,27 +485,86 @@ void register_ops(py::module_& m) {
           }
         const AttentionBatch batch{seq_starts.data(), int32_t(S), positions.data(), block_tables.data(), mb};
         F32 out({rows, heads, py::ssize_t(c.head_dim)});
+        float* out_data = out.mutable_data();
+        const Device dev = parse_device(device);
+        double seconds = 0.0;
         {
           py::gil_scoped_release release;
-          kernels::paged_attention(kCpu, out.mutable_data(), q.data(), heads, c, batch, scale, chunk_size);
+          if (dev.type == DeviceType::CPU) {
+            kernels::paged_attention(kCpu, out_data, q.data(), heads, c, batch, scale, chunk_size);
+            if (repeat > 0) {
+              std::vector<float> scratch(size_t(rows * heads * c.head_dim));
+              const auto t0 = std::chrono::steady_clock::now();
+              for (int i = 0; i < repeat; ++i)
+                kernels::paged_attention(kCpu, scratch.data(), q.data(), heads, c, batch, scale, chunk_size);
+              seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / repeat;
+            }
+          } else {
+            // On a GPU: upload the caches, q and the batch arrays; run; copy out back.
+            StreamOwner stream(dev);
+            const DeviceCache dc = upload_cache(dev, p, stream.get());
+            const size_t qbytes = size_t(rows * heads * c.head_dim) * sizeof(float);
+            const DeviceBuffer dq = upload(dev, q.data(), qbytes, stream.get());
+            const DeviceBuffer dstarts = upload(dev, seq_starts.data(), size_t(S + 1) * 4, stream.get());
+            const DeviceBuffer dpos = upload(dev, positions.data(), size_t(rows) * 4, stream.get());
+            const DeviceBuffer dtables = upload(dev, block_tables.data(), size_t(S * mb) * 4, stream.get());
+            DeviceBuffer dout(dev, qbytes);
+            const AttentionBatch db{static_cast<const int32_t*>(dstarts.data()), int32_t(S),
+                                    static_cast<const int32_t*>(dpos.data()),
+                                    static_cast<const int32_t*>(dtables.data()), mb};
+            const float* dqp = static_cast<const float*>(dq.data());
+            kernels::paged_attention(stream.get(), static_cast<float*>(dout.data()), dqp, heads, dc.kv, db, scale,
+                                     chunk_size);
+            if (qbytes) copy_to_host(out_data, dout, qbytes, stream.get());
+            stream.synchronize();
+            if (repeat > 0) {  // more runs on the resident inputs, timed between two synchronisations
+              DeviceBuffer scratch(dev, qbytes);
+              const auto t0 = std::chrono::steady_clock::now();
+              for (int i = 0; i < repeat; ++i)
+                kernels::paged_attention(stream.get(), static_cast<float*>(scratch.data()), dqp, heads, dc.kv, db,
+                                         scale, chunk_size);
+              stream.synchronize();
+              seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / repeat;
+            }
+          }
         }
-        return out;
+        if (repeat > 0) return py::make_tuple(out, seconds);
+        return std::move(out);
       },
+      "paged_attention(q, k_cache, v_cache, dtype, seq_starts, positions, block_tables, scale, chunk_size=0, *,\n"
+      "k_scale=None, v_scale=None, device='cpu', repeat=0) -> out: attention of q (rows, heads, head_dim) over\n"
+      "the paged cache. device: cpu, cuda or cuda:N (the cache and inputs are uploaded). repeat=n > 0 also\n"
+      "runs the op n more times on the resident inputs and returns (out, seconds per run).",
       py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("dtype"), py::arg("seq_starts"),
       py::arg("positions"), py::arg("block_tables"), py::arg("scale"), py::arg("chunk_size") = 0, py::kw_only(),
-      py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none());
+      py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none(), py::arg("device") = "cpu",
+      py::arg("repeat") = 0);
 
   m.def(
       "attn_temperature_scale",
-      [](F32 q, I32 positions, float attn_scale, float floor_scale) {
+      [](F32 q, I32 positions, float attn_scale, float floor_scale, const std::string& device) {
         expect(q.ndim() == 2 && positions.shape(0) == q.shape(0), "q must be (rows, width) with one position per row");
-        F32 out({q.shape(0), q.shape(1)});
-        std::copy(q.data(), q.data() + q.size(), out.mutable_data());
-        kernels::attn_temperature_scale(kCpu, out.mutable_data(), q.shape(1), q.shape(0), q.shape(1), positions.data(),
-                                        attn_scale, floor_scale);
+        const int64_t rows = q.shape(0), width = q.shape(1);
+        F32 out({rows, width});
+        const Device dev = parse_device(device);
+        if (dev.type == DeviceType::CPU) {
+          std::copy(q.data(), q.data() + q.size(), out.mutable_data());
+          kernels::attn_temperature_scale(kCpu, out.mutable_data(), width, rows, width, positions.data(), attn_scale,
+                                          floor_scale);
+          return out;
+        }
+        StreamOwner stream(dev);
+        const size_t qbytes = size_t(rows * width) * sizeof(float);
+        DeviceBuffer dq = upload(dev, q.data(), qbytes, stream.get());
+        const DeviceBuffer dpos = upload(dev, positions.data(), size_t(rows) * 4, stream.get());
+        kernels::attn_temperature_scale(stream.get(), static_cast<float*>(dq.data()), width, rows, width,
+                                        static_cast<const int32_t*>(dpos.data()), attn_scale, floor_scale);
+        if (qbytes) copy_to_host(out.mutable_data(), dq, qbytes, stream.get());
+        stream.synchronize();
         return out;
       },
-      py::arg("q"), py::arg("positions"), py::arg("attn_scale"), py::arg("floor_scale"));
+      py::arg("q"), py::arg("positions"), py::arg("attn_scale"), py::arg("floor_scale"), py::kw_only(),
+      py::arg("device") = "cpu");
 
   m.def(
       "swiglu_mlp",

@@ -3,7 +3,6 @@
 #pragma once
 
 #include <cstdint>
-#include <deque>
 #include <map>
 #include <memory>
 #include <random>
@@ -16,9 +15,19 @@
 
 namespace corral {
 
+// How to pick the tokens of one request (vLLM's semantics). Logits are adjusted in this order:
+// penalties, temperature, then top-k, top-p and min-p keep the most likely tokens.
 struct SamplingParams {
-  float temperature = 0.f;  // 0: greedy
+  int64_t n = 1;                   // samples from the prompt: forked after its prefill, copy-on-write
+  float temperature = 0.f;         // 0: greedy
+  int64_t top_k = 0;               // keep the k most likely tokens; 0: all
+  float top_p = 1.f;               // keep the fewest most likely tokens whose probability reaches p
+  float min_p = 0.f;               // keep tokens at least min_p times as likely as the most likely
+  float repetition_penalty = 1.f;  // tokens of the prompt or the output: logit / p if > 0, else * p
+  float presence_penalty = 0.f;    // minus this for every token the output already has
+  float frequency_penalty = 0.f;   // minus this times the token's count in the output
   int64_t max_tokens = 16;
+  int64_t min_tokens = 0;          // eos and stop tokens cannot end a sample before this many tokens
   bool ignore_eos = false;
   std::vector<int64_t> stop_token_ids;  // stop on these besides the model's eos ids
   int64_t seed = -1;                    // -1: drawn from the engine's generator
@@ -38,12 +47,13 @@ struct EngineOptions {
   uint64_t seed = 0;
 };
 
-enum class FinishReason { None, Length, Stop };
+enum class FinishReason { None, Length, Stop, Abort };
 const char* finish_reason_name(FinishReason r);
 
-// What one step produced for one request.
+// What one step produced for one sample of one request.
 struct RequestUpdate {
   int64_t request_id = 0;
+  int32_t index = 0;  // the sample, < SamplingParams::n
   std::vector<int32_t> new_token_ids;
   // With SamplingParams::logprobs >= 0, per new token: (token id, log-probability) of the chosen
   // token first, then of the top `logprobs` tokens in descending order.
@@ -63,6 +73,7 @@ struct EngineStats {
   int64_t requests_running = 0;
   int64_t prefill_tokens_computed = 0;
   int64_t decode_tokens_computed = 0;
+  int64_t preemptions = 0;
   std::vector<std::vector<int64_t>> expert_tokens;  // [layer][expert], cumulative; empty: dense layer
 };
 
@@ -75,17 +86,23 @@ class Engine {
   const EngineOptions& options() const { return options_; }
   int64_t max_model_len() const { return max_model_len_; }
 
-  // Queues a request; with prefix caching its prompt's longest cached prefix is taken over at
-  // once. Throws InvalidInputError for an empty prompt, an id outside the vocabulary, a prompt
-  // that leaves no room to generate within max_model_len, or bad params; OutOfKVCacheError when
-  // the prompt alone exceeds the whole KV cache.
+  // Queues a request (its KV blocks, and any cached prefix, are taken when it is scheduled).
+  // Throws InvalidInputError for an empty prompt, an id outside the vocabulary, a prompt that
+  // leaves no room to generate within max_model_len, or bad params; OutOfKVCacheError when one
+  // sample of it could outgrow the whole KV cache.
   int64_t add_request(const std::vector<int32_t>& prompt, const SamplingParams& params);
-  // Runs one batched forward pass over the scheduled requests and samples one token for each
-  // request whose prompt is complete. Finished requests release their KV blocks. Throws
-  // OutOfKVCacheError (leaving every request intact) when no request can get the blocks it needs.
+  // Schedules sequences first come, first served (running ones first, then waiting ones while
+  // blocks, max_num_seqs and the max_num_batched_tokens budget allow; long prompts go in pieces),
+  // runs one batched forward pass and samples one token for each sequence whose tokens are all
+  // computed. When a running sequence cannot get a block, the youngest running sequence is
+  // preempted: it frees its blocks and is recomputed later, transparently. Finished sequences
+  // release their blocks.
   std::vector<RequestUpdate> step();
-  // Drops a request and frees its blocks; unknown ids are ignored.
+  // Drops a request (every sample) and frees its blocks; unknown ids are ignored.
   void abort(int64_t request_id);
+  // Ends one sample of a request (e.g. on a stop string seen in its text) and frees its blocks;
+  // the request ends when its last sample does. Unknown ids are ignored.
+  void finish_sample(int64_t request_id, int32_t index);
   bool has_unfinished() const { return !requests_.empty(); }
 
   // Logits at every position of each prompt, all prompts batched together in forward passes of
@@ -98,8 +115,17 @@ class Engine {
 
  private:
   struct Request;
+  struct Sequence;
+  // Sequences in first-come first-served order: by request id, then sample index.
+  using Queue = std::map<std::pair<int64_t, int32_t>, Sequence*>;
+
   void validate_tokens(const std::vector<int32_t>& tokens, const char* what) const;
-  void finish(Request& r, FinishReason why, RequestUpdate& update);
+  void preempt(Sequence& s);
+  void fork_samples(Request& r);
+  void finish(Sequence& s, FinishReason why, RequestUpdate* update);
+  // Draws the next token of seqs[d] from logits row rows[d], and ends the samples that stop.
+  void sample(const std::vector<Sequence*>& seqs, const std::vector<int64_t>& rows,
+              std::vector<RequestUpdate>& updates);
 
   EngineOptions options_;
   std::unique_ptr<Llama4Model> model_;
@@ -107,9 +133,11 @@ class Engine {
   int64_t max_model_len_ = 0;
   int64_t next_id_ = 0;
   std::map<int64_t, std::unique_ptr<Request>> requests_;  // by id, which is arrival order
+  Queue waiting_;  // hold no KV blocks: not started yet, or preempted
+  Queue running_;  // hold KV blocks
   std::mt19937_64 seeder_;
-  std::vector<float> logits_;
-  int64_t prefill_tokens_ = 0, decode_tokens_ = 0;
+  std::vector<float> logits_, processed_;  // model logits; their copies for penalties and sampling
+  int64_t prefill_tokens_ = 0, decode_tokens_ = 0, preemptions_ = 0;
 };
 
 }  // namespace corral
