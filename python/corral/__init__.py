@@ -1,7 +1,7 @@
 """Corral: a runtime for Llama 4 class mixture-of-experts models.
 
 The C++ core (corral._core) loads Hugging Face checkpoints and runs them; this package is the thin
-Python layer over it.
+Python layer over it: tokenizer and chat template, text generation and streaming, the CLI.
 """
 
 from corral._core import (
@@ -17,10 +17,12 @@ from corral._core import (
     OutOfKVCacheError,
     ShapeError,
 )
+from corral.detokenize import IncrementalDetokenizer
 from corral.devices import devices
 from corral.llm import LLM
 from corral.outputs import CompletionOutput, RequestOutput
 from corral.sampling_params import SamplingParams
+from corral.tokenizer import NoTokenizerError, Tokenizer
 
 __version__ = "0.1.0"
 
@@ -29,6 +31,8 @@ __all__ = [
     "SamplingParams",
     "RequestOutput",
     "CompletionOutput",
+    "Tokenizer",
+    "IncrementalDetokenizer",
     "devices",
     "CorralError",
     "ConfigError",
@@ -38,6 +42,7 @@ __all__ = [
     "InvalidInputError",
     "MissingTensorError",
     "ModelFileNotFoundError",
+    "NoTokenizerError",
     "NotSupportedError",
     "OutOfKVCacheError",
     "ShapeError",

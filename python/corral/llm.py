@@ -1,25 +1,47 @@
-"""The LLM class: load a Llama 4 checkpoint, get logits, generate."""
+"""The LLM class: load a Llama 4 checkpoint, get logits, generate text or tokens, chat, stream."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from corral import _core
+from corral.chat_template import is_conversation_list
+from corral.detokenize import IncrementalDetokenizer
 from corral.outputs import CompletionOutput, RequestOutput
 from corral.sampling_params import SamplingParams
+from corral.tokenizer import NoTokenizerError, Tokenizer, has_tokenizer
 
 _KV_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8")
+# generation_config.json fields that become default sampling parameters (as vLLM reads them).
+_GENERATION_DEFAULTS = {
+    "temperature": "temperature",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
 logger = logging.getLogger("corral")
+
+# A prompt: text, token ids, or vLLM's dicts {"prompt": text} / {"prompt_token_ids": ids}.
+Prompt = str | Sequence[int] | Mapping[str, Any]
 
 
 class LLM:
     """A Llama 4 model loaded from a Hugging Face checkpoint folder.
 
     Options:
+        tokenizer: folder of the tokenizer (default: the model folder). Without a tokenizer.json
+            there, the model takes and returns token ids only.
+        skip_tokenizer_init: do not load a tokenizer (token ids only).
         block_size: tokens per KV-cache block (default 16).
         kv_cache_bytes: memory for the KV cache (default: half of the memory available at load;
             pages are only committed as they are used).
@@ -34,12 +56,17 @@ class LLM:
         num_threads: CPU threads (default: all cores).
         seed: seed of the samplers of requests that bring none (default 0).
         device: "cpu" (the only device that runs whole models so far).
+
+    One LLM is not safe to use from several threads at once. Requests of generate(), chat() and
+    stream() calls made while a stream is open advance together in the same engine steps.
     """
 
     def __init__(
         self,
         model_path: str | os.PathLike,
         *,
+        tokenizer: str | os.PathLike | None = None,
+        skip_tokenizer_init: bool = False,
         block_size: int = 16,
         kv_cache_bytes: int | None = None,
         kv_cache_dtype: str = "auto",
@@ -80,10 +107,14 @@ class LLM:
         options.seed = seed
         self.model_path = os.fspath(model_path)
         self._engine = _core.Engine(self.model_path, options)
+        self._requests: dict[int, _Request] = {}
+        self._tokenizer = self._load_tokenizer(tokenizer, skip_tokenizer_init)
+        self.generation_config = _read_generation_config(Path(self.model_path))
+        self._extra_stop_token_ids = self._end_token_ids()
         stats = self._engine.stats()
         # Say which code paths run: the CPU ISA level picked at run time, and CUDA's state.
         logger.info(
-            "loaded %s: CPU kernels %s (available: %s), %d threads; KV cache %d blocks of %d tokens; CUDA: %s",
+            "loaded %s: CPU kernels %s (available: %s), %d threads; KV cache %d blocks of %d tokens; CUDA: %s; %s",
             self.model_path,
             _core.ops.cpu_isa(),
             ", ".join(_core.ops.cpu_isas()),
@@ -91,7 +122,33 @@ class LLM:
             stats["kv_blocks_total"],
             stats["kv_block_size"],
             _core.cuda_status() if _core.cuda_backend_built() else "not built",
+            self._tokenizer or "no tokenizer (token ids only)",
         )
+
+    def _load_tokenizer(self, path: str | os.PathLike | None, skip: bool) -> Tokenizer | None:
+        if skip:
+            return None
+        if path is None:
+            if not has_tokenizer(self.model_path):
+                return None
+            path = self.model_path
+        tok = Tokenizer(path)
+        vocab = self.config["vocab_size"]
+        if len(tok) > vocab:
+            logger.warning(
+                "the tokenizer has %d tokens, the model %d: ids from %d up cannot be fed", len(tok), vocab, vocab
+            )
+        return tok
+
+    def _end_token_ids(self) -> list[int]:
+        """Tokens that end generation besides the config's eos ids (which the engine applies): the
+        tokenizer's end-of-turn tokens and generation_config.json's eos_token_id."""
+        eos = self.generation_config.get("eos_token_id")
+        ids = set([eos] if isinstance(eos, int) else eos or [])
+        if self._tokenizer is not None:
+            ids.update(self._tokenizer.stop_token_ids)
+        vocab = self.config["vocab_size"]
+        return sorted(i for i in ids if 0 <= i < vocab and i not in self.config["eos_token_ids"])
 
     @property
     def config(self) -> dict:
@@ -101,6 +158,26 @@ class LLM:
     @property
     def max_model_len(self) -> int:
         return self._engine.max_model_len
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        return self._tokenizer
+
+    def get_tokenizer(self) -> Tokenizer | None:
+        """The model's tokenizer; None when the folder has none (token ids only)."""
+        return self._tokenizer
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Every token id that ends generation unless ignore_eos: the config's eos ids, the
+        tokenizer's end-of-turn tokens and generation_config.json's eos ids."""
+        return sorted(set(self.config["eos_token_ids"]) | set(self._extra_stop_token_ids))
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the defaults of the model's generation_config.json (temperature,
+        top_k, top_p, min_p, repetition_penalty, max_new_tokens), as vLLM uses them."""
+        config = self.generation_config
+        return SamplingParams(**{name: config[key] for key, name in _GENERATION_DEFAULTS.items() if key in config})
 
     def logits(self, token_ids: Sequence[int] | Sequence[Sequence[int]]) -> np.ndarray | list[np.ndarray]:
         """Logits at every position of a prompt: a float32 array of shape (len(token_ids), vocab_size).
@@ -113,54 +190,289 @@ class LLM:
 
     def generate(
         self,
-        prompts: Sequence[Sequence[int]] | Sequence[int],
+        prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
-        """Generates for each prompt (a list of token ids; a single list of ints is one prompt),
-        all batched together. sampling_params is one SamplingParams for all prompts or a list with
-        one per prompt. Returns one RequestOutput per prompt, in order."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], str)):
-            raise NotImplementedError("text prompts need the tokenizer layer, which is not built yet; pass token ids")
-        if prompts and isinstance(prompts[0], (int, np.integer)):
-            prompts = [prompts]
-        token_lists = [_token_list(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
-        if sampling_params is None:
-            sampling_params = SamplingParams()
-        params = (
-            [sampling_params] * len(token_lists) if isinstance(sampling_params, SamplingParams) else list(sampling_params)
-        )
-        if len(params) != len(token_lists):
-            raise _core.InvalidInputError(f"{len(params)} sampling params for {len(token_lists)} prompts")
+        """Generates for each prompt, all batched together.
 
-        engine = self._engine
-        ids: list[int] = []
+        A prompt is a string (encoded with the tokenizer: a leading BOS is added unless the text
+        starts with it), a list of token ids, or a dict {"prompt": text} or {"prompt_token_ids":
+        ids}; a single prompt may be passed alone. sampling_params is one SamplingParams for all
+        prompts or a list with one per prompt (default: get_default_sampling_params()). Returns
+        one RequestOutput per prompt, in order, each with SamplingParams.n outputs."""
+        prompt_list = _prompt_list(prompts)
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
+        params = (
+            [sampling_params] * len(prompt_list)
+            if isinstance(sampling_params, SamplingParams)
+            else list(sampling_params)
+        )
+        if len(params) != len(prompt_list):
+            raise _core.InvalidInputError(f"{len(params)} sampling params for {len(prompt_list)} prompts")
+        prepared = [self._prepare(p, f"prompts[{i}]") for i, p in enumerate(prompt_list)]
+        cores = [self._core_params(p) for p in params]
+
+        requests: list[_Request] = []
         try:
-            for tokens, p in zip(token_lists, params):
-                ids.append(engine.add_request(tokens, p._to_core()))
-            outputs = {
-                rid: RequestOutput(rid, tokens, [CompletionOutput(index=0)]) for rid, tokens in zip(ids, token_lists)
-            }
-            while not all(o.finished for o in outputs.values()):
-                for update in engine.step():
-                    out = outputs[update.request_id]
-                    out.outputs[0].token_ids.extend(update.new_token_ids)
-                    if update.logprobs:
-                        completion = out.outputs[0]
-                        if completion.logprobs is None:
-                            completion.logprobs = []
-                        completion.logprobs.extend(dict(e) for e in update.logprobs)
-                    if update.finished:
-                        out.finished = True
-                        out.outputs[0].finish_reason = update.finish_reason
+            for (text, ids), p, core in zip(prepared, params, cores, strict=True):
+                requests.append(self._add(text, ids, p, core))
+            while not all(r.finished for r in requests):
+                self._step()
         except BaseException:
-            for rid in ids:  # leave the engine as it was: no request of this call stays queued
-                engine.abort(rid)
+            for r in requests:  # leave the engine as it was: no request of this call stays queued
+                self._abort(r)
             raise
-        return [outputs[rid] for rid in ids]
+        return [r.output() for r in requests]
+
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template: str | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+    ) -> list[RequestOutput]:
+        """Generates the next turn of a conversation (a list of {"role", "content"} messages) or
+        of each of a list of conversations, rendered with the model's chat template (or
+        `chat_template`: a template or the name of one of the model's). tools are JSON schemas
+        the template offers the model; chat_template_kwargs are further template variables."""
+        prompts = self._chat_prompts(
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            chat_template=chat_template,
+            tools=tools,
+            chat_template_kwargs=chat_template_kwargs,
+        )
+        return self.generate(prompts, sampling_params)
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
+        """Generates for one prompt (n = 1), yielding text deltas as they are decoded. Their
+        concatenation is the final text; the generator returns the RequestOutput (the value of
+        its StopIteration). Closing the generator early aborts the request."""
+        self._require_tokenizer("streaming text")
+        params = self.get_default_sampling_params() if sampling_params is None else sampling_params
+        if params.n != 1:
+            raise ValueError(f"stream() generates one sample, got n={params.n}")
+        if not params.detokenize:
+            raise ValueError("stream() yields text: detokenize must be True")
+        text, ids = self._prepare(prompt, "prompt")
+        return self._stream(text, ids, params, self._core_params(params))
+
+    def stream_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        sampling_params: SamplingParams | None = None,
+        **chat_options: Any,
+    ) -> Iterator[str]:
+        """stream() for the next turn of one conversation; chat_options as for chat()."""
+        (prompt,) = self._chat_prompts([list(messages)], **chat_options)
+        return self.stream(prompt, sampling_params)
 
     def stats(self) -> dict:
         """KV-cache and request counters."""
         return self._engine.stats()
+
+    # Requests.
+
+    def _require_tokenizer(self, what: str) -> Tokenizer:
+        if self._tokenizer is None:
+            raise NoTokenizerError(
+                f"{what} needs a tokenizer, and {os.path.join(self.model_path, 'tokenizer.json')} was not "
+                "loaded; pass token ids"
+            )
+        return self._tokenizer
+
+    def _chat_prompts(
+        self,
+        messages,
+        *,
+        add_generation_prompt=True,
+        continue_final_message=False,
+        chat_template=None,
+        tools=None,
+        chat_template_kwargs=None,
+    ) -> list[dict]:
+        tokenizer = self._require_tokenizer("chat")
+        conversations = messages if is_conversation_list(messages) else [messages]
+        texts = tokenizer.apply_chat_template(
+            list(conversations),
+            tools=tools,
+            chat_template=chat_template,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            **(chat_template_kwargs or {}),
+        )
+        # The template writes the BOS itself: encode without adding one.
+        return [{"prompt": t, "prompt_token_ids": tokenizer.encode(t, add_special_tokens=False)} for t in texts]
+
+    def _prepare(self, prompt: Prompt, what: str) -> tuple[str | None, list[int]]:
+        """(prompt text or None, token ids) of one prompt."""
+        if isinstance(prompt, Mapping):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), _token_list(prompt["prompt_token_ids"], f"{what}['prompt_token_ids']")
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise _core.InvalidInputError(f"{what} is a dict without 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            tokenizer = self._require_tokenizer("a text prompt")
+            bos = tokenizer.bos_token
+            return prompt, tokenizer.encode(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))
+        return None, _token_list(prompt, what)
+
+    def _core_params(self, params: SamplingParams) -> _core.SamplingParams:
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params must be corral.SamplingParams, got {type(params).__name__}")
+        if params.stop and self._tokenizer is None:
+            self._require_tokenizer("stop strings")
+        return params._to_core(self._extra_stop_token_ids)
+
+    def _add(self, text: str | None, ids: list[int], params: SamplingParams, core: _core.SamplingParams) -> _Request:
+        rid = self._engine.add_request(ids, core)
+        tokenizer = self._tokenizer if params.detokenize else None
+        request = _Request(rid, text, ids, params, tokenizer)
+        self._requests[rid] = request
+        return request
+
+    def _abort(self, request: _Request) -> None:
+        if self._requests.pop(request.request_id, None) is not None:
+            self._engine.abort(request.request_id)
+
+    def _step(self) -> None:
+        """One engine step; each update goes to its request, whichever call started it."""
+        for update in self._engine.step():
+            request = self._requests.get(update.request_id)
+            if request is None:
+                continue  # a request that ended on our side (a stop string) and the engine's last word on it
+            sample = request.samples[update.index]
+            if sample.finish_reason is not None:
+                continue
+            if request.apply(sample, update):  # a stop string ended a sample the engine still runs
+                self._engine.finish_sample(request.request_id, update.index)
+            if request.finished:
+                del self._requests[request.request_id]
+
+    def _stream(self, text, ids, params, core) -> Iterator[str]:
+        request = self._add(text, ids, params, core)
+        sample = request.samples[0]
+        try:
+            while True:
+                while sample.deltas:
+                    yield sample.deltas.popleft()
+                if sample.finish_reason is not None:
+                    return request.output()
+                self._step()
+        finally:
+            if not request.finished:
+                self._abort(request)
+
+
+class _Sample:
+    """One of a request's n samples as it is generated."""
+
+    def __init__(self, index: int, params: SamplingParams, tokenizer: Tokenizer | None) -> None:
+        self.index = index
+        self.token_ids: list[int] = []
+        self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.deltas: deque[str] = deque()  # text not yet taken by a stream
+        self.detokenizer = (
+            None
+            if tokenizer is None
+            else IncrementalDetokenizer(
+                tokenizer,
+                skip_special_tokens=params.skip_special_tokens,
+                stop=params.stop,
+                include_stop_str_in_output=params.include_stop_str_in_output,
+                min_tokens=params.min_tokens,
+            )
+        )
+
+    def add_text(self, delta: str) -> None:
+        if delta:
+            self.deltas.append(delta)
+
+
+class _Request:
+    def __init__(
+        self, request_id: int, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams, tokenizer
+    ) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.samples = [_Sample(i, params, tokenizer) for i in range(params.n)]
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.samples)
+
+    def apply(self, sample: _Sample, update) -> bool:
+        """Takes one engine update of one sample. Returns True when a stop string ended the sample
+        here, before the engine did."""
+        new = list(update.new_token_ids)
+        detok = sample.detokenizer
+        # The engine ended the sample on its last token (an eos or stop token): its text is not
+        # output unless include_stop_str_in_output, as in vLLM.
+        on_stop_token = update.finished and update.finish_reason == "stop"
+        for k, token in enumerate(new):
+            sample.token_ids.append(token)
+            if sample.logprobs is not None and k < len(update.logprobs):
+                sample.logprobs.append(dict(update.logprobs[k]))
+            if detok is None or (on_stop_token and k == len(new) - 1 and not self.params.include_stop_str_in_output):
+                continue
+            sample.add_text(detok.add(token))
+            if detok.stopped:
+                sample.finish_reason, sample.stop_reason = "stop", detok.stop_reason
+                return not update.finished
+        if update.finished:
+            if detok is not None:
+                sample.add_text(detok.finish())
+            sample.finish_reason = update.finish_reason
+            if on_stop_token and new and new[-1] in self.params.stop_token_ids:
+                sample.stop_reason = new[-1]
+        return False
+
+    def output(self) -> RequestOutput:
+        outputs = [
+            CompletionOutput(
+                index=s.index,
+                text=s.detokenizer.text if s.detokenizer is not None else "",
+                token_ids=list(s.token_ids),
+                finish_reason=s.finish_reason,
+                stop_reason=s.stop_reason,
+                logprobs=s.logprobs,
+            )
+            for s in self.samples
+        ]
+        return RequestOutput(self.request_id, self.prompt, list(self.prompt_token_ids), outputs, self.finished)
+
+
+def _prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, (str, Mapping)):
+        return [prompts]
+    if isinstance(prompts, np.ndarray):
+        return [prompts] if prompts.ndim == 1 else list(prompts)
+    prompts = list(prompts)
+    if prompts and isinstance(prompts[0], (int, np.integer)):
+        return [prompts]
+    return prompts
+
+
+def _read_generation_config(folder: Path) -> dict:
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise _core.ConfigError(f"{path} is not valid JSON: {e}") from None
 
 
 def _token_list(tokens: Sequence[int], what: str) -> list[int]:
@@ -168,6 +480,8 @@ def _token_list(tokens: Sequence[int], what: str) -> list[int]:
         if tokens.ndim != 1:
             raise _core.ShapeError(f"{what} must be a 1-D sequence of token ids, got shape {tokens.shape}")
         tokens = tokens.tolist()
+    if isinstance(tokens, (str, bytes)) or not isinstance(tokens, Sequence):
+        raise _core.InvalidInputError(f"{what} is {type(tokens).__name__}, not a list of token ids")
     out = []
     for i, t in enumerate(tokens):
         if not isinstance(t, (int, np.integer)) or isinstance(t, bool):

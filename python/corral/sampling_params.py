@@ -9,36 +9,96 @@ from corral import _core
 
 @dataclass
 class SamplingParams:
+    n: int = 1
+    """Samples to generate from the prompt (they share its KV cache)."""
     temperature: float = 0.0
     """0 picks the most likely token (greedy); above 0 samples from softmax(logits / temperature)."""
+    top_k: int = 0
+    """Keep only the k most likely tokens; 0 or -1: all."""
+    top_p: float = 1.0
+    """Keep the fewest most likely tokens whose probabilities add up to top_p; 1: all."""
+    min_p: float = 0.0
+    """Keep tokens at least min_p times as likely as the most likely one; 0: all."""
+    repetition_penalty: float = 1.0
+    """Tokens of the prompt or the output so far: logit / penalty if positive, * penalty if not."""
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token the output already has."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once per time the output already has it."""
     max_tokens: int = 16
     """Tokens to generate at most."""
+    min_tokens: int = 0
+    """Tokens to generate before end-of-sequence tokens, stop tokens and stop strings may end a
+    sample."""
     ignore_eos: bool = False
     """Keep generating past the model's end-of-sequence tokens."""
+    stop: list[str] | str | None = None
+    """Strings that end a sample: its text stops before the first occurrence of any of them (needs
+    the tokenizer)."""
     stop_token_ids: list[int] = field(default_factory=list)
-    """Further token ids that end generation (the stop token is kept in the output)."""
+    """Further token ids that end generation (the stop token is kept in token_ids, not in text)."""
+    include_stop_str_in_output: bool = False
+    """Keep the stop string (or the stop token's text) at the end of the text."""
     seed: int | None = None
     """Seed of this request's sampler; None draws one from the engine."""
     logprobs: int | None = None
     """With n >= 0, each output token comes with the log-probabilities of itself and of the n most
     likely tokens (CompletionOutput.logprobs)."""
+    skip_special_tokens: bool = True
+    """Leave special tokens (<|eot|>, ...) out of the text."""
+    detokenize: bool = True
+    """Decode the output tokens to text (needs the tokenizer; stop strings need it too)."""
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.seed is not None and self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
-        if self.logprobs is not None and self.logprobs < 0:
-            raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        elif self.stop is None:
+            self.stop = []
+        else:
+            self.stop = list(self.stop)
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == -1:
+            self.top_k = 0  # vLLM's spelling of "all"
+        checks = (
+            ("n", isinstance(self.n, int) and self.n >= 1, "an integer >= 1"),
+            ("temperature", self.temperature >= 0, ">= 0"),
+            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 1, or 0 or -1 (all)"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("min_p", 0 <= self.min_p <= 1, "in [0, 1]"),
+            ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
+            ("presence_penalty", -2 <= self.presence_penalty <= 2, "in [-2, 2]"),
+            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "in [-2, 2]"),
+            ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "an integer >= 1"),
+            ("min_tokens", isinstance(self.min_tokens, int) and 0 <= self.min_tokens, "an integer >= 0"),
+            ("min_tokens", self.min_tokens <= self.max_tokens, f"<= max_tokens ({self.max_tokens})"),
+            ("seed", self.seed is None or self.seed >= 0, ">= 0"),
+            ("logprobs", self.logprobs is None or self.logprobs >= 0, ">= 0"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "non-empty strings"),
+            ("stop", not self.stop or self.detokenize, "empty when detokenize=False (stop strings match text)"),
+        )
+        for name, ok, requirement in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {requirement}, got {getattr(self, name)!r}")
 
-    def _to_core(self) -> _core.SamplingParams:
+    def _to_core(self, extra_stop_token_ids: list[int] = ()) -> _core.SamplingParams:
+        """The engine's SamplingParams; extra_stop_token_ids (the model's end-of-turn tokens) are
+        added unless ignore_eos."""
         p = _core.SamplingParams()
+        p.n = int(self.n)
         p.temperature = float(self.temperature)
+        p.top_k = int(self.top_k)
+        p.top_p = float(self.top_p)
+        p.min_p = float(self.min_p)
+        p.repetition_penalty = float(self.repetition_penalty)
+        p.presence_penalty = float(self.presence_penalty)
+        p.frequency_penalty = float(self.frequency_penalty)
         p.max_tokens = int(self.max_tokens)
+        p.min_tokens = int(self.min_tokens)
         p.ignore_eos = bool(self.ignore_eos)
-        p.stop_token_ids = [int(t) for t in self.stop_token_ids]
+        stops = [int(t) for t in self.stop_token_ids]
+        if not self.ignore_eos:
+            stops += [int(t) for t in extra_stop_token_ids if t not in stops]
+        p.stop_token_ids = stops
         p.seed = -1 if self.seed is None else int(self.seed)
         p.logprobs = -1 if self.logprobs is None else int(self.logprobs)
         return p

@@ -1,0 +1,371 @@
+"""The `corral` command: generate, chat and bench from the command line.
+
+    corral generate MODEL "Once upon a time" --max-tokens 64
+    corral chat MODEL --system "You are terse."
+    corral bench MODEL --input-len 128 --output-len 32 --batch-sizes 1 4 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jinja2
+import numpy as np
+
+from corral import _core
+from corral.llm import LLM
+from corral.sampling_params import SamplingParams
+from corral.tokenizer import has_tokenizer
+
+DEFAULT_MAX_TOKENS = 256
+_SAMPLING_FLAGS = (
+    # (flag, SamplingParams field, type, help)
+    ("--temperature", "temperature", float, "0: greedy (default: generation_config.json's, else 0)"),
+    ("--top-p", "top_p", float, "nucleus sampling: keep the most likely tokens up to this probability"),
+    ("--top-k", "top_k", int, "keep the k most likely tokens (0 or -1: all)"),
+    ("--min-p", "min_p", float, "keep tokens at least this fraction as likely as the most likely"),
+    ("--repetition-penalty", "repetition_penalty", float, "penalize tokens of the prompt and output (> 1)"),
+    ("--presence-penalty", "presence_penalty", float, "subtract from tokens already in the output"),
+    ("--frequency-penalty", "frequency_penalty", float, "subtract per occurrence in the output"),
+    ("--max-tokens", "max_tokens", int, f"tokens to generate at most (default {DEFAULT_MAX_TOKENS})"),
+    ("--min-tokens", "min_tokens", int, "tokens to generate before eos or a stop may end the answer"),
+    ("--seed", "seed", int, "seed of the sampler (reproducible sampling)"),
+)
+
+
+class CliError(Exception):
+    """An error to report in one line (exit status 1, or 2 for usage errors)."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _size(text: str) -> int:
+    """A byte count: 1073741824, 512M, 8G, 1.5GiB ..."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 8G, 512M, 1073741824)")
+    return int(float(m.group(1)) * 1024 ** "_kmgt".index(m.group(2).lower() or "_"))
+
+
+def _common_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument(
+        "model",
+        nargs="?",
+        metavar="MODEL",
+        help="Hugging Face checkpoint folder (config.json, safetensors weights, tokenizer.json)",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log messages")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what was loaded and which kernels run")
+    e = p.add_argument_group("engine options")
+    e.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (default: MODEL)")
+    e.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16", "fp8"))
+    e.add_argument("--kv-cache-bytes", type=_size, metavar="SIZE", help="KV cache memory, e.g. 8G")
+    e.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default 16)")
+    e.add_argument("--max-model-len", type=int, help="longest sequence, prompt plus output")
+    e.add_argument("--max-num-seqs", type=int, default=256, help="sequences batched in one step")
+    e.add_argument("--max-num-batched-tokens", type=int, default=8192, help="tokens in one step")
+    e.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    e.add_argument("--no-prefix-caching", action="store_true", help="do not reuse the KV cache of earlier prompts")
+    return p
+
+
+def _sampling_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    s = p.add_argument_group("sampling")
+    for flag, _, kind, help in _SAMPLING_FLAGS:
+        s.add_argument(flag, type=kind, help=help)
+    s.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop before this text (repeatable)")
+    s.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-turn tokens")
+    s.add_argument(
+        "--skip-special-tokens",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="leave special tokens out of the text (default: yes)",
+    )
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="corral", description="Run Llama 4 models from their Hugging Face checkpoints."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    common, sampling = _common_parser(), _sampling_parser()
+
+    g = sub.add_parser(
+        "generate",
+        parents=[common, sampling],
+        help="complete a prompt, streaming the text to stdout",
+        description="Complete PROMPT, streaming the text to stdout as it is generated.",
+    )
+    g.add_argument("prompt", metavar="PROMPT", help="the text to complete ('-': read it from stdin)")
+    g.add_argument("--chat", action="store_true", help="send PROMPT as a user message through the chat template")
+    g.add_argument("--system", help="with --chat: a system message")
+    g.set_defaults(func=_generate)
+
+    c = sub.add_parser(
+        "chat",
+        parents=[common, sampling],
+        help="talk with the model: user turns from stdin, answers streamed to stdout",
+        description="Chat: reads user turns from stdin (one per line) until EOF or /exit and streams each answer. "
+        "/reset clears the history; on a terminal, Ctrl-C cancels the answer being written.",
+    )
+    c.add_argument("--system", help="a system message opening the conversation")
+    c.set_defaults(func=_chat)
+
+    b = sub.add_parser(
+        "bench",
+        parents=[common],
+        help="prefill and decode throughput at several batch sizes",
+        description="Measure prefill and decode tokens/s on random prompts at several batch sizes.",
+    )
+    b.add_argument("--input-len", type=int, default=128, help="prompt tokens (default 128)")
+    b.add_argument("--output-len", type=int, default=32, help="generated tokens per request (default 32)")
+    b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16], metavar="N", help="default: 1 4 16")
+    b.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    b.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose and not args.quiet else logging.WARNING,
+        format="corral: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader (`| head`) went away: stop quietly, and keep Python from complaining at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except CliError as e:
+        return _fail(str(e), e.status)
+    except (_core.CorralError, OSError, ValueError, NotImplementedError, jinja2.TemplateError) as e:
+        return _fail(str(e))
+
+
+def _fail(message: str, status: int = 1) -> int:
+    print(f"corral: error: {' '.join(message.split())}", file=sys.stderr)
+    return status
+
+
+# Loading.
+
+
+def _load(args, need_tokenizer: bool) -> LLM:
+    if args.model is None:
+        raise CliError("no MODEL given: pass a Hugging Face checkpoint folder", status=2)
+    model = Path(args.model)
+    if not model.is_dir():
+        raise CliError(f"model folder {model} does not exist")
+    tokenizer_dir = Path(args.tokenizer) if args.tokenizer else model
+    if need_tokenizer and not has_tokenizer(tokenizer_dir):
+        raise CliError(f"{tokenizer_dir / 'tokenizer.json'} not found: {args.command} needs the model's tokenizer")
+    options = dict(
+        tokenizer=args.tokenizer,
+        skip_tokenizer_init=not need_tokenizer,
+        block_size=args.block_size,
+        kv_cache_bytes=args.kv_cache_bytes,
+        kv_cache_dtype=args.kv_cache_dtype,
+        enable_prefix_caching=not args.no_prefix_caching,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        num_threads=args.threads,
+    )
+    show = not args.quiet and sys.stderr.isatty()
+    if not show:
+        return LLM(model, **options)
+    from tqdm import tqdm
+
+    files = _weight_files(model)
+    total = sum(f.stat().st_size for f in files)
+    with tqdm(
+        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"loading {model.name}", file=sys.stderr
+    ) as bar:
+        # The engine memory-maps the weights, which are read on first use: read them now (into
+        # the page cache) so the bar shows the loading, unless they would crowd out memory.
+        if total < _available_memory() // 2:
+            for f in files:
+                with open(f, "rb", buffering=0) as fh:
+                    while chunk := fh.read(64 << 20):
+                        bar.update(len(chunk))
+        llm = LLM(model, **options)
+        bar.update(total - bar.n)
+    return llm
+
+
+def _weight_files(model: Path) -> list[Path]:
+    index = model / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError):
+            return []  # the engine reports what is wrong with it
+        return [model / n for n in names if (model / n).is_file()]
+    single = model / "model.safetensors"
+    return [single] if single.is_file() else []
+
+
+def _available_memory() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _sampling_params(args, llm: LLM) -> SamplingParams:
+    defaults = llm.get_default_sampling_params()
+    overrides = {name: getattr(args, name) for _, name, _, _ in _SAMPLING_FLAGS if getattr(args, name) is not None}
+    if "max_tokens" not in overrides and "max_new_tokens" not in llm.generation_config:
+        overrides["max_tokens"] = DEFAULT_MAX_TOKENS
+    overrides.update(stop=args.stop, ignore_eos=args.ignore_eos, skip_special_tokens=args.skip_special_tokens)
+    return dataclasses.replace(defaults, **overrides)
+
+
+# Commands.
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _generate(args) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.system and not args.chat:
+        raise CliError("--system needs --chat", status=2)
+    llm = _load(args, need_tokenizer=True)
+    params = _sampling_params(args, llm)
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        deltas = llm.stream_chat(messages, params)
+    else:
+        deltas = llm.stream(prompt, params)
+    for delta in deltas:
+        _write(delta)
+    _write("\n")
+    return 0
+
+
+def _chat(args) -> int:
+    llm = _load(args, need_tokenizer=True)
+    params = _sampling_params(args, llm)
+    opening = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(opening)
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            line = input("> ") if interactive else sys.stdin.readline()
+        except EOFError:
+            line = ""
+        if not line:  # EOF
+            if interactive:
+                _write("\n")
+            return 0
+        text = line.rstrip("\r\n")
+        command = text.strip()
+        if command in ("/exit", "/quit"):
+            return 0
+        if command == "/reset":
+            history = list(opening)
+            continue
+        if not command:
+            continue
+        history.append({"role": "user", "content": text})
+        answer = []
+        try:
+            for delta in llm.stream_chat(history, params):
+                answer.append(delta)
+                _write(delta)
+        except KeyboardInterrupt:
+            if not interactive:
+                raise
+            history.pop()  # Ctrl-C cancels this answer (and its question), not the chat
+            _write("\n")
+            continue
+        _write("\n")
+        history.append({"role": "assistant", "content": "".join(answer)})
+
+
+def _bench(args) -> int:
+    if args.input_len < 1 or args.output_len < 1 or min(args.batch_sizes) < 1:
+        raise CliError("--input-len, --output-len and --batch-sizes must be >= 1", status=2)
+    llm = _load(args, need_tokenizer=False)
+    engine = llm._engine
+    vocab = llm.config["vocab_size"]
+    params = SamplingParams(max_tokens=args.output_len, ignore_eos=True)._to_core()
+    rng = np.random.default_rng(args.seed)
+    _run_batch(engine, rng.integers(0, vocab, size=(1, min(args.input_len, 16))).tolist(), params)  # warm up
+    rows = []
+    for batch in args.batch_sizes:
+        prompts = rng.integers(0, vocab, size=(batch, args.input_len)).tolist()
+        prefill_s, decode_s = _run_batch(engine, prompts, params)
+        decode_tokens = batch * (args.output_len - 1)
+        rows.append(
+            (
+                batch,
+                prefill_s,
+                batch * args.input_len / prefill_s,
+                decode_s,
+                decode_tokens / decode_s if decode_tokens else float("nan"),
+            )
+        )
+    print(
+        f"model {args.model}: {args.input_len} prompt tokens, {args.output_len} output tokens per request, "
+        f"{_core.num_threads()} threads, CPU kernels {_core.ops.cpu_isa()}"
+    )
+    print(f"{'batch':>5}  {'prefill s':>10}  {'prefill tok/s':>13}  {'decode s':>10}  {'decode tok/s':>12}")
+    for batch, ps, ptps, ds, dtps in rows:
+        print(f"{batch:>5}  {ps:>10.4f}  {ptps:>13.1f}  {ds:>10.4f}  {dtps:>12.1f}")
+    return 0
+
+
+def _run_batch(engine, prompts: list[list[int]], params) -> tuple[float, float]:
+    """Runs the prompts as one batch: (seconds until every request has its first token,
+    seconds for the rest). Prefill is the first phase, decode the second."""
+    pending = set()
+    start = time.perf_counter()
+    for p in prompts:
+        pending.add(engine.add_request(p, params))
+    try:
+        waiting_first = set(pending)
+        while waiting_first:
+            for u in engine.step():
+                if u.new_token_ids:
+                    waiting_first.discard(u.request_id)
+                if u.finished:
+                    pending.discard(u.request_id)
+        prefilled = time.perf_counter()
+        while pending:
+            for u in engine.step():
+                if u.finished:
+                    pending.discard(u.request_id)
+        end = time.perf_counter()
+    finally:
+        for rid in pending:
+            engine.abort(rid)
+    return prefilled - start, end - prefilled
+
+
+if __name__ == "__main__":
+    sys.exit(main())
