@@ -114,7 +114,6 @@ def test_errors_are_one_line(model_dir, tmp_path):
     missing = tmp_path / "no_such_model"
     assert str(missing) in one_line_error(corral_cli("generate", missing, "hi"))
     assert str(missing) in one_line_error(corral_cli("bench", missing))
-    assert "MODEL" in one_line_error(corral_cli("chat", stdin="hi\n"))
     no_tokenizer = tmp_path / "no_tokenizer"
     no_tokenizer.mkdir()
     for name in ("config.json", "model.safetensors"):

@@ -19,8 +19,9 @@ from corral._core import (
 )
 from corral.detokenize import IncrementalDetokenizer
 from corral.devices import devices
-from corral.llm import LLM
+from corral.llm import LLM, demo_model_path
 from corral.outputs import CompletionOutput, RequestOutput
+from corral.perplexity import Perplexity, perplexity
 from corral.sampling_params import SamplingParams
 from corral.tokenizer import NoTokenizerError, Tokenizer
 
@@ -28,6 +29,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LLM",
+    "demo_model_path",
+    "perplexity",
+    "Perplexity",
     "SamplingParams",
     "RequestOutput",
     "CompletionOutput",

@@ -1,8 +1,12 @@
 """The `corral` command: generate, chat and bench from the command line.
 
+    corral generate "The file object"                 # the bundled demo model
     corral generate MODEL "Once upon a time" --max-tokens 64
     corral chat MODEL --system "You are terse."
     corral bench MODEL --input-len 128 --output-len 32 --batch-sizes 1 4 16
+    corral perplexity MODEL held_out.txt
+
+MODEL is a Hugging Face checkpoint folder; without it the bundled demo model runs.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ import jinja2
 import numpy as np
 
 from corral import _core
-from corral.llm import LLM
+from corral.llm import LLM, demo_model_path
+from corral.perplexity import perplexity
 from corral.sampling_params import SamplingParams
 from corral.tokenizer import has_tokenizer
 
@@ -64,7 +69,8 @@ def _common_parser() -> argparse.ArgumentParser:
         "model",
         nargs="?",
         metavar="MODEL",
-        help="Hugging Face checkpoint folder (config.json, safetensors weights, tokenizer.json)",
+        help="Hugging Face checkpoint folder (config.json, safetensors weights, tokenizer.json); "
+        "default: the bundled demo model",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log messages")
     p.add_argument("-v", "--verbose", action="store_true", help="log what was loaded and which kernels run")
@@ -136,6 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16], metavar="N", help="default: 1 4 16")
     b.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     b.set_defaults(func=_bench)
+
+    p = sub.add_parser(
+        "perplexity",
+        parents=[common],
+        help="perplexity of a text file under the model",
+        description="Perplexity of FILE (UTF-8 text) under the model: windows of --window tokens overlapping by "
+        "one, every token after the first predicted once.",
+    )
+    p.add_argument("file", metavar="FILE", help="the text ('-': read it from stdin)")
+    p.add_argument("--window", type=int, help="tokens per window (default: the model's max_model_len)")
+    p.set_defaults(func=_perplexity)
     return parser
 
 
@@ -170,9 +187,7 @@ def _fail(message: str, status: int = 1) -> int:
 
 
 def _load(args, need_tokenizer: bool) -> LLM:
-    if args.model is None:
-        raise CliError("no MODEL given: pass a Hugging Face checkpoint folder", status=2)
-    model = Path(args.model)
+    model = demo_model_path() if args.model is None else Path(args.model)
     if not model.is_dir():
         raise CliError(f"model folder {model} does not exist")
     tokenizer_dir = Path(args.tokenizer) if args.tokenizer else model
@@ -331,12 +346,31 @@ def _bench(args) -> int:
             )
         )
     print(
-        f"model {args.model}: {args.input_len} prompt tokens, {args.output_len} output tokens per request, "
+        f"model {llm.model_path}: {args.input_len} prompt tokens, {args.output_len} output tokens per request, "
         f"{_core.num_threads()} threads, CPU kernels {_core.ops.cpu_isa()}"
     )
     print(f"{'batch':>5}  {'prefill s':>10}  {'prefill tok/s':>13}  {'decode s':>10}  {'decode tok/s':>12}")
     for batch, ps, ptps, ds, dtps in rows:
         print(f"{batch:>5}  {ps:>10.4f}  {ptps:>13.1f}  {ds:>10.4f}  {dtps:>12.1f}")
+    return 0
+
+
+def _perplexity(args) -> int:
+    if args.file == "-":
+        text = sys.stdin.read()
+    else:
+        try:
+            text = Path(args.file).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise CliError(f"{args.file} is not UTF-8 text: {e}") from None
+    if args.window is not None and args.window < 2:
+        raise CliError("--window must be >= 2", status=2)
+    llm = _load(args, need_tokenizer=True)
+    result = perplexity(llm, text, args.window)
+    print(
+        f"perplexity {result.perplexity:.4f} over {result.tokens} tokens "
+        f"({result.mean_nll:.4f} nats/token; a uniform model: {llm.config['vocab_size']})"
+    )
     return 0
 
 

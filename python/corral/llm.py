@@ -31,12 +31,26 @@ _GENERATION_DEFAULTS = {
 }
 logger = logging.getLogger("corral")
 
+# The small trained Llama 4-architecture model shipped in the package (tools/train_demo_model.py).
+DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
+
+
+def demo_model_path() -> Path:
+    """The folder of the bundled demo model, the default model of LLM() and the CLI."""
+    if not (DEMO_MODEL / "config.json").is_file():
+        raise _core.ModelFileNotFoundError(
+            f"the bundled demo model is missing ({DEMO_MODEL / 'config.json'}); "
+            "train it with tools/train_demo_model.py, or pass a model folder"
+        )
+    return DEMO_MODEL
+
 # A prompt: text, token ids, or vLLM's dicts {"prompt": text} / {"prompt_token_ids": ids}.
 Prompt = str | Sequence[int] | Mapping[str, Any]
 
 
 class LLM:
-    """A Llama 4 model loaded from a Hugging Face checkpoint folder.
+    """A Llama 4 model loaded from a Hugging Face checkpoint folder (default: the bundled demo
+    model, demo_model_path()).
 
     Options:
         tokenizer: folder of the tokenizer (default: the model folder). Without a tokenizer.json
@@ -63,7 +77,7 @@ class LLM:
 
     def __init__(
         self,
-        model_path: str | os.PathLike,
+        model_path: str | os.PathLike | None = None,
         *,
         tokenizer: str | os.PathLike | None = None,
         skip_tokenizer_init: bool = False,
@@ -105,7 +119,7 @@ class LLM:
         options.max_num_batched_tokens = max_num_batched_tokens
         options.num_threads = num_threads or 0
         options.seed = seed
-        self.model_path = os.fspath(model_path)
+        self.model_path = os.fspath(demo_model_path() if model_path is None else model_path)
         self._engine = _core.Engine(self.model_path, options)
         self._requests: dict[int, _Request] = {}
         self._tokenizer = self._load_tokenizer(tokenizer, skip_tokenizer_init)
