@@ -94,14 +94,17 @@ struct TileWork {
     const int64_t b1 = std::min(last_block + 1, (split + 1) * split_blocks());
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t page = table[blk], key0 = blk * bs, nk = std::min(bs, hi_max + 1 - key0);
-      if (blk + kPrefetchBlocks < b1) {  // blocks sit anywhere in the pool: fetch ahead, into L2
-        const int64_t next = int64_t(table[blk + kPrefetchBlocks]) * c.block_stride + t.g0 * head_bytes;
-        for (int64_t at = 0; at < (t.g1 - t.g0) * head_bytes; at += 64) {
-          __builtin_prefetch(static_cast<const char*>(c.k) + next + at, 0, 1);
-          __builtin_prefetch(static_cast<const char*>(c.v) + next + at, 0, 1);
-        }
-      }
+      // Blocks sit anywhere in the pool, where the hardware prefetchers stall: a later block's K
+      // and V of head g are fetched while head g of this block is computed, K before the scores
+      // and V before the softmax. Smaller bursts keep the core from stalling on a full miss queue
+      // (one burst of both: 20% slower decode at 1M tokens).
+      const int64_t ahead = blk + kPrefetchBlocks < b1 ? int64_t(table[blk + kPrefetchBlocks]) * c.block_stride : -1;
+      auto prefetch = [&](const void* base, int64_t g) {
+        for (int64_t at = ahead + g * head_bytes; ahead >= 0 && at < ahead + (g + 1) * head_bytes; at += 64)
+          __builtin_prefetch(static_cast<const char*>(base) + at, 0, 3);
+      };
       for (int64_t g = t.g0; g < t.g1; ++g) {
+        prefetch(c.k, g);
         const int64_t at = page * c.block_stride + g * head_bytes;
         const char* kt = static_cast<const char*>(c.k) + at;  // [d, bs]
         const char* vb = static_cast<const char*>(c.v) + at;  // [bs, d]
@@ -122,6 +125,7 @@ struct TileWork {
           k_scale = reinterpret_cast<const float*>(reinterpret_cast<const char*>(c.k_scale) + page * c.scale_step())[g];
           v_scale = reinterpret_cast<const float*>(reinterpret_cast<const char*>(c.v_scale) + page * c.scale_step())[g];
         }
+        prefetch(c.v, g);
         k.softmax_block(scores.data(), bs, rows_per_head, bs, k_scale, v_scale, p.m.data() + r0, p.l.data() + r0,
                         corr.data());
         for (int64_t r = 0; r < rows_per_head; ++r)
