@@ -94,24 +94,16 @@ struct TileWork {
     const int64_t b1 = std::min(last_block + 1, (split + 1) * split_blocks());
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t page = table[blk], key0 = blk * bs, nk = std::min(bs, hi_max + 1 - key0);
-      // Blocks sit anywhere in the pool, where the hardware prefetchers stall: a later block's K
-      // and V of head g are fetched while head g of this block is computed, K before the scores
-      // and V before the softmax. Smaller bursts keep the core from stalling on a full miss queue
-      // (one burst of both: 20% slower decode at 1M tokens).
-      const int64_t ahead = blk + kPrefetchBlocks < b1 ? int64_t(table[blk + kPrefetchBlocks]) * c.block_stride : -1;
-      auto prefetch = [&](const void* base, int64_t g) {
-        for (int64_t at = ahead + g * head_bytes; ahead >= 0 && at < ahead + (g + 1) * head_bytes; at += 64)
-          __builtin_prefetch(static_cast<const char*>(base) + at, 0, 3);
-      };
+      // The kernels prefetch the same head's K and V of the block kPrefetchBlocks later as they go.
+      const int64_t ahead = blk + kPrefetchBlocks < b1 ? (table[blk + kPrefetchBlocks] - page) * c.block_stride : 0;
       for (int64_t g = t.g0; g < t.g1; ++g) {
-        prefetch(c.k, g);
         const int64_t at = page * c.block_stride + g * head_bytes;
         const char* kt = static_cast<const char*>(c.k) + at;  // [d, bs]
         const char* vb = static_cast<const char*>(c.v) + at;  // [bs, d]
         const int64_t r0 = (g - t.g0) * rows_per_head;
         float* acc = p.acc.data() + r0 * d;
         // Scores of the whole block, keys past the last written one masked with the rest.
-        k.attn_scores[fi](scores.data(), bs, q.data() + r0 * d, d, rows_per_head, kt, bs, d);
+        k.attn_scores[fi](scores.data(), bs, q.data() + r0 * d, d, rows_per_head, kt, bs, d, ahead);
         for (int64_t tok = 0; tok < tokens; ++tok) {  // keys a row does not see
           if (lo[tok] <= key0 && key0 + bs - 1 <= hi[tok]) continue;
           for (int64_t hh = 0; hh < group; ++hh) {
@@ -125,13 +117,12 @@ struct TileWork {
           k_scale = reinterpret_cast<const float*>(reinterpret_cast<const char*>(c.k_scale) + page * c.scale_step())[g];
           v_scale = reinterpret_cast<const float*>(reinterpret_cast<const char*>(c.v_scale) + page * c.scale_step())[g];
         }
-        prefetch(c.v, g);
         k.softmax_block(scores.data(), bs, rows_per_head, bs, k_scale, v_scale, p.m.data() + r0, p.l.data() + r0,
                         corr.data());
         for (int64_t r = 0; r < rows_per_head; ++r)
           if (corr[r] != 1.f)
             for (int64_t i = 0; i < d; ++i) acc[r * d + i] *= corr[r];
-        k.attn_pv[fi](acc, d, scores.data(), bs, rows_per_head, vb, nk, d);  // V past nk: unwritten
+        k.attn_pv[fi](acc, d, scores.data(), bs, rows_per_head, vb, nk, d, ahead);  // V past nk: unwritten
       }
     }
   }

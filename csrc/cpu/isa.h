@@ -19,12 +19,13 @@ using GemmPanelFn = void (*)(float* y, int64_t ldy, const float* x, int64_t ldx,
 // Rows of x up to which InOut products stream W row by row (gemm_inout_stream).
 constexpr int64_t kStreamRows = 8;
 
-// Attention scores of rows of q against one block of keys stored [d, bs] (see simd/attention.h).
+// Attention scores of rows of q against one block of keys stored [d, bs]; the kernels also
+// prefetch the same tile `ahead` bytes away, a later block's (see simd/attention.h).
 using AttnScoresFn = void (*)(float* s, int64_t lds, const float* q, int64_t ldq, int64_t rows, const void* kt,
-                              int64_t bs, int64_t d);
-// acc[r, 0:d] += p[r, 0:nk] . V for one block's values stored [nk, d] (see simd/attention.h).
+                              int64_t bs, int64_t d, int64_t ahead);
+// acc[r, 0:d] += p[r, 0:nk] . V for one block's values stored [nk, d]; prefetches as attn_scores.
 using AttnPvFn = void (*)(float* acc, int64_t lda, const float* p, int64_t ldp, int64_t rows, const void* v,
-                          int64_t nk, int64_t d);
+                          int64_t nk, int64_t d, int64_t ahead);
 // The softmax step of attention over one block (see simd/softmax.h).
 using SoftmaxBlockFn = void (*)(float* s, int64_t lds, int64_t rows, int64_t nk, float pre, float post, float* m,
                                 float* l, float* corr);

@@ -7,11 +7,22 @@
 
 namespace corral::cpu::CORRAL_ISA_NS {
 
+// Blocks sit anywhere in the pool, where the hardware prefetchers stall, so the kernels fetch the
+// tile of a later block as they read this one: a load at address a also prefetches a + ahead (the
+// same element of the later tile), once per cache line (by the load that starts in the line's
+// first `bytes` bytes). Spread over the arithmetic, the fetches never fill the miss queue at once.
+// ahead 0: no prefetch.
+CORRAL_INLINE void prefetch_ahead(const void* a, int64_t ahead, int64_t bytes) {
+  if (ahead != 0 && (reinterpret_cast<uintptr_t>(a) & 63) < uintptr_t(bytes))
+    __builtin_prefetch(static_cast<const char*>(a) + ahead, 0, 3);
+}
+
 // MR rows of scores over one block: s[r, j] = dot(q[r, 0:d], K[:, j]) for j < bs, K stored
 // transposed ([d, bs], rows bs apart). Four independent sums per element (d split by p % 4)
 // keep the FMA units busy with few rows; they are added at the end in a fixed order.
 template <class KV, int MR>
-CORRAL_INLINE void scores_rows(float* s, int64_t lds, const float* q, int64_t ldq, const KV* kt, int64_t bs, int64_t d) {
+CORRAL_INLINE void scores_rows(float* s, int64_t lds, const float* q, int64_t ldq, const KV* kt, int64_t bs, int64_t d,
+                              int64_t ahead) {
   int64_t j = 0;
   for (; j + kVecWidth <= bs; j += kVecWidth) {
     VecF acc[MR][4];
@@ -20,11 +31,15 @@ CORRAL_INLINE void scores_rows(float* s, int64_t lds, const float* q, int64_t ld
     int64_t p = 0;
     for (; p + 4 <= d; p += 4) {
       VecF kv[4];
-      for (int c = 0; c < 4; ++c) kv[c] = vload(kt + (p + c) * bs + j);
+      for (int c = 0; c < 4; ++c) {
+        prefetch_ahead(kt + (p + c) * bs + j, ahead, kVecWidth * sizeof(KV));
+        kv[c] = vload(kt + (p + c) * bs + j);
+      }
       for (int r = 0; r < MR; ++r)
         for (int c = 0; c < 4; ++c) acc[r][c] = vfma(vset1(q[r * ldq + p + c]), kv[c], acc[r][c]);
     }
     for (; p < d; ++p) {
+      prefetch_ahead(kt + p * bs + j, ahead, kVecWidth * sizeof(KV));
       const VecF kv = vload(kt + p * bs + j);
       for (int r = 0; r < MR; ++r) acc[r][0] = vfma(vset1(q[r * ldq + p]), kv, acc[r][0]);
     }
@@ -83,8 +98,10 @@ CORRAL_INLINE __m512bh bcast_pair(uint32_t pair) { return (__m512bh)_mm512_set1_
 // rows bs apart: four sums per element as in scores_rows (pair i in sum i % 4). add: s += them.
 template <int MR, bool Masked>
 CORRAL_INLINE void scores_keys_dp(float* s, int64_t lds, const Pairs* qp, const bf16* kt, int64_t bs, int64_t n,
-                                  __mmask16 m, bool add) {
+                                  __mmask16 m, bool add, int64_t ahead) {
   auto kpair = [&](int64_t i, bool two) __attribute__((always_inline)) {
+    prefetch_ahead(kt + 2 * i * bs, ahead, 32);
+    if (two) prefetch_ahead(kt + (2 * i + 1) * bs, ahead, 32);
     return interleave_bf16(load_bf16x16<Masked>(kt + 2 * i * bs, m),
                            two ? load_bf16x16<Masked>(kt + (2 * i + 1) * bs, m) : _mm512_setzero_si512());
   };
@@ -112,14 +129,15 @@ CORRAL_INLINE void scores_keys_dp(float* s, int64_t lds, const Pairs* qp, const 
 // scores_rows for a bf16 cache.
 template <int MR>
 CORRAL_INLINE void scores_rows_dp(float* s, int64_t lds, const float* q, int64_t ldq, const bf16* kt, int64_t bs,
-                                  int64_t d) {
+                                  int64_t d, int64_t ahead) {
   alignas(64) Pairs qp[MR];
   for (int64_t p0 = 0; p0 < d; p0 += kDpChunk) {  // a head_dim past kDpChunk: s adds up the passes in order
     const int64_t n = d - p0 < kDpChunk ? d - p0 : kDpChunk;
     for (int r = 0; r < MR; ++r) round_pairs(qp[r], q + r * ldq + p0, n);
     int64_t j = 0;
-    for (; j + 16 <= bs; j += 16) scores_keys_dp<MR, false>(s + j, lds, qp, kt + p0 * bs + j, bs, n, 0xffff, p0 > 0);
-    if (j < bs) scores_keys_dp<MR, true>(s + j, lds, qp, kt + p0 * bs + j, bs, n, lanes_below(bs - j), p0 > 0);
+    for (; j + 16 <= bs; j += 16)
+      scores_keys_dp<MR, false>(s + j, lds, qp, kt + p0 * bs + j, bs, n, 0xffff, p0 > 0, ahead);
+    if (j < bs) scores_keys_dp<MR, true>(s + j, lds, qp, kt + p0 * bs + j, bs, n, lanes_below(bs - j), p0 > 0, ahead);
   }
 }
 
@@ -127,15 +145,18 @@ CORRAL_INLINE void scores_rows_dp(float* s, int64_t lds, const float* q, int64_t
 // 16 columns of lanes m, NV = 1).
 template <int MR, int NV, bool Masked>
 CORRAL_INLINE void pv_cols_dp(float* acc, int64_t lda, const Pairs* pp, const bf16* v, int64_t n, int64_t d,
-                              __mmask16 m) {
+                              __mmask16 m, int64_t ahead) {
   __m512 a[MR][NV];
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NV; ++j) a[r][j] = _mm512_maskz_loadu_ps(m, acc + r * lda + 16 * j);
   auto step = [&](int64_t k, bool two) __attribute__((always_inline)) {
     __m512bh vv[NV];
-    for (int j = 0; j < NV; ++j)
+    for (int j = 0; j < NV; ++j) {
+      prefetch_ahead(v + k * d + 16 * j, ahead, 32);
+      if (two) prefetch_ahead(v + (k + 1) * d + 16 * j, ahead, 32);
       vv[j] = interleave_bf16(load_bf16x16<Masked>(v + k * d + 16 * j, m),
                               two ? load_bf16x16<Masked>(v + (k + 1) * d + 16 * j, m) : _mm512_setzero_si512());
+    }
     for (int r = 0; r < MR; ++r) {
       const __m512bh pb = bcast_pair(pp[r][k / 2]);
       for (int j = 0; j < NV; ++j) a[r][j] = _mm512_dpbf16_ps(a[r][j], pb, vv[j]);
@@ -151,16 +172,16 @@ CORRAL_INLINE void pv_cols_dp(float* acc, int64_t lda, const Pairs* pp, const bf
 // pv_rows for a bf16 cache: 64 columns at a time, then 16, then the rest masked.
 template <int MR>
 CORRAL_INLINE void pv_rows_dp(float* acc, int64_t lda, const float* p, int64_t ldp, const bf16* v, int64_t nk,
-                              int64_t d) {
+                              int64_t d, int64_t ahead) {
   alignas(64) Pairs pp[MR];
   for (int64_t k0 = 0; k0 < nk; k0 += kDpChunk) {
     const int64_t n = nk - k0 < kDpChunk ? nk - k0 : kDpChunk;
     for (int r = 0; r < MR; ++r) round_pairs(pp[r], p + r * ldp + k0, n);
     const bf16* vk = v + k0 * d;
     int64_t c = 0;
-    for (; c + 64 <= d; c += 64) pv_cols_dp<MR, 4, false>(acc + c, lda, pp, vk + c, n, d, 0xffff);
-    for (; c + 16 <= d; c += 16) pv_cols_dp<MR, 1, false>(acc + c, lda, pp, vk + c, n, d, 0xffff);
-    if (c < d) pv_cols_dp<MR, 1, true>(acc + c, lda, pp, vk + c, n, d, lanes_below(d - c));
+    for (; c + 64 <= d; c += 64) pv_cols_dp<MR, 4, false>(acc + c, lda, pp, vk + c, n, d, 0xffff, ahead);
+    for (; c + 16 <= d; c += 16) pv_cols_dp<MR, 1, false>(acc + c, lda, pp, vk + c, n, d, 0xffff, ahead);
+    if (c < d) pv_cols_dp<MR, 1, true>(acc + c, lda, pp, vk + c, n, d, lanes_below(d - c), ahead);
   }
 }
 #endif
@@ -186,27 +207,31 @@ struct ScoresPass {
   template <int MR>
   struct Rows {
     CORRAL_INLINE static void run(int64_t r, float* s, int64_t lds, const float* q, int64_t ldq, const KV* kt,
-                                  int64_t bs, int64_t d) {
+                                  int64_t bs, int64_t d, int64_t ahead) {
+      ahead = r == 0 ? ahead : 0;  // the first pass over the rows prefetches
 #if defined(__AVX512BF16__)
-      if constexpr (std::is_same_v<KV, bf16>) return scores_rows_dp<MR>(s + r * lds, lds, q + r * ldq, ldq, kt, bs, d);
+      if constexpr (std::is_same_v<KV, bf16>)
+        return scores_rows_dp<MR>(s + r * lds, lds, q + r * ldq, ldq, kt, bs, d, ahead);
 #endif
-      scores_rows<KV, MR>(s + r * lds, lds, q + r * ldq, ldq, kt, bs, d);
+      scores_rows<KV, MR>(s + r * lds, lds, q + r * ldq, ldq, kt, bs, d, ahead);
     }
   };
 };
 
-// Scores of `rows` query rows (q rows ldq apart) against one block's keys, into s (rows lds apart).
+// Scores of `rows` query rows (q rows ldq apart) against one block's keys, into s (rows lds apart);
+// prefetches the tile `ahead` bytes away (see prefetch_ahead).
 template <class KV>
 void attn_scores(float* s, int64_t lds, const float* q, int64_t ldq, int64_t rows, const void* ktv, int64_t bs,
-                 int64_t d) {
-  row_passes<ScoresPass<KV>::template Rows>(rows, s, lds, q, ldq, static_cast<const KV*>(ktv), bs, d);
+                 int64_t d, int64_t ahead) {
+  row_passes<ScoresPass<KV>::template Rows>(rows, s, lds, q, ldq, static_cast<const KV*>(ktv), bs, d, ahead);
 }
 
 // acc[r, 0:d] += sum_j p[r, j] * V[j, 0:d] for j < nk, V stored [nk, d]: MR rows per pass over 64
 // columns at a time, so each V row is loaded once per pass. For every element the sum runs over j
 // in order with fused multiply-adds (columns past the last full vector: plain ones).
 template <class KV, int MR>
-CORRAL_INLINE void pv_rows(float* acc, int64_t lda, const float* p, int64_t ldp, const KV* v, int64_t nk, int64_t d) {
+CORRAL_INLINE void pv_rows(float* acc, int64_t lda, const float* p, int64_t ldp, const KV* v, int64_t nk, int64_t d,
+                          int64_t ahead) {
   int64_t c = 0;
   for (; c + 4 * kVecWidth <= d; c += 4 * kVecWidth) {
     VecF a[MR][4];
@@ -214,7 +239,10 @@ CORRAL_INLINE void pv_rows(float* acc, int64_t lda, const float* p, int64_t ldp,
       for (int j = 0; j < 4; ++j) a[r][j] = vload(acc + r * lda + c + j * kVecWidth);
     for (int64_t k = 0; k < nk; ++k) {
       VecF vv[4];
-      for (int j = 0; j < 4; ++j) vv[j] = vload(v + k * d + c + j * kVecWidth);
+      for (int j = 0; j < 4; ++j) {
+        prefetch_ahead(v + k * d + c + j * kVecWidth, ahead, kVecWidth * sizeof(KV));
+        vv[j] = vload(v + k * d + c + j * kVecWidth);
+      }
       for (int r = 0; r < MR; ++r) {
         const VecF pb = vset1(p[r * ldp + k]);
         for (int j = 0; j < 4; ++j) a[r][j] = vfma(pb, vv[j], a[r][j]);
@@ -227,6 +255,7 @@ CORRAL_INLINE void pv_rows(float* acc, int64_t lda, const float* p, int64_t ldp,
     VecF a[MR];
     for (int r = 0; r < MR; ++r) a[r] = vload(acc + r * lda + c);
     for (int64_t k = 0; k < nk; ++k) {
+      prefetch_ahead(v + k * d + c, ahead, kVecWidth * sizeof(KV));
       const VecF vv = vload(v + k * d + c);
       for (int r = 0; r < MR; ++r) a[r] = vfma(vset1(p[r * ldp + k]), vv, a[r]);
     }
@@ -245,19 +274,21 @@ struct PvPass {
   template <int MR>
   struct Rows {
     CORRAL_INLINE static void run(int64_t r, float* acc, int64_t lda, const float* p, int64_t ldp, const KV* v,
-                                  int64_t nk, int64_t d) {
+                                  int64_t nk, int64_t d, int64_t ahead) {
+      ahead = r == 0 ? ahead : 0;  // the first pass over the rows prefetches
 #if defined(__AVX512BF16__)
-      if constexpr (std::is_same_v<KV, bf16>) return pv_rows_dp<MR>(acc + r * lda, lda, p + r * ldp, ldp, v, nk, d);
+      if constexpr (std::is_same_v<KV, bf16>)
+        return pv_rows_dp<MR>(acc + r * lda, lda, p + r * ldp, ldp, v, nk, d, ahead);
 #endif
-      pv_rows<KV, MR>(acc + r * lda, lda, p + r * ldp, ldp, v, nk, d);
+      pv_rows<KV, MR>(acc + r * lda, lda, p + r * ldp, ldp, v, nk, d, ahead);
     }
   };
 };
 
 template <class KV>
 void attn_pv(float* acc, int64_t lda, const float* p, int64_t ldp, int64_t rows, const void* vv, int64_t nk,
-             int64_t d) {
-  row_passes<PvPass<KV>::template Rows>(rows, acc, lda, p, ldp, static_cast<const KV*>(vv), nk, d);
+             int64_t d, int64_t ahead) {
+  row_passes<PvPass<KV>::template Rows>(rows, acc, lda, p, ldp, static_cast<const KV*>(vv), nk, d, ahead);
 }
 
 }  // namespace corral::cpu::CORRAL_ISA_NS
