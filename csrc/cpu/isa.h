@@ -17,7 +17,7 @@ using GemmPanelFn = void (*)(float* y, int64_t ldy, const float* x, int64_t ldx,
                              const void* w, int64_t ldw, int64_t n, int64_t k, bool accumulate);
 
 // Rows of x up to which InOut products stream W row by row (gemm_inout_stream).
-constexpr int64_t kStreamRows = 8;
+constexpr int64_t kStreamRows = 12;
 
 // Attention scores of rows of q against one block of keys stored [d, bs]; the kernels also
 // prefetch the same tile `ahead` bytes away, a later block's (see simd/attention.h).

@@ -6,11 +6,14 @@
 
 namespace corral::cpu::CORRAL_ISA_NS {
 
-// Accumulators per register tile: AVX-512 has 32 vector registers, AVX2 and the baseline 16.
+// Rows of x per register tile: AVX-512 has 32 vector registers, AVX2 and the baseline 16. OutIn
+// tiles hold rows x 4 W rows of accumulators, InOut tiles rows x 4 vectors of columns.
 #if defined(__AVX512F__)
 constexpr int kRowsPerTile = 4;
+constexpr int kInOutRowsPerTile = 6;
 #else
 constexpr int kRowsPerTile = 2;
+constexpr int kInOutRowsPerTile = 2;
 #endif
 
 // W stored [out, in]: y[r, j] = dot(x[r, :], w[j, :]) for r < rows, j < n; w rows ldw apart.
@@ -57,15 +60,24 @@ void gemm_outin(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows
   for (; r < rows; ++r) dot_rows<W, 1>(y + r * ldy, ldy, x + r * ldx, ldx, w, ldw, n, k, accumulate);
 }
 
+// Rows of W ahead that the InOut kernels prefetch: each row segment starts a new page, where the
+// hardware prefetchers stall; one prefetch per cache line keeps enough reads in flight.
+constexpr int64_t kPrefetchRows = 8;
+
 // W stored [in, out] (rows ldw apart): y[r, 0:n] = sum_p x[r, p] * w[p, 0:n]. Each W row segment
-// is loaded once per MR rows of x; NV vectors of columns per tile.
+// is loaded once per MR rows of x; NV vectors of columns per tile. fetch: prefetch W rows ahead
+// (the first pass over a panel; later passes find it in cache).
 template <class W, int MR, int NV>
 CORRAL_INLINE void axpy_tile(float* y, int64_t ldy, const float* x, int64_t ldx, const W* w,
-                             int64_t ldw, int64_t k, bool accumulate) {
+                             int64_t ldw, int64_t k, bool accumulate, bool fetch) {
   VecF acc[MR][NV];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NV; ++j) acc[i][j] = vzero();
   for (int64_t p = 0; p < k; ++p) {
+    if (fetch && p + kPrefetchRows < k)  // one prefetch per cache line
+      for (int j = 0; j < NV; ++j)
+        if ((j * kVecWidth * int64_t(sizeof(W))) % 64 == 0)
+          __builtin_prefetch(w + (p + kPrefetchRows) * ldw + j * kVecWidth, 0, 3);
     VecF wv[NV];
     for (int j = 0; j < NV; ++j) wv[j] = vload(w + p * ldw + j * kVecWidth);
     for (int i = 0; i < MR; ++i) {
@@ -83,13 +95,13 @@ CORRAL_INLINE void axpy_tile(float* y, int64_t ldy, const float* x, int64_t ldx,
 
 template <class W, int MR>
 CORRAL_INLINE void axpy_rows(float* y, int64_t ldy, const float* x, int64_t ldx, const W* w,
-                             int64_t ldw, int64_t n, int64_t k, bool accumulate) {
+                             int64_t ldw, int64_t n, int64_t k, bool accumulate, bool fetch) {
   constexpr int kNV = 4;
   int64_t j = 0;
   for (; j + kNV * kVecWidth <= n; j += kNV * kVecWidth)
-    axpy_tile<W, MR, kNV>(y + j, ldy, x, ldx, w + j, ldw, k, accumulate);
+    axpy_tile<W, MR, kNV>(y + j, ldy, x, ldx, w + j, ldw, k, accumulate, fetch);
   for (; j + kVecWidth <= n; j += kVecWidth)
-    axpy_tile<W, MR, 1>(y + j, ldy, x, ldx, w + j, ldw, k, accumulate);
+    axpy_tile<W, MR, 1>(y + j, ldy, x, ldx, w + j, ldw, k, accumulate, fetch);
   for (; j < n; ++j) {  // columns past the last full vector
     for (int i = 0; i < MR; ++i) {
       float s = 0.f;
@@ -99,18 +111,57 @@ CORRAL_INLINE void axpy_rows(float* y, int64_t ldy, const float* x, int64_t ldx,
   }
 }
 
+// The last rows (fewer than a tile) in one pass of a tile of exactly that many rows.
+template <class W, int MR>
+CORRAL_INLINE void axpy_last_rows(int64_t left, float* y, int64_t ldy, const float* x, int64_t ldx, const W* w,
+                                  int64_t ldw, int64_t n, int64_t k, bool accumulate, bool fetch) {
+  if constexpr (MR > 0) {
+    if (left == MR) return axpy_rows<W, MR>(y, ldy, x, ldx, w, ldw, n, k, accumulate, fetch);
+    axpy_last_rows<W, MR - 1>(left, y, ldy, x, ldx, w, ldw, n, k, accumulate, fetch);
+  }
+}
+
+// Every row's sum runs over p in order with one FMA per term, whatever tile it falls in, so a
+// row's result does not depend on how many rows come with it.
 template <class W>
 void gemm_inout(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, const void* wv,
                 int64_t ldw, int64_t n, int64_t k, bool accumulate) {
   const W* w = static_cast<const W*>(wv);
   int64_t r = 0;
-  for (; r + kRowsPerTile <= rows; r += kRowsPerTile)
-    axpy_rows<W, kRowsPerTile>(y + r * ldy, ldy, x + r * ldx, ldx, w, ldw, n, k, accumulate);
-  for (; r < rows; ++r) axpy_rows<W, 1>(y + r * ldy, ldy, x + r * ldx, ldx, w, ldw, n, k, accumulate);
+  for (; r + kInOutRowsPerTile <= rows; r += kInOutRowsPerTile)
+    axpy_rows<W, kInOutRowsPerTile>(y + r * ldy, ldy, x + r * ldx, ldx, w, ldw, n, k, accumulate, r == 0);
+  axpy_last_rows<W, kInOutRowsPerTile - 1>(rows - r, y + r * ldy, ldy, x + r * ldx, ldx, w, ldw, n, k, accumulate,
+                                           r == 0);
+}
+
+// G rows of W from row p, each loaded once for every row of x: y[r, 0:n] += sum_q x[r, p + q] *
+// w[p + q, 0:n], each row of y loaded and stored once per G terms. Prefetches the rows 2G to 3G
+// ahead, one prefetch per cache line.
+template <class W, int G>
+CORRAL_INLINE void stream_rows(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, const W* w,
+                               int64_t ldw, int64_t n, int64_t p, int64_t k) {
+  const W* w0 = w + p * ldw;
+  int64_t j = 0;
+  for (; j + kVecWidth <= n; j += kVecWidth) {
+    if (p + 3 * G <= k && (j * int64_t(sizeof(W))) % 64 == 0)
+      for (int q = 2 * G; q < 3 * G; ++q) __builtin_prefetch(w0 + q * ldw + j, 0, 1);
+    VecF wv[G];
+    for (int q = 0; q < G; ++q) wv[q] = vload(w0 + q * ldw + j);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* xr = x + r * ldx + p;
+      float* dst = y + r * ldy + j;
+      VecF acc = vload(dst);
+      for (int q = 0; q < G; ++q) acc = vfma(vset1(xr[q]), wv[q], acc);
+      vstore(dst, acc);
+    }
+  }
+  for (; j < n; ++j)  // columns past the last full vector: as axpy_rows' tail, without FMA
+    for (int64_t r = 0; r < rows; ++r)
+      for (int q = 0; q < G; ++q) y[r * ldy + j] += x[r * ldx + p + q] * to_float(w0[q * ldw + j]);
 }
 
 // W stored [in, out] (rows ldw apart), for few rows of x (at most kStreamRows): y[r, 0:n] +=
-// sum_p x[r, p] * w[p, 0:n], reading W row after row, each row contiguously, four at a time
+// sum_p x[r, p] * w[p, 0:n], reading W row after row, each row contiguously, eight at a time
 // (strided column panels of W wait on memory). Into a zeroed y it gives the bits gemm_inout gives
 // for the same k range: every element sums over p in order, with fused multiply-adds on full
 // vectors and plain ones on the columns past them.
@@ -119,39 +170,8 @@ void gemm_inout_stream(float* y, int64_t ldy, const float* x, int64_t ldx, int64
                        int64_t ldw, int64_t n, int64_t k, bool /*accumulate: always*/) {
   const W* w = static_cast<const W*>(wv);
   int64_t p = 0;
-  for (; p + 4 <= k; p += 4) {
-    const W* w0 = w + p * ldw;
-    int64_t j = 0;
-    for (; j + kVecWidth <= n; j += kVecWidth) {
-      // Eight rows ahead: each row segment starts a new page, where the hardware prefetchers
-      // stall; one prefetch per cache line keeps enough reads in flight.
-      if (p + 12 <= k && (j * int64_t(sizeof(W))) % 64 == 0)
-        for (int q = 8; q < 12; ++q) __builtin_prefetch(w0 + q * ldw + j, 0, 1);
-      // Four rows of W, loaded once for every row of x.
-      const VecF a = vload(w0 + j), b = vload(w0 + ldw + j), c = vload(w0 + 2 * ldw + j), d = vload(w0 + 3 * ldw + j);
-      for (int64_t r = 0; r < rows; ++r) {
-        const float* xr = x + r * ldx + p;
-        float* dst = y + r * ldy + j;
-        vstore(dst, vfma(vset1(xr[3]), d, vfma(vset1(xr[2]), c, vfma(vset1(xr[1]), b, vfma(vset1(xr[0]), a, vload(dst))))));
-      }
-    }
-    for (; j < n; ++j)  // columns past the last full vector: as axpy_rows' tail, without FMA
-      for (int64_t r = 0; r < rows; ++r)
-        for (int q = 0; q < 4; ++q) y[r * ldy + j] += x[r * ldx + p + q] * to_float(w0[q * ldw + j]);
-  }
-  for (; p < k; ++p) {
-    const W* wp = w + p * ldw;
-    int64_t j = 0;
-    for (; j + kVecWidth <= n; j += kVecWidth) {
-      const VecF a = vload(wp + j);
-      for (int64_t r = 0; r < rows; ++r) {
-        float* dst = y + r * ldy + j;
-        vstore(dst, vfma(vset1(x[r * ldx + p]), a, vload(dst)));
-      }
-    }
-    for (; j < n; ++j)
-      for (int64_t r = 0; r < rows; ++r) y[r * ldy + j] += x[r * ldx + p] * to_float(wp[j]);
-  }
+  for (; p + 8 <= k; p += 8) stream_rows<W, 8>(y, ldy, x, ldx, rows, w, ldw, n, p, k);
+  for (; p < k; ++p) stream_rows<W, 1>(y, ldy, x, ldx, rows, w, ldw, n, p, k);
 }
 
 }  // namespace corral::cpu::CORRAL_ISA_NS
