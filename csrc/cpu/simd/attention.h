@@ -186,21 +186,8 @@ CORRAL_INLINE void pv_rows_dp(float* acc, int64_t lda, const float* p, int64_t l
 }
 #endif
 
-// Runs F<MR>::run(r0, args...) over rows in passes of up to 6 rows (a GQA group of 5 in one pass,
-// so K or V is loaded once for all of it).
-template <template <int> class F, class... A>
-CORRAL_INLINE void row_passes(int64_t rows, A... args) {
-  int64_t r = 0;
-  for (; r + 6 <= rows; r += 6) F<6>::run(r, args...);
-  switch (rows - r) {
-    case 5: return F<5>::run(r, args...);
-    case 4: return F<4>::run(r, args...);
-    case 3: return F<3>::run(r, args...);
-    case 2: return F<2>::run(r, args...);
-    case 1: return F<1>::run(r, args...);
-    default: return;
-  }
-}
+// Rows per pass: a GQA group of 5 in one pass, so K or V is loaded once for all of it.
+constexpr int kAttentionRowsPerPass = 6;
 
 template <class KV>
 struct ScoresPass {
@@ -223,7 +210,7 @@ struct ScoresPass {
 template <class KV>
 void attn_scores(float* s, int64_t lds, const float* q, int64_t ldq, int64_t rows, const void* ktv, int64_t bs,
                  int64_t d, int64_t ahead) {
-  row_passes<ScoresPass<KV>::template Rows>(rows, s, lds, q, ldq, static_cast<const KV*>(ktv), bs, d, ahead);
+  row_tiles<ScoresPass<KV>::template Rows, kAttentionRowsPerPass>(rows, s, lds, q, ldq, static_cast<const KV*>(ktv), bs, d, ahead);
 }
 
 // acc[r, 0:d] += sum_j p[r, j] * V[j, 0:d] for j < nk, V stored [nk, d]: MR rows per pass over 64
@@ -288,7 +275,7 @@ struct PvPass {
 template <class KV>
 void attn_pv(float* acc, int64_t lda, const float* p, int64_t ldp, int64_t rows, const void* vv, int64_t nk,
              int64_t d, int64_t ahead) {
-  row_passes<PvPass<KV>::template Rows>(rows, acc, lda, p, ldp, static_cast<const KV*>(vv), nk, d, ahead);
+  row_tiles<PvPass<KV>::template Rows, kAttentionRowsPerPass>(rows, acc, lda, p, ldp, static_cast<const KV*>(vv), nk, d, ahead);
 }
 
 }  // namespace corral::cpu::CORRAL_ISA_NS

@@ -6,14 +6,13 @@
 
 namespace corral::cpu::CORRAL_ISA_NS {
 
-// Rows of x per register tile: AVX-512 has 32 vector registers, AVX2 and the baseline 16. OutIn
-// tiles hold rows x 4 W rows of accumulators, InOut tiles rows x 4 vectors of columns.
+// Rows of x per register tile (rows x 4 accumulators): AVX-512 has 32 vector registers, AVX2 and
+// the baseline 16. Every row's sums run in the same order whatever tile it falls in, so a row's
+// result does not depend on how many rows come with it.
 #if defined(__AVX512F__)
-constexpr int kRowsPerTile = 4;
-constexpr int kInOutRowsPerTile = 6;
+constexpr int kRowsPerTile = 6;
 #else
 constexpr int kRowsPerTile = 2;
-constexpr int kInOutRowsPerTile = 2;
 #endif
 
 // W stored [out, in]: y[r, j] = dot(x[r, :], w[j, :]) for r < rows, j < n; w rows ldw apart.
@@ -51,13 +50,21 @@ CORRAL_INLINE void dot_rows(float* y, int64_t ldy, const float* x, int64_t ldx, 
 }
 
 template <class W>
+struct DotTile {
+  template <int MR>
+  struct Rows {
+    CORRAL_INLINE static void run(int64_t r, float* y, int64_t ldy, const float* x, int64_t ldx, const W* w,
+                                  int64_t ldw, int64_t n, int64_t k, bool accumulate) {
+      dot_rows<W, MR>(y + r * ldy, ldy, x + r * ldx, ldx, w, ldw, n, k, accumulate);
+    }
+  };
+};
+
+template <class W>
 void gemm_outin(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, const void* wv,
                 int64_t ldw, int64_t n, int64_t k, bool accumulate) {
-  const W* w = static_cast<const W*>(wv);
-  int64_t r = 0;
-  for (; r + kRowsPerTile <= rows; r += kRowsPerTile)
-    dot_rows<W, kRowsPerTile>(y + r * ldy, ldy, x + r * ldx, ldx, w, ldw, n, k, accumulate);
-  for (; r < rows; ++r) dot_rows<W, 1>(y + r * ldy, ldy, x + r * ldx, ldx, w, ldw, n, k, accumulate);
+  row_tiles<DotTile<W>::template Rows, kRowsPerTile>(rows, y, ldy, x, ldx, static_cast<const W*>(wv), ldw, n, k,
+                                                     accumulate);
 }
 
 // Rows of W ahead that the InOut kernels prefetch: each row segment starts a new page, where the
@@ -111,27 +118,22 @@ CORRAL_INLINE void axpy_rows(float* y, int64_t ldy, const float* x, int64_t ldx,
   }
 }
 
-// The last rows (fewer than a tile) in one pass of a tile of exactly that many rows.
-template <class W, int MR>
-CORRAL_INLINE void axpy_last_rows(int64_t left, float* y, int64_t ldy, const float* x, int64_t ldx, const W* w,
-                                  int64_t ldw, int64_t n, int64_t k, bool accumulate, bool fetch) {
-  if constexpr (MR > 0) {
-    if (left == MR) return axpy_rows<W, MR>(y, ldy, x, ldx, w, ldw, n, k, accumulate, fetch);
-    axpy_last_rows<W, MR - 1>(left, y, ldy, x, ldx, w, ldw, n, k, accumulate, fetch);
-  }
-}
+template <class W>
+struct AxpyTile {
+  template <int MR>
+  struct Rows {
+    CORRAL_INLINE static void run(int64_t r, float* y, int64_t ldy, const float* x, int64_t ldx, const W* w,
+                                  int64_t ldw, int64_t n, int64_t k, bool accumulate) {
+      axpy_rows<W, MR>(y + r * ldy, ldy, x + r * ldx, ldx, w, ldw, n, k, accumulate, r == 0);
+    }
+  };
+};
 
-// Every row's sum runs over p in order with one FMA per term, whatever tile it falls in, so a
-// row's result does not depend on how many rows come with it.
 template <class W>
 void gemm_inout(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, const void* wv,
                 int64_t ldw, int64_t n, int64_t k, bool accumulate) {
-  const W* w = static_cast<const W*>(wv);
-  int64_t r = 0;
-  for (; r + kInOutRowsPerTile <= rows; r += kInOutRowsPerTile)
-    axpy_rows<W, kInOutRowsPerTile>(y + r * ldy, ldy, x + r * ldx, ldx, w, ldw, n, k, accumulate, r == 0);
-  axpy_last_rows<W, kInOutRowsPerTile - 1>(rows - r, y + r * ldy, ldy, x + r * ldx, ldx, w, ldw, n, k, accumulate,
-                                           r == 0);
+  row_tiles<AxpyTile<W>::template Rows, kRowsPerTile>(rows, y, ldy, x, ldx, static_cast<const W*>(wv), ldw, n, k,
+                                                      accumulate);
 }
 
 // G rows of W from row p, each loaded once for every row of x: y[r, 0:n] += sum_q x[r, p + q] *

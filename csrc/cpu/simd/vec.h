@@ -189,4 +189,22 @@ CORRAL_INLINE VecF vexp(VecF a) {
 
 #endif
 
+// The last `left` rows (fewer than a tile) as one tile of exactly that many rows.
+template <template <int> class F, int MR, class... A>
+CORRAL_INLINE void last_row_tile(int64_t left, int64_t r, A... args) {
+  if constexpr (MR > 0) {
+    if (left == MR) return F<MR>::run(r, args...);
+    last_row_tile<F, MR - 1>(left, r, args...);
+  }
+}
+
+// Runs F<MR>::run(r, args...) over rows [0, rows) in tiles of MaxRows rows starting at row r, the
+// rest in one tile (so each tile loads its operand once for all its rows).
+template <template <int> class F, int MaxRows, class... A>
+CORRAL_INLINE void row_tiles(int64_t rows, A... args) {
+  int64_t r = 0;
+  for (; r + MaxRows <= rows; r += MaxRows) F<MaxRows>::run(r, args...);
+  last_row_tile<F, MaxRows - 1>(rows - r, r, args...);
+}
+
 }  // namespace corral::cpu::CORRAL_ISA_NS
