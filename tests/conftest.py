@@ -17,7 +17,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(params=_core.ops.cpu_isas())
 def cpu_isa(request):
-    """Runs a test once per CPU ISA level this machine supports (avx512bf16, avx512, avx2, generic)."""
+    """Runs a test once per CPU ISA level this machine supports (avx512, avx2, generic)."""
     previous = _core.ops.cpu_isa()
     _core.ops.set_cpu_isa(request.param)
     yield request.param
