@@ -136,27 +136,48 @@ void gemm_inout(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows
                                                       accumulate);
 }
 
-// G rows of W from row p, each loaded once for every row of x: y[r, 0:n] += sum_q x[r, p + q] *
-// w[p + q, 0:n], each row of y loaded and stored once per G terms. Prefetches the rows 2G to 3G
-// ahead, one prefetch per cache line.
+// Column vectors of y that stream_rows updates per row of x: each broadcast of x then serves
+// NV multiply-adds (the G x NV vectors of W stay in registers).
+#if defined(__AVX512F__)
+constexpr int kStreamVecs = 2;
+#else
+constexpr int kStreamVecs = 1;
+#endif
+
+// y[r, j:j + NV vectors] += sum_q x[r, p + q] * w[p + q, j:...] for the G rows of W from row p
+// (w0), each loaded once for every row of x, each row of y loaded and stored once per G terms.
+// Prefetches the rows 2G to 3G ahead, one prefetch per cache line.
+template <class W, int G, int NV>
+CORRAL_INLINE void stream_cols(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, const W* w0,
+                               int64_t ldw, int64_t j, int64_t p, int64_t k) {
+  for (int v = 0; v < NV; ++v)
+    if (p + 3 * G <= k && ((j + v * kVecWidth) * int64_t(sizeof(W))) % 64 == 0)
+      for (int q = 2 * G; q < 3 * G; ++q) __builtin_prefetch(w0 + q * ldw + j + v * kVecWidth, 0, 1);
+  VecF wv[G][NV];
+  for (int q = 0; q < G; ++q)
+    for (int v = 0; v < NV; ++v) wv[q][v] = vload(w0 + q * ldw + j + v * kVecWidth);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * ldx + p;
+    float* dst = y + r * ldy + j;
+    VecF acc[NV];
+    for (int v = 0; v < NV; ++v) acc[v] = vload(dst + v * kVecWidth);
+    for (int q = 0; q < G; ++q) {
+      const VecF xb = vset1(xr[q]);
+      for (int v = 0; v < NV; ++v) acc[v] = vfma(xb, wv[q][v], acc[v]);
+    }
+    for (int v = 0; v < NV; ++v) vstore(dst + v * kVecWidth, acc[v]);
+  }
+}
+
+// y[r, 0:n] += sum_q x[r, p + q] * w[p + q, 0:n] for the G rows of W from row p.
 template <class W, int G>
 CORRAL_INLINE void stream_rows(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, const W* w,
                                int64_t ldw, int64_t n, int64_t p, int64_t k) {
   const W* w0 = w + p * ldw;
   int64_t j = 0;
-  for (; j + kVecWidth <= n; j += kVecWidth) {
-    if (p + 3 * G <= k && (j * int64_t(sizeof(W))) % 64 == 0)
-      for (int q = 2 * G; q < 3 * G; ++q) __builtin_prefetch(w0 + q * ldw + j, 0, 1);
-    VecF wv[G];
-    for (int q = 0; q < G; ++q) wv[q] = vload(w0 + q * ldw + j);
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* xr = x + r * ldx + p;
-      float* dst = y + r * ldy + j;
-      VecF acc = vload(dst);
-      for (int q = 0; q < G; ++q) acc = vfma(vset1(xr[q]), wv[q], acc);
-      vstore(dst, acc);
-    }
-  }
+  for (; j + kStreamVecs * kVecWidth <= n; j += kStreamVecs * kVecWidth)
+    stream_cols<W, G, kStreamVecs>(y, ldy, x, ldx, rows, w0, ldw, j, p, k);
+  for (; j + kVecWidth <= n; j += kVecWidth) stream_cols<W, G, 1>(y, ldy, x, ldx, rows, w0, ldw, j, p, k);
   for (; j < n; ++j)  // columns past the last full vector: as axpy_rows' tail, without FMA
     for (int64_t r = 0; r < rows; ++r)
       for (int q = 0; q < G; ++q) y[r * ldy + j] += x[r * ldx + p + q] * to_float(w0[q * ldw + j]);
