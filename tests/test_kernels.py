@@ -1285,11 +1285,13 @@ def test_linear_rows_do_not_depend_on_the_batch(cpu_isa, rng, layout, dtype):
     np.testing.assert_array_equal(alone, many)
 
 
+@pytest.mark.parametrize("I", [72, 80])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_moe_tokens_do_not_depend_on_the_batch(cpu_isa, rng, dtype):
+def test_moe_tokens_do_not_depend_on_the_batch(cpu_isa, rng, dtype, I):
     """Each token's MoE output is the same bits alone and in a batch, though its expert then has
-    one row (streamed) or many (panels); K spans several k-chunks and I is no multiple of 16."""
-    T, H, I, E, top_k = 40, 300, 72, 4, 2
+    one row (streamed) or many (panels); K spans several k-chunks. I = 72 is no multiple of 16 (gate
+    and up stream apart), I = 80 is (they stream as whole rows of gate_up)."""
+    T, H, E, top_k = 40, 300, 4, 2
     x, w = make_moe(rng, T, H, I, E, top_k)
     args = [rounded(w[name], dtype)[0] for name in MOE_ORDER]
     together = ops.moe(x, *args, top_k, dtype)[0]

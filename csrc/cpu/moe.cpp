@@ -25,6 +25,7 @@ struct Mlp {
   // k-chunks (stream_chunk), whose partial sums are added afterwards: gate's and up's side by
   // side in gu_partials, down's in down_partials. The others run as panels.
   bool stream = false;
+  MatrixRef gate_up;  // a routed expert's gate and up side by side, as stored: [in, 2 x width]
   float* gu_partials = nullptr;
   float* down_partials = nullptr;
 };
@@ -40,8 +41,11 @@ struct Tile {
 struct Chunk {
   int32_t mlp;
   int32_t chunk;
-  int32_t matrix;  // 0: gate (or down), 1: up
+  int32_t matrix;  // 0: gate (or down), 1: up, 2: gate and up side by side (gate_up)
 };
+
+// Floats per vector at the widest ISA level (AVX-512).
+constexpr int64_t kWidestVector = 16;
 
 void add_chunks_of(int32_t mlp, const MatrixRef& w, int32_t matrix, std::vector<Chunk>& out) {
   for (int64_t c = 0; c < k_chunks(w); ++c) out.push_back({mlp, int32_t(c), matrix});
@@ -125,6 +129,7 @@ struct Plan {
             expert_columns(w.gate_up, w.experts_dtype, e, H, 2 * I, I, I),
             expert_columns(w.down, w.experts_dtype, e, I, H, 0, H), xs + r * H, n, h + r * I, y + r * H};
       m.stream = n <= kStreamRows;
+      m.gate_up = expert_columns(w.gate_up, w.experts_dtype, e, H, 2 * I, 0, 2 * I);
       if (m.stream) partial_floats += n * (k_chunks(m.gate) * 2 * I + k_chunks(m.down) * H);
       mlps.push_back(m);
     }
@@ -142,8 +147,15 @@ struct Plan {
       partials += m.rows * k_chunks(m.gate) * 2 * I;
       m.down_partials = partials;
       partials += m.rows * k_chunks(m.down) * H;
-      add_chunks_of(int32_t(i), m.gate, 0, up_chunks);
-      add_chunks_of(int32_t(i), m.up, 1, up_chunks);
+      // Whole rows of gate_up stream contiguously when the width is a whole number of vectors:
+      // each column then falls in the same vector (or tail) as when gate and up run apart, as the
+      // panels run them, so the bits agree.
+      if (I % kWidestVector == 0) {
+        add_chunks_of(int32_t(i), m.gate_up, 2, up_chunks);
+      } else {
+        add_chunks_of(int32_t(i), m.gate, 0, up_chunks);
+        add_chunks_of(int32_t(i), m.up, 1, up_chunks);
+      }
       add_chunks_of(int32_t(i), m.down, 0, down_chunks);
     }
     up_work = interleave(up_chunks.size(), up_tiles.size());
@@ -199,11 +211,10 @@ void moe(float* out, const float* x, int64_t tokens, const MoeWeights& w, int to
 #pragma omp for schedule(dynamic, 1)
     for (size_t w = 0; w < p.up_work.size(); ++w) {
       if (p.up_work[w] >= 0) {
-        // Gate and up apart, as the panels do them: vectors and tails fall on the same columns.
         const Chunk& c = p.up_chunks[p.up_work[w]];
         const Mlp& m = p.mlps[c.mlp];
-        stream_chunk(m.gu_partials + c.chunk * m.rows * 2 * I + c.matrix * I, 2 * I, m.x, H, m.rows,
-                     c.matrix ? m.up : m.gate, c.chunk);
+        stream_chunk(m.gu_partials + c.chunk * m.rows * 2 * I + (c.matrix == 1 ? I : 0), 2 * I, m.x, H, m.rows,
+                     c.matrix == 2 ? m.gate_up : c.matrix == 1 ? m.up : m.gate, c.chunk);
         continue;
       }
       const Tile& t = p.up_tiles[~p.up_work[w]];
