@@ -45,7 +45,7 @@ def decode_attention(threads: int, contexts: list[int], repeats: int) -> dict:
     kvh, group, d, bs = 8, 5, 128, 16
     rng = np.random.default_rng(0)
     n_max = max(contexts)
-    results = {}
+    results, all_bws = {}, []
     print(f"(a) decode attention, one global layer: 40 query heads, {kvh} KV heads, head_dim {d}, block {bs}")
     print(f"{'KV':<6}{'context':>10}{'ms/step':>10}{'KV GB':>8}{'GB/s':>8}{'of bandwidth':>14}")
     for dtype in ("bfloat16", "fp8"):
@@ -77,10 +77,14 @@ def decode_attention(threads: int, contexts: list[int], repeats: int) -> dict:
                                     table[:, : n // bs], 1 / np.sqrt(d), 0, **scales)
                 ts.append(time.perf_counter() - t0)
             t, bw = statistics.median(ts), statistics.median(bws)
+            all_bws += bws
             kv_bytes = n * per_token
             results[(dtype, n)] = kv_bytes / t / bw
             print(f"{dtype:<6}{n:>10}{t * 1e3:>10.2f}{kv_bytes / 1e9:>8.2f}{kv_bytes / t / 1e9:>8.1f}{kv_bytes / t / bw:>14.2f}")
         del k_cache, v_cache, scales
+    print(f"memory bandwidth ({threads} threads, sampled between the runs; each row: the median of its own): "
+          f"median {statistics.median(all_bws) / 1e9:.1f} GB/s (min {min(all_bws) / 1e9:.1f}, "
+          f"max {max(all_bws) / 1e9:.1f}, {len(all_bws)} samples)")
     return results
 
 
