@@ -75,7 +75,8 @@ struct ScoresPass {
 template <class KV>
 void attn_scores(float* s, int64_t lds, const float* q, int64_t ldq, int64_t rows, const void* ktv, int64_t bs,
                  int64_t d, int64_t ahead) {
-  row_tiles<ScoresPass<KV>::template Rows, kAttentionRowsPerPass>(rows, s, lds, q, ldq, static_cast<const KV*>(ktv), bs, d, ahead);
+  row_tiles<ScoresPass<KV>::template Rows, kAttentionRowsPerPass>(rows, s, lds, q, ldq, static_cast<const KV*>(ktv),
+                                                                  bs, d, ahead);
 }
 
 // acc[r, 0:d] += sum_j p[r, j] * V[j, 0:d] for j < nk, V stored [nk, d]: MR rows per pass over 64
@@ -136,7 +137,8 @@ struct PvPass {
 template <class KV>
 void attn_pv(float* acc, int64_t lda, const float* p, int64_t ldp, int64_t rows, const void* vv, int64_t nk,
              int64_t d, int64_t ahead) {
-  row_tiles<PvPass<KV>::template Rows, kAttentionRowsPerPass>(rows, acc, lda, p, ldp, static_cast<const KV*>(vv), nk, d, ahead);
+  row_tiles<PvPass<KV>::template Rows, kAttentionRowsPerPass>(rows, acc, lda, p, ldp, static_cast<const KV*>(vv), nk,
+                                                              d, ahead);
 }
 
 }  // namespace corral::cpu::CORRAL_ISA_NS
