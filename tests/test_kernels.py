@@ -1286,12 +1286,14 @@ def test_linear_rows_do_not_depend_on_the_batch(cpu_isa, rng, layout, dtype):
 
 
 @pytest.mark.parametrize("I", [72, 80])
+@pytest.mark.parametrize("E", [4, 16])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_moe_tokens_do_not_depend_on_the_batch(cpu_isa, rng, dtype, I):
+def test_moe_tokens_do_not_depend_on_the_batch(cpu_isa, rng, dtype, E, I):
     """Each token's MoE output is the same bits alone and in a batch, though its expert then has
-    one row (streamed) or many (panels); K spans several k-chunks. I = 72 is no multiple of 16 (gate
-    and up stream apart), I = 80 is (they stream as whole rows of gate_up)."""
-    T, H, E, top_k = 40, 300, 4, 2
+    one row (streamed, its k-chunks as work items) or, batched, many (E = 4: panels) or a few
+    (E = 16: streamed, each expert one work item); K spans several k-chunks. I = 72 is no multiple
+    of 16 (gate and up stream apart), I = 80 is (they stream as whole rows of gate_up)."""
+    T, H, top_k = 40, 300, 2
     x, w = make_moe(rng, T, H, I, E, top_k)
     args = [rounded(w[name], dtype)[0] for name in MOE_ORDER]
     together = ops.moe(x, *args, top_k, dtype)[0]

@@ -47,7 +47,7 @@ void add_chunks(float* y, int64_t ldy, const float* partials, int64_t ldp, int64
 }
 
 float* scratch(int slot, int64_t floats) {
-  thread_local std::vector<float> buffers[4];
+  thread_local std::vector<float> buffers[6];
   std::vector<float>& b = buffers[slot];
   if (int64_t(b.size()) < floats) b.resize(size_t(floats));
   return b.data();

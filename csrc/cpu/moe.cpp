@@ -5,6 +5,8 @@
 #include <string>
 #include <vector>
 
+#include <omp.h>
+
 #include "corral/error.h"
 #include "isa.h"
 #include "ops.h"
@@ -22,8 +24,10 @@ struct Mlp {
   float* h;  // [rows, gate.out]: silu(x . gate) * (x . up)
   float* y;  // [rows, hidden]: h . down
   // A routed expert with at most kStreamRows rows streams its [in, out] matrices row by row in
-  // k-chunks (stream_chunk), whose partial sums are added afterwards: gate's and up's side by
-  // side in gu_partials, down's in down_partials. The others run as panels.
+  // k-chunks (stream_chunk), whose partial sums are added in chunk order. With few such experts,
+  // the chunks are work items of their own (so that one expert keeps every thread busy), their
+  // partials kept until all are done: gate's and up's side by side in gu_partials, down's in
+  // down_partials. With many, each expert is one work item (whole_expert). The others run as panels.
   bool stream = false;
   MatrixRef gate_up;  // a routed expert's gate and up side by side, as stored: [in, 2 x width]
   float* gu_partials = nullptr;
@@ -37,18 +41,19 @@ struct Tile {
   int64_t r0, c0;
 };
 
-// A k-chunk of one of a streamed MLP's matrices.
+// A k-chunk of a streamed MLP's gate and up (up_chunks) or down (down_chunks).
 struct Chunk {
   int32_t mlp;
   int32_t chunk;
-  int32_t matrix;  // 0: gate (or down), 1: up, 2: gate and up side by side (gate_up)
 };
 
 // Floats per vector at the widest ISA level (AVX-512).
 constexpr int64_t kWidestVector = 16;
+// Streamed experts per thread from which each one is a work item of its own.
+constexpr int kWholeExpertsPerThread = 2;
 
-void add_chunks_of(int32_t mlp, const MatrixRef& w, int32_t matrix, std::vector<Chunk>& out) {
-  for (int64_t c = 0; c < k_chunks(w); ++c) out.push_back({mlp, int32_t(c), matrix});
+void add_chunks_of(int32_t mlp, const MatrixRef& w, std::vector<Chunk>& out) {
+  for (int64_t c = 0; c < k_chunks(w); ++c) out.push_back({mlp, int32_t(c)});
 }
 
 // Work items of a phase: streamed chunks (memory-bound) spread evenly among panel tiles (compute-
@@ -72,6 +77,32 @@ MatrixRef expert_columns(const void* base, DType dtype, int64_t e, int64_t in, i
 
 float swiglu(float g, float u) { return g / (1.0f + std::exp(-g)) * u; }
 
+// A streamed expert's k-chunk `chunk` of gate and up, side by side into partial (rows 2I apart).
+// Whole rows of gate_up stream contiguously when the width is a whole number of vectors: each
+// column then falls in the same vector (or tail) as when gate and up run apart, as the panels run
+// them, so the bits agree.
+void stream_gate_up_chunk(float* partial, const Mlp& m, int64_t H, int64_t I, int64_t chunk) {
+  if (I % kWidestVector == 0) return stream_chunk(partial, 2 * I, m.x, H, m.rows, m.gate_up, chunk);
+  stream_chunk(partial, 2 * I, m.x, H, m.rows, m.gate, chunk);
+  stream_chunk(partial + I, 2 * I, m.x, H, m.rows, m.up, chunk);
+}
+
+// A streamed expert's whole MLP as one work item: each k-chunk's partial sums go to `part` and are
+// added to the running sum in chunk order, as add_chunks adds them (gu: rows x 2I; part: rows x
+// max(2I, H)).
+void whole_expert(const Mlp& m, int64_t H, int64_t I, float* gu, float* part) {
+  for (int64_t c = 0; c < k_chunks(m.gate); ++c) {
+    stream_gate_up_chunk(c == 0 ? gu : part, m, H, I, c);
+    for (int64_t i = 0; c > 0 && i < m.rows * 2 * I; ++i) gu[i] += part[i];
+  }
+  for (int64_t r = 0; r < m.rows; ++r)
+    for (int64_t c = 0; c < I; ++c) m.h[r * I + c] = swiglu(gu[r * 2 * I + c], gu[r * 2 * I + I + c]);
+  for (int64_t c = 0; c < k_chunks(m.down); ++c) {
+    stream_chunk(c == 0 ? m.y : part, H, m.h, I, m.rows, m.down, c);
+    for (int64_t i = 0; c > 0 && i < m.rows * H; ++i) m.y[i] += part[i];
+  }
+}
+
 // Everything the parallel phases need, decided once the router has run: the permutation of
 // (token, k) pairs into expert-contiguous rows, the MLPs and their work items.
 struct Plan {
@@ -84,6 +115,7 @@ struct Plan {
   std::vector<Chunk> up_chunks, down_chunks;
   std::vector<int32_t> up_work, down_work;  // see interleave()
   std::vector<int32_t> streamed;
+  bool whole_experts = false;  // streamed experts run one per work item (up_work indexes streamed)
 
   Plan(const float* logits, const float* x, int64_t T, const MoeWeights& w, int top_k, int64_t* expert_tokens) {
     const int64_t E = w.num_experts, H = w.hidden, I = w.inter;
@@ -134,6 +166,11 @@ struct Plan {
       mlps.push_back(m);
     }
     mlps.push_back({w.shared_gate, w.shared_up, w.shared_down, x, T, h + R * I, y + R * H});
+    // Many streamed experts: one work item each, their partials in cache rather than in memory.
+    int64_t streamed_experts = 0;
+    for (const Mlp& m : mlps) streamed_experts += m.stream;
+    whole_experts = streamed_experts >= kWholeExpertsPerThread * omp_get_max_threads();
+    if (whole_experts) partial_floats = 0;
     float* partials = scratch(3, partial_floats);
     for (size_t i = 0; i < mlps.size(); ++i) {
       Mlp& m = mlps[i];
@@ -143,22 +180,15 @@ struct Plan {
         continue;
       }
       streamed.push_back(int32_t(i));
+      if (whole_experts) continue;
       m.gu_partials = partials;
       partials += m.rows * k_chunks(m.gate) * 2 * I;
       m.down_partials = partials;
       partials += m.rows * k_chunks(m.down) * H;
-      // Whole rows of gate_up stream contiguously when the width is a whole number of vectors:
-      // each column then falls in the same vector (or tail) as when gate and up run apart, as the
-      // panels run them, so the bits agree.
-      if (I % kWidestVector == 0) {
-        add_chunks_of(int32_t(i), m.gate_up, 2, up_chunks);
-      } else {
-        add_chunks_of(int32_t(i), m.gate, 0, up_chunks);
-        add_chunks_of(int32_t(i), m.up, 1, up_chunks);
-      }
-      add_chunks_of(int32_t(i), m.down, 0, down_chunks);
+      add_chunks_of(int32_t(i), m.gate, up_chunks);
+      add_chunks_of(int32_t(i), m.down, down_chunks);
     }
-    up_work = interleave(up_chunks.size(), up_tiles.size());
+    up_work = interleave(whole_experts ? streamed.size() : up_chunks.size(), up_tiles.size());
     down_work = interleave(down_chunks.size(), down_tiles.size());
   }
 
@@ -207,14 +237,20 @@ void moe(float* out, const float* x, int64_t tokens, const MoeWeights& w, int to
       const float* src = x + (pair / top_k) * H;
       for (int64_t i = 0; i < H; ++i) p.xs[r * H + i] = src[i] * p.score[pair];
     }
-    std::vector<float> g(kRowBlock * 256), u(kRowBlock * 256), gu(kStreamRows * 2 * I);
+    std::vector<float> g(kRowBlock * 256), u(kRowBlock * 256);
+    // This thread's buffers for streamed experts (the calling thread's slots 0-3 hold the plan's).
+    float* gu = scratch(4, kStreamRows * 2 * I);
+    float* part = p.whole_experts ? scratch(5, kStreamRows * std::max(2 * I, H)) : nullptr;
 #pragma omp for schedule(dynamic, 1)
     for (size_t w = 0; w < p.up_work.size(); ++w) {
+      if (p.up_work[w] >= 0 && p.whole_experts) {
+        whole_expert(p.mlps[p.streamed[p.up_work[w]]], H, I, gu, part);
+        continue;
+      }
       if (p.up_work[w] >= 0) {
         const Chunk& c = p.up_chunks[p.up_work[w]];
         const Mlp& m = p.mlps[c.mlp];
-        stream_chunk(m.gu_partials + c.chunk * m.rows * 2 * I + (c.matrix == 1 ? I : 0), 2 * I, m.x, H, m.rows,
-                     c.matrix == 2 ? m.gate_up : c.matrix == 1 ? m.up : m.gate, c.chunk);
+        stream_gate_up_chunk(m.gu_partials + c.chunk * m.rows * 2 * I, m, H, I, c.chunk);
         continue;
       }
       const Tile& t = p.up_tiles[~p.up_work[w]];
@@ -227,9 +263,9 @@ void moe(float* out, const float* x, int64_t tokens, const MoeWeights& w, int to
           m.h[(t.r0 + r) * m.gate.out + t.c0 + c] = swiglu(g[r * t.n + c], u[r * t.n + c]);
     }
 #pragma omp for schedule(dynamic, 1)
-    for (size_t i = 0; i < p.streamed.size(); ++i) {
+    for (size_t i = 0; i < (p.whole_experts ? 0 : p.streamed.size()); ++i) {
       const Mlp& m = p.mlps[p.streamed[i]];
-      add_chunks(gu.data(), 2 * I, m.gu_partials, 2 * I, m.rows * 2 * I, k_chunks(m.gate), m.rows, 0, 2 * I, false);
+      add_chunks(gu, 2 * I, m.gu_partials, 2 * I, m.rows * 2 * I, k_chunks(m.gate), m.rows, 0, 2 * I, false);
       for (int64_t r = 0; r < m.rows; ++r)
         for (int64_t c = 0; c < I; ++c) m.h[r * I + c] = swiglu(gu[r * 2 * I + c], gu[r * 2 * I + I + c]);
     }
@@ -246,7 +282,7 @@ void moe(float* out, const float* x, int64_t tokens, const MoeWeights& w, int to
       gemm_panel(m.y + t.r0 * H + t.c0, H, m.h + t.r0 * m.gate.out, m.gate.out, t.m, m.down, t.c0, t.n, false);
     }
 #pragma omp for schedule(dynamic, 1)
-    for (size_t i = 0; i < p.streamed.size(); ++i) {
+    for (size_t i = 0; i < (p.whole_experts ? 0 : p.streamed.size()); ++i) {
       const Mlp& m = p.mlps[p.streamed[i]];
       add_chunks(m.y, H, m.down_partials, H, m.rows * H, k_chunks(m.down), m.rows, 0, H, false);
     }

@@ -64,7 +64,7 @@ void stream_chunk(float* partial, int64_t ldp, const float* x, int64_t ldx, int6
 void add_chunks(float* y, int64_t ldy, const float* partials, int64_t ldp, int64_t chunk_stride, int64_t chunks,
                 int64_t rows, int64_t c0, int64_t c1, bool accumulate);
 // A buffer of at least `floats` floats kept by the calling thread across calls (no page faults
-// on every call); slots 0..3 are independent.
+// on every call); slots 0..5 are independent.
 float* scratch(int slot, int64_t floats);
 
 // Calls f(item) for item < items on the CPU threads (OpenMP); inline when the work is small.
