@@ -169,7 +169,7 @@ struct Plan {
     // Many streamed experts: one work item each, their partials in cache rather than in memory.
     int64_t streamed_experts = 0;
     for (const Mlp& m : mlps) streamed_experts += m.stream;
-    whole_experts = streamed_experts >= kWholeExpertsPerThread * omp_get_max_threads();
+    whole_experts = streamed_experts >= kWholeExpertsPerThread * omp_get_num_threads();  // (in the parallel region)
     if (whole_experts) partial_floats = 0;
     float* partials = scratch(3, partial_floats);
     for (size_t i = 0; i < mlps.size(); ++i) {
