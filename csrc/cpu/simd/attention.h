@@ -54,29 +54,18 @@ CORRAL_INLINE void scores_rows(float* s, int64_t lds, const float* q, int64_t ld
     }
 }
 
-
 // Rows per pass: a GQA group of 5 in one pass, so K or V is loaded once for all of it.
 constexpr int kAttentionRowsPerPass = 6;
 
-template <class KV>
-struct ScoresPass {
-  template <int MR>
-  struct Rows {
-    CORRAL_INLINE static void run(int64_t r, float* s, int64_t lds, const float* q, int64_t ldq, const KV* kt,
-                                  int64_t bs, int64_t d, int64_t ahead) {
-      ahead = r == 0 ? ahead : 0;  // the first pass over the rows prefetches
-      scores_rows<KV, MR>(s + r * lds, lds, q + r * ldq, ldq, kt, bs, d, ahead);
-    }
-  };
-};
-
 // Scores of `rows` query rows (q rows ldq apart) against one block's keys, into s (rows lds apart);
-// prefetches the tile `ahead` bytes away (see prefetch_ahead).
+// the first pass over the rows prefetches the tile `ahead` bytes away (see prefetch_ahead).
 template <class KV>
 void attn_scores(float* s, int64_t lds, const float* q, int64_t ldq, int64_t rows, const void* ktv, int64_t bs,
                  int64_t d, int64_t ahead) {
-  row_tiles<ScoresPass<KV>::template Rows, kAttentionRowsPerPass>(rows, s, lds, q, ldq, static_cast<const KV*>(ktv),
-                                                                  bs, d, ahead);
+  const KV* kt = static_cast<const KV*>(ktv);
+  row_tiles<kAttentionRowsPerPass>(rows, [&](auto mr, int64_t r) __attribute__((always_inline)) {
+    scores_rows<KV, decltype(mr)::value>(s + r * lds, lds, q + r * ldq, ldq, kt, bs, d, r == 0 ? ahead : 0);
+  });
 }
 
 // acc[r, 0:d] += sum_j p[r, j] * V[j, 0:d] for j < nk, V stored [nk, d]: MR rows per pass over 64
@@ -122,23 +111,14 @@ CORRAL_INLINE void pv_rows(float* acc, int64_t lda, const float* p, int64_t ldp,
     }
 }
 
-template <class KV>
-struct PvPass {
-  template <int MR>
-  struct Rows {
-    CORRAL_INLINE static void run(int64_t r, float* acc, int64_t lda, const float* p, int64_t ldp, const KV* v,
-                                  int64_t nk, int64_t d, int64_t ahead) {
-      ahead = r == 0 ? ahead : 0;  // the first pass over the rows prefetches
-      pv_rows<KV, MR>(acc + r * lda, lda, p + r * ldp, ldp, v, nk, d, ahead);
-    }
-  };
-};
-
+// P.V of `rows` rows, prefetching as attn_scores.
 template <class KV>
 void attn_pv(float* acc, int64_t lda, const float* p, int64_t ldp, int64_t rows, const void* vv, int64_t nk,
              int64_t d, int64_t ahead) {
-  row_tiles<PvPass<KV>::template Rows, kAttentionRowsPerPass>(rows, acc, lda, p, ldp, static_cast<const KV*>(vv), nk,
-                                                              d, ahead);
+  const KV* v = static_cast<const KV*>(vv);
+  row_tiles<kAttentionRowsPerPass>(rows, [&](auto mr, int64_t r) __attribute__((always_inline)) {
+    pv_rows<KV, decltype(mr)::value>(acc + r * lda, lda, p + r * ldp, ldp, v, nk, d, r == 0 ? ahead : 0);
+  });
 }
 
 }  // namespace corral::cpu::CORRAL_ISA_NS

@@ -50,21 +50,12 @@ CORRAL_INLINE void dot_rows(float* y, int64_t ldy, const float* x, int64_t ldx, 
 }
 
 template <class W>
-struct DotTile {
-  template <int MR>
-  struct Rows {
-    CORRAL_INLINE static void run(int64_t r, float* y, int64_t ldy, const float* x, int64_t ldx, const W* w,
-                                  int64_t ldw, int64_t n, int64_t k, bool accumulate) {
-      dot_rows<W, MR>(y + r * ldy, ldy, x + r * ldx, ldx, w, ldw, n, k, accumulate);
-    }
-  };
-};
-
-template <class W>
 void gemm_outin(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, const void* wv,
                 int64_t ldw, int64_t n, int64_t k, bool accumulate) {
-  row_tiles<DotTile<W>::template Rows, kRowsPerTile>(rows, y, ldy, x, ldx, static_cast<const W*>(wv), ldw, n, k,
-                                                     accumulate);
+  const W* w = static_cast<const W*>(wv);
+  row_tiles<kRowsPerTile>(rows, [&](auto mr, int64_t r) __attribute__((always_inline)) {
+    dot_rows<W, decltype(mr)::value>(y + r * ldy, ldy, x + r * ldx, ldx, w, ldw, n, k, accumulate);
+  });
 }
 
 // Rows of W ahead that the InOut kernels prefetch: each row segment starts a new page, where the
@@ -119,21 +110,12 @@ CORRAL_INLINE void axpy_rows(float* y, int64_t ldy, const float* x, int64_t ldx,
 }
 
 template <class W>
-struct AxpyTile {
-  template <int MR>
-  struct Rows {
-    CORRAL_INLINE static void run(int64_t r, float* y, int64_t ldy, const float* x, int64_t ldx, const W* w,
-                                  int64_t ldw, int64_t n, int64_t k, bool accumulate) {
-      axpy_rows<W, MR>(y + r * ldy, ldy, x + r * ldx, ldx, w, ldw, n, k, accumulate, r == 0);
-    }
-  };
-};
-
-template <class W>
 void gemm_inout(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, const void* wv,
                 int64_t ldw, int64_t n, int64_t k, bool accumulate) {
-  row_tiles<AxpyTile<W>::template Rows, kRowsPerTile>(rows, y, ldy, x, ldx, static_cast<const W*>(wv), ldw, n, k,
-                                                      accumulate);
+  const W* w = static_cast<const W*>(wv);
+  row_tiles<kRowsPerTile>(rows, [&](auto mr, int64_t r) __attribute__((always_inline)) {
+    axpy_rows<W, decltype(mr)::value>(y + r * ldy, ldy, x + r * ldx, ldx, w, ldw, n, k, accumulate, r == 0);
+  });
 }
 
 // Column vectors of y that stream_rows updates per row of x: each broadcast of x then serves

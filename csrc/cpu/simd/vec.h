@@ -3,6 +3,8 @@
 // which is compiled once per level inside namespace corral::cpu::CORRAL_ISA_NS.
 #pragma once
 
+#include <type_traits>
+
 #include "corral/kernels/types.h"
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -190,21 +192,21 @@ CORRAL_INLINE VecF vexp(VecF a) {
 #endif
 
 // The last `left` rows (fewer than a tile) as one tile of exactly that many rows.
-template <template <int> class F, int MR, class... A>
-CORRAL_INLINE void last_row_tile(int64_t left, int64_t r, A... args) {
+template <int MR, class F>
+CORRAL_INLINE void last_row_tile(int64_t left, int64_t r, F& f) {
   if constexpr (MR > 0) {
-    if (left == MR) return F<MR>::run(r, args...);
-    last_row_tile<F, MR - 1>(left, r, args...);
+    if (left == MR) return f(std::integral_constant<int, MR>{}, r);
+    last_row_tile<MR - 1>(left, r, f);
   }
 }
 
-// Runs F<MR>::run(r, args...) over rows [0, rows) in tiles of MaxRows rows starting at row r, the
-// rest in one tile (so each tile loads its operand once for all its rows).
-template <template <int> class F, int MaxRows, class... A>
-CORRAL_INLINE void row_tiles(int64_t rows, A... args) {
+// Calls f(std::integral_constant<int, MR>{}, r) for the tiles of rows [0, rows): MaxRows rows from
+// row r each, the rest in one tile (so each tile loads its operand once for all its rows).
+template <int MaxRows, class F>
+CORRAL_INLINE void row_tiles(int64_t rows, F&& f) {
   int64_t r = 0;
-  for (; r + MaxRows <= rows; r += MaxRows) F<MaxRows>::run(r, args...);
-  last_row_tile<F, MaxRows - 1>(rows - r, r, args...);
+  for (; r + MaxRows <= rows; r += MaxRows) f(std::integral_constant<int, MaxRows>{}, r);
+  last_row_tile<MaxRows - 1>(rows - r, r, f);
 }
 
 }  // namespace corral::cpu::CORRAL_ISA_NS
