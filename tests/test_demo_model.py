@@ -8,14 +8,13 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer, Llama4ForCausalLM
 
 import corral
-from corral.perplexity import token_nll, windows
 from test_cli import corral_cli
+from test_perplexity import transformers_perplexity
 
 DEMO = corral.demo_model_path()
 HELDOUT = Path(__file__).parent / "data" / "heldout.txt"
@@ -43,13 +42,7 @@ def test_heldout_perplexity_matches_transformers(reference):
     text = HELDOUT.read_text(encoding="utf-8")
     ids = tokenizer(text).input_ids
     assert corral.Tokenizer(DEMO).encode(text) == ids
-    total, count = 0.0, 0
-    for piece in windows(ids, WINDOW):
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor([piece])).logits[0].numpy()
-        total += float(token_nll(logits[:-1], piece[1:]).sum())
-        count += len(piece) - 1
-    want = float(np.exp(total / count))
+    want, count = transformers_perplexity(model, ids, WINDOW)
 
     got = corral.perplexity(corral.LLM(), text, window=WINDOW)  # LLM(): the demo model, bf16 KV cache
     print(f"held-out perplexity: corral {got.perplexity:.3f}, transformers {want:.3f}, {count} tokens")

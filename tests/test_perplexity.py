@@ -26,8 +26,12 @@ TEXT = inspect.getdoc(json.dumps) + "\n\n" + inspect.getdoc(np.linspace)
 
 def reference_perplexity(model_dir, text, window):
     """transformers' model over the same windows; log-softmax in float64."""
-    model = load_reference(model_dir, "causal")
     ids = corral.Tokenizer(model_dir).encode(text)
+    return transformers_perplexity(load_reference(model_dir, "causal"), ids, window)
+
+
+def transformers_perplexity(model, ids, window):
+    """(perplexity, tokens predicted) of token ids under a transformers model, over corral's windows."""
     total, count = 0.0, 0
     for piece in windows(ids, window):
         with torch.no_grad():
