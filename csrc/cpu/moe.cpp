@@ -77,6 +77,12 @@ MatrixRef expert_columns(const void* base, DType dtype, int64_t e, int64_t in, i
 
 float swiglu(float g, float u) { return g / (1.0f + std::exp(-g)) * u; }
 
+// A streamed expert's h from its summed gate and up (gu: rows x 2I, gate then up).
+void swiglu_rows(const Mlp& m, const float* gu, int64_t I) {
+  for (int64_t r = 0; r < m.rows; ++r)
+    for (int64_t c = 0; c < I; ++c) m.h[r * I + c] = swiglu(gu[r * 2 * I + c], gu[r * 2 * I + I + c]);
+}
+
 // A streamed expert's k-chunk `chunk` of gate and up, side by side into partial (rows 2I apart).
 // Whole rows of gate_up stream contiguously when the width is a whole number of vectors: each
 // column then falls in the same vector (or tail) as when gate and up run apart, as the panels run
@@ -95,8 +101,7 @@ void whole_expert(const Mlp& m, int64_t H, int64_t I, float* gu, float* part) {
     stream_gate_up_chunk(c == 0 ? gu : part, m, H, I, c);
     for (int64_t i = 0; c > 0 && i < m.rows * 2 * I; ++i) gu[i] += part[i];
   }
-  for (int64_t r = 0; r < m.rows; ++r)
-    for (int64_t c = 0; c < I; ++c) m.h[r * I + c] = swiglu(gu[r * 2 * I + c], gu[r * 2 * I + I + c]);
+  swiglu_rows(m, gu, I);
   for (int64_t c = 0; c < k_chunks(m.down); ++c) {
     stream_chunk(c == 0 ? m.y : part, H, m.h, I, m.rows, m.down, c);
     for (int64_t i = 0; c > 0 && i < m.rows * H; ++i) m.y[i] += part[i];
@@ -266,8 +271,7 @@ void moe(float* out, const float* x, int64_t tokens, const MoeWeights& w, int to
     for (size_t i = 0; i < (p.whole_experts ? 0 : p.streamed.size()); ++i) {
       const Mlp& m = p.mlps[p.streamed[i]];
       add_chunks(gu, 2 * I, m.gu_partials, 2 * I, m.rows * 2 * I, k_chunks(m.gate), m.rows, 0, 2 * I, false);
-      for (int64_t r = 0; r < m.rows; ++r)
-        for (int64_t c = 0; c < I; ++c) m.h[r * I + c] = swiglu(gu[r * 2 * I + c], gu[r * 2 * I + I + c]);
+      swiglu_rows(m, gu, I);
     }
 #pragma omp for schedule(dynamic, 1)
     for (size_t w = 0; w < p.down_work.size(); ++w) {
