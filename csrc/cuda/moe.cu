@@ -164,6 +164,22 @@ DType check_float(DType t, const char* what) {
   return t;
 }
 
+// The operand of a product with matrix m: C[rows, n] (rows ldc apart) = A[rows, k] (rows lda
+// apart) . m. For the routed experts m is expert 0's; the caller sets b_stride to step to the next.
+Operand matrix_operand(const void* a, int64_t lda, const MatrixRef& m, void* c, int64_t ldc, int64_t n, int64_t k) {
+  Operand op;
+  op.a = a;
+  op.lda = lda;
+  op.b0 = m.data;
+  op.n_major = m.layout == WeightLayout::OutIn;
+  op.ldb = m.row_stride();
+  op.c = c;
+  op.ldc = ldc;
+  op.n = n;
+  op.k = k;
+  return op;
+}
+
 }  // namespace
 
 void moe(void* stream, float* out, const float* x, int64_t tokens, const MoeWeights& w, int top_k,
@@ -253,16 +269,7 @@ void moe(void* stream, float* out, const float* x, int64_t tokens, const MoeWeig
     const bool gemv = aligned16(x) && H % 8 == 0 && chunks <= 65535;
     Product p{s, Groups{}, Operand{}, Operand{}, false, P, T, E, gemv_rows, int(gemv ? chunks : 1)};
     p.g.shared_rows = int(T);
-    Operand& op = p.shared;
-    op.a = x;
-    op.lda = H;
-    op.b0 = w.router.data;
-    op.n_major = w.router.layout == WeightLayout::OutIn;
-    op.ldb = w.router.row_stride();
-    op.c = logits;
-    op.ldc = E;
-    op.n = E;
-    op.k = H;
+    p.shared = matrix_operand(x, H, w.router, logits, E, E, H);
     CORRAL_CUDA_CHECK(cudaMemsetAsync(counts, 0, size_t(E) * sizeof(int), s));
     launch(p, w.router.dtype, gemv ? Path::Gemv : Path::CudaCore);
   }
@@ -289,49 +296,17 @@ void moe(void* stream, float* out, const float* x, int64_t tokens, const MoeWeig
     launch(pr, wt, path_r);
     launch(ps, st, path_s);
   };
-  const bool shared_n_major = w.shared_gate.layout == WeightLayout::OutIn;
-  Operand gu_r, gu_s, dn_r, dn_s;
-  gu_r.a = xs_r;
-  gu_r.lda = Hp;
-  gu_r.b0 = w.gate_up;
+  // Expert 0's gate: the first I columns of its [H, 2I] gate_up; up: the next I.
+  Operand gu_r = matrix_operand(xs_r, Hp, MatrixRef{w.gate_up, wt, WeightLayout::InOut, H, I, 2 * I}, hid_r, Ip, I, H);
   gu_r.b1 = static_cast<const char*>(w.gate_up) + I * int64_t(dtype_size(wt));
-  gu_r.ldb = 2 * I;
   gu_r.b_stride = H * 2 * I;
-  gu_r.c = hid_r;
-  gu_r.ldc = Ip;
-  gu_r.n = I;
-  gu_r.k = H;
-  gu_s.a = xs_s;
-  gu_s.lda = Hp;
-  gu_s.b0 = w.shared_gate.data;
-  gu_s.b1 = w.shared_up.data;
-  gu_s.n_major = shared_n_major;
-  gu_s.ldb = w.shared_gate.row_stride();
-  gu_s.c = hid_s;
-  gu_s.ldc = Isp;
-  gu_s.n = Is;
-  gu_s.k = H;
+  Operand gu_s = matrix_operand(xs_s, Hp, w.shared_gate, hid_s, Isp, Is, H);
+  gu_s.b1 = w.shared_up.data;  // same layout and strides as the gate (checked above)
   run(gu_r, gu_s, true);
 
-  dn_r.a = hid_r;
-  dn_r.lda = Ip;
-  dn_r.b0 = w.down;
-  dn_r.ldb = H;
+  Operand dn_r = matrix_operand(hid_r, Ip, MatrixRef{w.down, wt, WeightLayout::InOut, I, H}, y_r, H, H, I);
   dn_r.b_stride = I * H;
-  dn_r.c = y_r;
-  dn_r.ldc = H;
-  dn_r.n = H;
-  dn_r.k = I;
-  dn_s.a = hid_s;
-  dn_s.lda = Isp;
-  dn_s.b0 = w.shared_down.data;
-  dn_s.n_major = w.shared_down.layout == WeightLayout::OutIn;
-  dn_s.ldb = w.shared_down.row_stride();
-  dn_s.c = y_s;
-  dn_s.ldc = H;
-  dn_s.n = H;
-  dn_s.k = Is;
-  run(dn_r, dn_s, false);
+  run(dn_r, matrix_operand(hid_s, Isp, w.shared_down, y_s, H, H, Is), false);
 
   // 5. out[t] += shared[t] + routed rows of t in k order.
   route_combine<<<unsigned(T), 256, 0, s>>>(out, y_r, y_s, pair_row, H, top_k);
