@@ -40,9 +40,9 @@ void require_cpu(const Stream& s, const char* op) {
 }  // namespace
 
 void linear(const Stream& s, float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows,
-            const MatrixRef& w, bool accumulate) {
+            const MatrixRef& w, bool accumulate, Activations act) {
   require_cpu(s, "linear");
-  cpu::linear(y, ldy, x, ldx, rows, w, accumulate);
+  cpu::linear(y, ldy, x, ldx, rows, w, accumulate, act);
 }
 
 void rms_norm(const Stream& s, void* y, const void* x, DType act, const void* w, DType w_dtype,
@@ -143,14 +143,14 @@ void attn_temperature_scale(const Stream& s, float* q, int64_t ld, int64_t rows,
   cpu::attn_temperature_scale(q, ld, rows, width, positions, attn_scale, floor_scale);
 }
 
-void swiglu_mlp(const Stream& s, float* out, const float* x, int64_t rows, const MatrixRef& gate,
-                const MatrixRef& up, const MatrixRef& down) {
+void swiglu_mlp(const Stream& s, float* out, const float* x, int64_t rows, const MatrixRef& gate_up,
+                const MatrixRef& down, Activations act) {
   require_cpu(s, "swiglu_mlp");
-  cpu::swiglu_mlp(out, x, rows, gate, up, down);
+  cpu::swiglu_mlp(out, x, rows, gate_up, down, act);
 }
 
 void moe(const Stream& s, float* out, const float* x, int64_t tokens, const MoeWeights& w,
-         int top_k, int64_t* expert_tokens) {
+         int top_k, int64_t* expert_tokens, Activations act) {
   if (is_cuda(s)) {
 #if CORRAL_WITH_CUDA
     return cuda::moe(s.handle, out, x, tokens, w, top_k, expert_tokens);
@@ -158,7 +158,7 @@ void moe(const Stream& s, float* out, const float* x, int64_t tokens, const MoeW
     no_cuda("moe");
 #endif
   }
-  cpu::moe(out, x, tokens, w, top_k, expert_tokens);
+  cpu::moe(out, x, tokens, w, top_k, expert_tokens, act);
 }
 
 }  // namespace corral::kernels

@@ -70,7 +70,10 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options)
   if (options_.max_model_len < 0) throw InvalidInputError("max_model_len must be >= 0");
   if (!(options_.kv_watermark >= 0 && options_.kv_watermark < 1)) throw InvalidInputError("kv_watermark must be in [0, 1)");
   if (options_.num_threads > 0) omp_set_num_threads(options_.num_threads);
-  model_ = std::make_unique<Llama4Model>(model_dir);
+  if (options_.dtype != "auto" && options_.dtype != "float32")
+    throw InvalidInputError("dtype '" + options_.dtype + "' is not supported (auto, float32)");
+  model_ = std::make_unique<Llama4Model>(
+      model_dir, options_.dtype == "float32" ? kernels::Activations::Float32 : kernels::Activations::Native);
   const ModelConfig& c = model_->config();
   max_model_len_ = options_.max_model_len > 0 ? options_.max_model_len : c.max_position_embeddings;
   const KvLayout layout = make_kv_layout(c, options_.block_size, parse_kv_dtype(options_.kv_cache_dtype, model_->weights_dtype()));

@@ -29,8 +29,11 @@ void ForwardBatch::add_sequence(const int32_t* tokens, int64_t n, int64_t positi
   if (want_logits) logit_rows.push_back(int32_t(token_ids.size() - 1));
 }
 
-Llama4Model::Llama4Model(const std::string& dir)
-    : checkpoint_(dir), config_(load_config(checkpoint_.config_path())), weights_(load_weights(checkpoint_, config_)) {
+Llama4Model::Llama4Model(const std::string& dir, kernels::Activations act)
+    : checkpoint_(dir),
+      config_(load_config(checkpoint_.config_path())),
+      weights_(load_weights(checkpoint_, config_)),
+      act_(act) {
   inv_freq_.resize(config_.head_dim / 2);
   kernels::rope_inv_freq(inv_freq_.data(), config_.head_dim, config_.rope);
   expert_tokens_.resize(config_.num_layers);
@@ -66,7 +69,7 @@ void Llama4Model::forward(const ForwardBatch& batch, const KvCache& cache, float
                       c.rms_norm_eps);
     const int64_t g = cache.layout().group_of_layer[l];
     attention(l, batch, cache.layer(l), groups[g], batch.slots[g].data());
-    kernels::linear(stream_, x_.data(), H, attn_.data(), c.num_heads * c.head_dim, T, w.o, /*accumulate=*/true);
+    kernels::linear(stream_, x_.data(), H, attn_.data(), c.num_heads * c.head_dim, T, w.o, /*accumulate=*/true, act_);
     kernels::rms_norm(stream_, a_.data(), x_.data(), DType::F32, w.post_attention_norm.data,
                       w.post_attention_norm.dtype, T, H, c.rms_norm_eps);
     feed_forward(l, T);
@@ -77,7 +80,7 @@ void Llama4Model::forward(const ForwardBatch& batch, const KvCache& cache, float
   for (int64_t i = 0; i < R; ++i)
     kernels::rms_norm(stream_, a_.data() + i * H, x_.data() + int64_t(batch.logit_rows[i]) * H, DType::F32,
                       weights_.final_norm.data, weights_.final_norm.dtype, 1, H, c.rms_norm_eps);
-  kernels::linear(stream_, logits, c.vocab_size, a_.data(), H, R, weights_.lm_head);
+  kernels::linear(stream_, logits, c.vocab_size, a_.data(), H, R, weights_.lm_head, false, act_);
 }
 
 void Llama4Model::attention(int64_t l, const ForwardBatch& batch, const PagedKv& kv, const AttentionBatch& ab,
@@ -91,9 +94,9 @@ void Llama4Model::attention(int64_t l, const ForwardBatch& batch, const PagedKv&
   k_.resize(T * kvw);
   v_.resize(T * kvw);
   attn_.resize(T * qw);
-  kernels::linear(stream_, q_.data(), qw, a_.data(), H, T, w.q);
-  kernels::linear(stream_, k_.data(), kvw, a_.data(), H, T, w.k);
-  kernels::linear(stream_, v_.data(), kvw, a_.data(), H, T, w.v);
+  kernels::linear(stream_, q_.data(), qw, a_.data(), H, T, w.q, false, act_);
+  kernels::linear(stream_, k_.data(), kvw, a_.data(), H, T, w.k, false, act_);
+  kernels::linear(stream_, v_.data(), kvw, a_.data(), H, T, w.v, false, act_);
   // Llama 4's order: RoPE, then QK norm (both RoPE layers only), then temperature (NoPE layers).
   if (spec.use_rope) {
     kernels::rope_interleaved(stream_, q_.data(), qw, T, c.num_heads, d, batch.positions.data(), inv_freq_.data());
@@ -115,10 +118,10 @@ void Llama4Model::feed_forward(int64_t l, int64_t T) {
   const ModelConfig& c = config_;
   const LayerWeights& w = weights_.layers[l];
   if (c.layers[l].moe) {
-    kernels::moe(stream_, x_.data(), a_.data(), T, w.moe, int(c.top_k), expert_tokens_[l].data());
+    kernels::moe(stream_, x_.data(), a_.data(), T, w.moe, int(c.top_k), expert_tokens_[l].data(), act_);
     return;
   }
-  kernels::swiglu_mlp(stream_, x_.data(), a_.data(), T, w.mlp_gate, w.mlp_up, w.mlp_down);
+  kernels::swiglu_mlp(stream_, x_.data(), a_.data(), T, w.mlp_gate_up, w.mlp_down, act_);
 }
 
 }  // namespace corral

@@ -46,6 +46,17 @@ struct Binder {
 
 }  // namespace
 
+namespace {
+
+// A layer's matrices as the checkpoint stores them, before packing.
+struct RawLayer {
+  MatrixRef q, k, v, o;
+  MoeWeights moe;
+  MatrixRef gate, up, down;
+};
+
+}  // namespace
+
 ModelWeights load_weights(const Checkpoint& ckpt, const ModelConfig& c) {
   // Published multimodal checkpoints keep the text model under language_model.; a text-only save
   // does not. Follow the config, but accept the other layout when that is what the file holds.
@@ -59,18 +70,22 @@ ModelWeights load_weights(const Checkpoint& ckpt, const ModelConfig& c) {
   ModelWeights w;
   w.embed = b.linear(b.model_prefix + "embed_tokens.weight", V, H);
   w.final_norm = b.vector(b.model_prefix + "norm.weight", H);
-  w.lm_head = c.tie_word_embeddings ? w.embed : b.linear(b.head_prefix + "lm_head.weight", V, H);
+  const MatrixRef lm_head = c.tie_word_embeddings ? w.embed : b.linear(b.head_prefix + "lm_head.weight", V, H);
+  std::vector<RawLayer> raw(c.num_layers);
+  int64_t bytes = kernels::packed_bytes(lm_head);
   for (int64_t i = 0; i < c.num_layers; ++i) {
     const std::string p = b.model_prefix + "layers." + std::to_string(i) + ".";
     LayerWeights l;
+    RawLayer& r = raw[i];
     l.input_norm = b.vector(p + "input_layernorm.weight", H);
     l.post_attention_norm = b.vector(p + "post_attention_layernorm.weight", H);
-    l.q = b.linear(p + "self_attn.q_proj.weight", c.num_heads * c.head_dim, H);
-    l.k = b.linear(p + "self_attn.k_proj.weight", c.num_kv_heads * c.head_dim, H);
-    l.v = b.linear(p + "self_attn.v_proj.weight", c.num_kv_heads * c.head_dim, H);
-    l.o = b.linear(p + "self_attn.o_proj.weight", H, c.num_heads * c.head_dim);
+    r.q = b.linear(p + "self_attn.q_proj.weight", c.num_heads * c.head_dim, H);
+    r.k = b.linear(p + "self_attn.k_proj.weight", c.num_kv_heads * c.head_dim, H);
+    r.v = b.linear(p + "self_attn.v_proj.weight", c.num_kv_heads * c.head_dim, H);
+    r.o = b.linear(p + "self_attn.o_proj.weight", H, c.num_heads * c.head_dim);
+    for (const MatrixRef* m : {&r.q, &r.k, &r.v, &r.o}) bytes += kernels::packed_bytes(*m);
     if (c.layers[i].moe) {
-      MoeWeights& m = l.moe;
+      MoeWeights& m = r.moe;
       m.num_experts = E;
       m.hidden = H;
       m.inter = I;
@@ -84,14 +99,47 @@ ModelWeights load_weights(const Checkpoint& ckpt, const ModelConfig& c) {
       m.shared_gate = b.linear(p + "feed_forward.shared_expert.gate_proj.weight", I, H);
       m.shared_up = b.linear(p + "feed_forward.shared_expert.up_proj.weight", I, H);
       m.shared_down = b.linear(p + "feed_forward.shared_expert.down_proj.weight", H, I);
+      if (m.shared_up.dtype != m.shared_gate.dtype)
+        throw DTypeError("tensor '" + p + "feed_forward.shared_expert.up_proj.weight' must have gate_proj's dtype");
+      bytes += kernels::packed_moe_bytes(m);
     } else {
       const int64_t D = c.intermediate_size_mlp;
-      l.mlp_gate = b.linear(p + "feed_forward.gate_proj.weight", D, H);
-      l.mlp_up = b.linear(p + "feed_forward.up_proj.weight", D, H);
-      l.mlp_down = b.linear(p + "feed_forward.down_proj.weight", H, D);
+      r.gate = b.linear(p + "feed_forward.gate_proj.weight", D, H);
+      r.up = b.linear(p + "feed_forward.up_proj.weight", D, H);
+      r.down = b.linear(p + "feed_forward.down_proj.weight", H, D);
+      if (r.up.dtype != r.gate.dtype)
+        throw DTypeError("tensor '" + p + "feed_forward.up_proj.weight' must have gate_proj's dtype");
+      bytes += kernels::packed_glu_bytes(r.gate) + kernels::packed_bytes(r.down);
     }
     w.layers.push_back(l);
   }
+
+  // Pack every matrix into one allocation, in layer order.
+  w.packed = kernels::allocate_packed(bytes);
+  w.packed_bytes = bytes;
+  char* at = w.packed.get();
+  const auto pack = [&](const MatrixRef& m) {
+    const MatrixRef p = kernels::pack_weights(at, m);
+    at += kernels::packed_bytes(m);
+    return p;
+  };
+  for (int64_t i = 0; i < c.num_layers; ++i) {
+    LayerWeights& l = w.layers[i];
+    const RawLayer& r = raw[i];
+    l.q = pack(r.q);
+    l.k = pack(r.k);
+    l.v = pack(r.v);
+    l.o = pack(r.o);
+    if (c.layers[i].moe) {
+      l.moe = kernels::pack_moe(at, r.moe);
+      at += kernels::packed_moe_bytes(r.moe);
+    } else {
+      l.mlp_gate_up = kernels::pack_glu(at, r.gate, r.up);
+      at += kernels::packed_glu_bytes(r.gate);
+      l.mlp_down = pack(r.down);
+    }
+  }
+  w.lm_head = pack(lm_head);
   w.files = ckpt.open_files();
   return w;
 }

@@ -49,11 +49,12 @@ def test_prompt_logits_fp32(checkpoints, variant, layout):
 def test_prompt_logits_bf16(checkpoints, variant, layout):
     """bf16 weights: within 2e-2 of transformers run in fp32 on the same bf16-valued weights.
 
-    The KV cache is float32 here so that only the weights' dtype is under test (CPU activations
-    are float32, so the match is in fact far tighter)."""
+    The KV cache and the products' activations are float32 here so that only the weights' dtype
+    is under test (so the match is in fact far tighter). test_bf16_products checks the default
+    bf16-rounded activations."""
     path = checkpoints(variant, layout, "bfloat16")
     ids = prompt(2)
-    got = corral.LLM(path, kv_cache_dtype="float32").logits(ids)
+    got = corral.LLM(path, kv_cache_dtype="float32", dtype="float32").logits(ids)
     ref = reference_logits(load_reference(path, layout), ids)
     assert rel_err(got, ref) <= 2e-2
 
@@ -145,7 +146,7 @@ def test_chunked_prefill_long_prompt(tmp_path, dtype):
     positions, and generation from it starts with transformers' greedy token."""
     path = build("chunked", "causal", getattr(torch, dtype), tmp_path, attention_chunk_size=32)
     ids = prompt(6, 1000)
-    llm = corral.LLM(path, max_num_batched_tokens=128, kv_cache_dtype="float32")
+    llm = corral.LLM(path, max_num_batched_tokens=128, kv_cache_dtype="float32", dtype="float32")
     got = llm.logits(ids)[-10:]
     ref = reference_logits(load_reference(path, "causal"), ids)[-10:]
     assert rel_err(got, ref) <= (1e-4 if dtype == "float32" else 2e-2)

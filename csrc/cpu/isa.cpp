@@ -18,6 +18,9 @@ IsaKernels kernels();
 namespace avx512 {
 IsaKernels kernels();
 }
+namespace avx512bf16 {
+IsaKernels kernels();
+}
 #endif
 
 namespace {
@@ -31,6 +34,8 @@ struct Level {
 const std::vector<Level>& levels() {
   static const std::vector<Level> all = {
 #if defined(CORRAL_X86_ISAS)
+      {"avx512bf16", &avx512bf16::kernels,
+       [] { return __builtin_cpu_supports("x86-64-v4") && __builtin_cpu_supports("avx512bf16"); }},
       {"avx512", &avx512::kernels, [] { return bool(__builtin_cpu_supports("x86-64-v4")); }},
       {"avx2", &avx2::kernels, [] { return bool(__builtin_cpu_supports("x86-64-v3")); }},
 #endif

@@ -10,14 +10,24 @@
 
 namespace corral::cpu {
 
-// y[r, 0:n] (+)= x[r, :] . W for r < rows over a panel of n output columns. OutIn: w points at
-// the panel's first row of W[out, in]; InOut: at the panel's first column of W[in, out]. Rows of
-// W are ldw elements apart, k is the inner dimension.
-using GemmPanelFn = void (*)(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows,
-                             const void* w, int64_t ldw, int64_t n, int64_t k, bool accumulate);
+// Weight products (simd/gemm.h) run on weights packed at load (cpu/pack.cpp) in panels of
+// kPanelCols output columns. How a product reads its weights and activations, by kind:
+//   kGemmF32, kGemmF16: float32 / float16 weights, float32 activations (exact float32 sums);
+//   kGemmBf16: bfloat16 weights, activations rounded to bfloat16 (vdpbf16ps where available);
+//   kGemmBf16Exact: bfloat16 weights, float32 activations (the router: its top-k decides routes).
+constexpr int64_t kPanelCols = 64;
+enum GemmKind : int { kGemmF32 = 0, kGemmBf16 = 1, kGemmF16 = 2, kGemmBf16Exact = 3 };
 
-// Rows of x up to which InOut products stream W row by row (gemm_inout_stream).
-constexpr int64_t kStreamRows = 12;
+// Activations as a product reads them: 4-byte elements (floats or bf16 pairs), rows ld apart.
+struct PreparedX {
+  const void* x;
+  int64_t ld;
+};
+// Prepares rows x of k for a kind of product, in buf (at least rows * (k + 1) floats).
+using PrepareXFn = PreparedX (*)(void* buf, const float* x, int64_t ldx, int64_t rows, int64_t k);
+// y[r, 0:n) (+)= x[r] . (one panel of W) for r < rows (n <= the panel's outputs), x prepared.
+using PanelGemmFn = void (*)(float* y, int64_t ldy, const void* x, int64_t ldx, int64_t rows, const void* panel,
+                             int64_t k, int64_t n, bool accumulate);
 
 // Attention scores of rows of q against one block of keys stored [d, bs]; the kernels also
 // prefetch the same tile `ahead` bytes away, a later block's (see simd/attention.h).
@@ -30,15 +40,14 @@ using AttnPvFn = void (*)(float* acc, int64_t lda, const float* p, int64_t ldp, 
 using SoftmaxBlockFn = void (*)(float* s, int64_t lds, int64_t rows, int64_t nk, float pre, float post, float* m,
                                 float* l, float* corr);
 
-// Inner loops of one ISA level, indexed by the dtype of W (see float_index and kv_index): the
-// first three serve weights and the KV cache, the fp8 entry only the KV cache. The fp8 loops
-// read the stored codes; scales are the caller's.
+// Inner loops of one ISA level. Products are indexed by GemmKind; attention by the KV cache's
+// dtype (kv_index; the fp8 loops read the stored codes, scales are the caller's).
 struct IsaKernels {
   const char* name;
-  GemmPanelFn gemm_outin[4];
-  GemmPanelFn gemm_inout[4];
-  GemmPanelFn gemm_inout_stream[3];  // accumulates; at most kStreamRows rows; weights only
-  AttnScoresFn attn_scores[4];  // by kv_index
+  PrepareXFn prepare_x[4];
+  PanelGemmFn gemm[4];      // plain panels
+  PanelGemmFn gemm_glu[4];  // GLU panels: SwiGLU of gate and up
+  AttnScoresFn attn_scores[4];
   AttnPvFn attn_pv[4];          // by kv_index
   SoftmaxBlockFn softmax_block;
 };
@@ -53,7 +62,8 @@ int kv_index(DType dtype, const char* what);
 // The inner loops in use: the best level this CPU supports, or $CORRAL_CPU_ISA if set.
 const IsaKernels& isa();
 
-// Levels this build and this CPU both support, best first (e.g. "avx512", "avx2", "generic").
+// Levels this build and this CPU both support, best first (e.g. "avx512bf16", "avx512", "avx2",
+// "generic").
 std::vector<std::string> supported_isas();
 
 // Switches the level in use (for tests and benchmarks); throws InvalidInputError if unsupported.

@@ -9,9 +9,11 @@ namespace corral::cpu::CORRAL_ISA_NS {
 IsaKernels kernels() {
   return IsaKernels{
       CORRAL_ISA_NAME,
-      {&gemm_outin<float>, &gemm_outin<bf16>, &gemm_outin<f16>, &gemm_outin<fp8_e4m3>},
-      {&gemm_inout<float>, &gemm_inout<bf16>, &gemm_inout<f16>, &gemm_inout<fp8_e4m3>},
-      {&gemm_inout_stream<float>, &gemm_inout_stream<bf16>, &gemm_inout_stream<f16>},
+      {&prepare_x<kGemmF32>, &prepare_x<kGemmBf16>, &prepare_x<kGemmF16>, &prepare_x<kGemmBf16Exact>},
+      {&gemm_panel<kGemmF32, false>, &gemm_panel<kGemmBf16, false>, &gemm_panel<kGemmF16, false>,
+       &gemm_panel<kGemmBf16Exact, false>},
+      {&gemm_panel<kGemmF32, true>, &gemm_panel<kGemmBf16, true>, &gemm_panel<kGemmF16, true>,
+       &gemm_panel<kGemmBf16Exact, true>},
       {&attn_scores<float>, &attn_scores<bf16>, &attn_scores<f16>, &attn_scores<fp8_e4m3>},
       {&attn_pv<float>, &attn_pv<bf16>, &attn_pv<f16>, &attn_pv<fp8_e4m3>},
       &softmax_block,

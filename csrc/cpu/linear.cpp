@@ -1,5 +1,8 @@
+// Products with packed weights: activations prepared once per product, then work items of one
+// panel of W and a block of rows, spread over the CPU threads (panel-major: a thread's items
+// reuse one panel from cache while the rows stream past it).
 #include <algorithm>
-#include <cstring>
+#include <string>
 #include <vector>
 
 #include "corral/error.h"
@@ -8,79 +11,55 @@
 
 namespace corral::cpu {
 
-int64_t panel_width(const MatrixRef& w) { return w.layout == WeightLayout::OutIn ? 16 : 256; }
-
-void gemm_panel(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, const MatrixRef& w, int64_t c0,
-                int64_t n, bool accumulate) {
-  const int fi = float_index(w.dtype, "linear weight");
-  const int64_t es = int64_t(dtype_size(w.dtype)), ldw = w.row_stride();
-  const char* base = static_cast<const char*>(w.data);
-  if (w.layout == WeightLayout::OutIn) {
-    isa().gemm_outin[fi](y, ldy, x, ldx, rows, base + c0 * ldw * es, ldw, n, w.in, accumulate);
-    return;
-  }
-  // InOut: chunk by chunk of k, each chunk's sum added to y in order (see kKChunk).
-  for (int64_t k0 = 0, c = 0; k0 < w.in; k0 += kKChunk, ++c)
-    isa().gemm_inout[fi](y, ldy, x + k0, ldx, rows, base + (k0 * ldw + c0) * es, ldw, n,
-                         std::min(kKChunk, w.in - k0), accumulate || c > 0);
+int gemm_kind(DType dtype, Activations act) {
+  const int kind = float_index(dtype, "weight matrix");  // 0, 1, 2 are kGemmF32, kGemmBf16, kGemmF16
+  return act == Activations::Float32 && kind == kGemmBf16 ? kGemmBf16Exact : kind;
 }
 
-int64_t k_chunks(const MatrixRef& w) { return std::max<int64_t>(1, (w.in + kKChunk - 1) / kKChunk); }
+int64_t output_width(const MatrixRef& w) { return w.layout == WeightLayout::PackedGlu ? w.out / 2 : w.out; }
+int64_t panel_outputs(const MatrixRef& w) { return w.layout == WeightLayout::PackedGlu ? kPanelCols / 2 : kPanelCols; }
+int64_t num_panels(const MatrixRef& w) { return (output_width(w) + panel_outputs(w) - 1) / panel_outputs(w); }
 
-void stream_chunk(float* partial, int64_t ldp, const float* x, int64_t ldx, int64_t rows, const MatrixRef& w,
-                  int64_t chunk) {
-  const int fi = float_index(w.dtype, "linear weight");
-  const int64_t es = int64_t(dtype_size(w.dtype)), ldw = w.row_stride(), k0 = chunk * kKChunk;
-  for (int64_t r = 0; r < rows; ++r) std::memset(partial + r * ldp, 0, sizeof(float) * size_t(w.out));
-  isa().gemm_inout_stream[fi](partial, ldp, x + k0, ldx, rows, static_cast<const char*>(w.data) + k0 * ldw * es, ldw,
-                              w.out, std::min(kKChunk, w.in - k0), true);
-}
-
-void add_chunks(float* y, int64_t ldy, const float* partials, int64_t ldp, int64_t chunk_stride, int64_t chunks,
-                int64_t rows, int64_t c0, int64_t c1, bool accumulate) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = c0; c < c1; ++c) {
-      float v = accumulate ? y[r * ldy + c] + partials[r * ldp + c] : partials[r * ldp + c];
-      for (int64_t k = 1; k < chunks; ++k) v += partials[k * chunk_stride + r * ldp + c];
-      y[r * ldy + c] = v;
-    }
-}
-
-float* scratch(int slot, int64_t floats) {
+void* scratch(int slot, int64_t bytes) {
   thread_local std::vector<float> buffers[6];
   std::vector<float>& b = buffers[slot];
-  if (int64_t(b.size()) < floats) b.resize(size_t(floats));
+  const size_t floats = size_t((bytes + 3) / 4);
+  if (b.size() < floats) b.resize(floats);
   return b.data();
 }
 
-void linear(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, const MatrixRef& w,
-            bool accumulate) {
+PreparedX prepare(int slot, const float* x, int64_t ldx, int64_t rows, int64_t k, int kind) {
+  return isa().prepare_x[kind](scratch(slot, rows * (k + 1) * 4), x, ldx, rows, k);
+}
+
+void gemm_panel(float* y, int64_t ldy, const PreparedX& x, int64_t x_row, int64_t rows, const MatrixRef& w, int kind,
+                int64_t panel, bool accumulate) {
+  const int64_t per = panel_outputs(w), c0 = panel * per, n = std::min(per, output_width(w) - c0);
+  const char* p = static_cast<const char*>(w.data) + panel * panel_bytes(w.dtype, w.in);
+  const PanelGemmFn fn = w.layout == WeightLayout::PackedGlu ? isa().gemm_glu[kind] : isa().gemm[kind];
+  fn(y + c0, ldy, static_cast<const uint32_t*>(x.x) + x_row * x.ld, x.ld, rows, p, w.in, n, accumulate);
+}
+
+void product(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, const MatrixRef& w, int kind,
+             bool accumulate) {
   if (rows <= 0 || w.out <= 0) return;
-  float_index(w.dtype, "linear weight");
-  if (w.layout == WeightLayout::InOut && rows <= kStreamRows) {
-    // Few rows: each k-chunk streams whole rows of W into a partial sum; the partials are then
-    // added in chunk order (see kKChunk).
-    const int64_t chunks = k_chunks(w), stride = rows * w.out;
-    float* partials = scratch(0, chunks * stride);
-    parallel_for(chunks, stride * kKChunk, [&](int64_t c) {
-      stream_chunk(partials + c * stride, w.out, x, ldx, rows, w, c);
-    });
-    constexpr int64_t kCols = 256;
-    parallel_for((w.out + kCols - 1) / kCols, rows * kCols * chunks, [&](int64_t b) {
-      add_chunks(y, ldy, partials, w.out, stride, chunks, rows, b * kCols, std::min(w.out, (b + 1) * kCols), accumulate);
-    });
-    return;
-  }
-  const int64_t panel = panel_width(w);
-  const int64_t panels = (w.out + panel - 1) / panel;
-  const int64_t blocks = (rows + kRowBlock - 1) / kRowBlock;
-  // Panel-major order: a thread's consecutive items reuse the same W panel from cache.
-  parallel_for(panels * blocks, std::min(rows, kRowBlock) * panel * w.in, [&](int64_t item) {
-    const int64_t p = item / blocks, b = item % blocks;
-    const int64_t c0 = p * panel, r0 = b * kRowBlock;
-    gemm_panel(y + r0 * ldy + c0, ldy, x + r0 * ldx, ldx, std::min(kRowBlock, rows - r0), w, c0,
-               std::min(panel, w.out - c0), accumulate);
+  if (!w.packed())
+    throw InvalidInputError("CPU products read packed weights (kernels::pack_weights / pack_glu)");
+  if (w.layout == WeightLayout::PackedGlu && accumulate)
+    throw InvalidInputError("a GLU product writes its outputs; it cannot accumulate");
+  const PreparedX px = prepare(0, x, ldx, rows, w.in, kind);
+  const int64_t panels = num_panels(w), blocks = (rows + kRowBlock - 1) / kRowBlock;
+  parallel_for(panels * blocks, std::min(rows, kRowBlock) * panel_outputs(w) * w.in, [&](int64_t item) {
+    const int64_t r0 = (item % blocks) * kRowBlock;
+    gemm_panel(y + r0 * ldy, ldy, px, r0, std::min(kRowBlock, rows - r0), w, kind, item / blocks, accumulate);
   });
+}
+
+void linear(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, const MatrixRef& w,
+            bool accumulate, Activations act) {
+  if (w.layout == WeightLayout::PackedGlu)
+    throw InvalidInputError("linear: a PackedGlu matrix is the gate and up of an MLP; use swiglu_mlp");
+  product(y, ldy, x, ldx, rows, w, gemm_kind(w.dtype, act), accumulate);
 }
 
 }  // namespace corral::cpu

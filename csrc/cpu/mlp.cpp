@@ -1,17 +1,20 @@
-#include <vector>
+#include <string>
 
+#include "corral/error.h"
 #include "ops.h"
 
 namespace corral::cpu {
 
-void swiglu_mlp(float* out, const float* x, int64_t rows, const MatrixRef& gate, const MatrixRef& up,
-                const MatrixRef& down) {
-  const int64_t inter = gate.out, hidden = gate.in;
-  std::vector<float> h(rows * 2 * inter);  // [gate | up] per row; the product overwrites gate
-  linear(h.data(), 2 * inter, x, hidden, rows, gate, false);
-  linear(h.data() + inter, 2 * inter, x, hidden, rows, up, false);
-  silu_mul(h.data(), 2 * inter, h.data(), h.data() + inter, 2 * inter, rows, inter);
-  linear(out, down.out, h.data(), 2 * inter, rows, down, true);
+void swiglu_mlp(float* out, const float* x, int64_t rows, const MatrixRef& gate_up, const MatrixRef& down,
+                Activations act) {
+  if (gate_up.layout != WeightLayout::PackedGlu || down.layout != WeightLayout::Packed)
+    throw InvalidInputError("swiglu_mlp: CPU weights must be packed (gate_up by pack_glu, down by pack_weights)");
+  const int64_t inter = gate_up.out / 2, hidden = gate_up.in;
+  if (down.in != inter || down.out != hidden)
+    throw ShapeError("swiglu_mlp: down must be (" + std::to_string(hidden) + ", " + std::to_string(inter) + ")");
+  float* h = static_cast<float*>(scratch(1, rows * inter * 4));  // silu(x . gate) * (x . up)
+  product(h, inter, x, hidden, rows, gate_up, gemm_kind(gate_up.dtype, act), false);
+  product(out, hidden, h, inter, rows, down, gemm_kind(down.dtype, act), true);
 }
 
 }  // namespace corral::cpu

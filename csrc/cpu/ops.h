@@ -12,8 +12,10 @@
 
 namespace corral::cpu {
 
+using kernels::Activations;
+
 void linear(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, const MatrixRef& w,
-            bool accumulate);
+            bool accumulate, Activations act);
 void rms_norm(float* y, const float* x, const void* w, DType w_dtype, int64_t rows, int64_t dim,
               float eps);
 void silu_mul(float* out, int64_t ld_out, const float* gate, const float* up, int64_t ld_in,
@@ -36,36 +38,35 @@ void paged_attention(float* out, const float* q, int64_t heads, const PagedKv& c
                      const AttentionBatch& batch, float scale, int64_t chunk_size);
 void attn_temperature_scale(float* q, int64_t ld, int64_t rows, int64_t width,
                             const int32_t* positions, float attn_scale, float floor_scale);
-void swiglu_mlp(float* out, const float* x, int64_t rows, const MatrixRef& gate, const MatrixRef& up,
-                const MatrixRef& down);
+void swiglu_mlp(float* out, const float* x, int64_t rows, const MatrixRef& gate_up, const MatrixRef& down,
+                Activations act);
 void moe(float* out, const float* x, int64_t tokens, const MoeWeights& w, int top_k,
-         int64_t* expert_tokens);
+         int64_t* expert_tokens, Activations act);
 
-// Rows of x per linear work item: a block of x stays in cache while a W panel streams past it.
+// Packed products (cpu/linear.cpp). The kind of product (GemmKind) of weights of `dtype` with
+// activations `act`.
+int gemm_kind(DType dtype, Activations act);
+// k per step of a packed matrix of `dtype` (2 for bfloat16: pairs), and bytes per panel.
+int64_t step_of(DType dtype);
+int64_t panel_bytes(DType dtype, int64_t in);
+// Output columns of a packed matrix (PackedGlu: its SwiGLU outputs) and of each of its panels.
+int64_t output_width(const MatrixRef& w);
+int64_t panel_outputs(const MatrixRef& w);
+int64_t num_panels(const MatrixRef& w);
+// Rows of x per work item: a block of x stays in cache while a panel of W streams past it.
 constexpr int64_t kRowBlock = 64;
-// Output columns per work item of a weight matrix: OutIn panels are rows of W, InOut panels are
-// column blocks of W.
-int64_t panel_width(const MatrixRef& w);
-// One work item of linear: y[r, c0:c0+n] (+)= x[r, :] . W[:, c0:c0+n] for r < rows (n at most a
-// panel's width), through the ISA's inner loops. Throws DTypeError for an unsupported W.
-void gemm_panel(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, const MatrixRef& w, int64_t c0,
-                int64_t n, bool accumulate);
-
-// InOut products sum k in chunks of kKChunk rows, each chunk's sum added to y in order: a fixed
-// order, whether a product runs as panels (gemm_panel) or, for few rows, as chunks streaming
-// whole rows of W (stream_chunk, then add_chunks), so results never depend on the batch.
-constexpr int64_t kKChunk = 256;
-int64_t k_chunks(const MatrixRef& w);
-// partial[r, 0:w.out] = the sum over k-chunk `chunk`, for r < rows (<= kStreamRows).
-void stream_chunk(float* partial, int64_t ldp, const float* x, int64_t ldx, int64_t rows, const MatrixRef& w,
-                  int64_t chunk);
-// y[r, c] = (y[r, c] if accumulate) + the partials of chunks 0, 1, ... in order (each [rows, ldp],
-// chunk_stride apart), for r < rows and columns [c0, c1).
-void add_chunks(float* y, int64_t ldy, const float* partials, int64_t ldp, int64_t chunk_stride, int64_t chunks,
-                int64_t rows, int64_t c0, int64_t c1, bool accumulate);
-// A buffer of at least `floats` floats kept by the calling thread across calls (no page faults
+// x prepared for products of `kind` in thread-local scratch slot `slot` (see scratch).
+PreparedX prepare(int slot, const float* x, int64_t ldx, int64_t rows, int64_t k, int kind);
+// One work item: y[r, the panel's columns] (+)= x[x_row + r] . W for r < rows, x prepared for
+// `kind`.
+void gemm_panel(float* y, int64_t ldy, const PreparedX& x, int64_t x_row, int64_t rows, const MatrixRef& w,
+                int kind, int64_t panel, bool accumulate);
+// y = x . W (+ y) over every panel and row block, on the CPU threads.
+void product(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, const MatrixRef& w, int kind,
+             bool accumulate);
+// A buffer of at least `bytes` bytes kept by the calling thread across calls (no page faults
 // on every call); slots 0..5 are independent.
-float* scratch(int slot, int64_t floats);
+void* scratch(int slot, int64_t bytes);
 
 // Calls f(item) for item < items on the CPU threads (OpenMP); inline when the work is small.
 template <class F>

@@ -190,6 +190,8 @@ void moe(void* stream, float* out, const float* x, int64_t tokens, const MoeWeig
   if (H < 1 || I < 1 || E > kMaxRows)
     throw ShapeError("moe: hidden, inter and experts must be positive (hidden " + std::to_string(H) + ", inter " +
                      std::to_string(I) + ", experts " + std::to_string(E) + ")");
+  if (w.experts_layout != WeightLayout::InOut || w.router.packed() || w.shared_gate.packed() || w.shared_down.packed())
+    throw NotSupportedError("moe: CUDA reads the checkpoint's layouts, not CPU-packed weights");
   const DType wt = check_float(w.experts_dtype, "experts");
   const DType st = check_float(w.shared_gate.dtype, "shared expert");
   check_float(w.router.dtype, "router");

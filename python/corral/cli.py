@@ -77,6 +77,8 @@ def _common_parser() -> argparse.ArgumentParser:
     e = p.add_argument_group("engine options")
     e.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (default: MODEL)")
     e.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16", "fp8"))
+    e.add_argument("--dtype", default="auto", choices=("auto", "float32"),
+                   help="what products multiply bf16 weights with: bf16-rounded (auto) or float32 activations")
     e.add_argument("--kv-cache-bytes", type=_size, metavar="SIZE", help="KV cache memory, e.g. 8G")
     e.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default 16)")
     e.add_argument("--max-model-len", type=int, help="longest sequence, prompt plus output")
@@ -199,6 +201,7 @@ def _load(args, need_tokenizer: bool) -> LLM:
         block_size=args.block_size,
         kv_cache_bytes=args.kv_cache_bytes,
         kv_cache_dtype=args.kv_cache_dtype,
+        dtype=args.dtype,
         enable_prefix_caching=not args.no_prefix_caching,
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,

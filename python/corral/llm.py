@@ -61,6 +61,11 @@ class LLM:
             pages are only committed as they are used).
         kv_cache_dtype: "auto" (the weights' dtype), "float32", "bfloat16", "float16" or "fp8"
             (float8 e4m3 with a scale per block and KV head).
+        dtype: what the matrix products multiply bfloat16 weights with: "auto" (activations
+            rounded to bfloat16, as llama.cpp and vLLM compute bf16 models: twice the float32
+            rate where the CPU has AVX-512 BF16) or "float32" (exact products, slower prefill).
+            Float32 and float16 weights always take float32 activations; sums are float32, and
+            the residual stream, norms, attention and router stay float32 either way.
         enable_prefix_caching: reuse the KV cache of earlier prompts' full blocks (default True).
         max_model_len: longest sequence, prompt plus output (default: the config's
             max_position_embeddings).
@@ -84,6 +89,7 @@ class LLM:
         block_size: int = 16,
         kv_cache_bytes: int | None = None,
         kv_cache_dtype: str = "auto",
+        dtype: str = "auto",
         enable_prefix_caching: bool = True,
         max_model_len: int | None = None,
         max_num_seqs: int = 256,
@@ -98,6 +104,8 @@ class LLM:
             )
         if kv_cache_dtype not in _KV_DTYPES:
             raise _core.InvalidInputError(f"kv_cache_dtype={kv_cache_dtype!r} is not one of {_KV_DTYPES}")
+        if dtype not in ("auto", "float32"):
+            raise _core.InvalidInputError(f"dtype={dtype!r} is not one of ('auto', 'float32')")
         for name, value, low in (
             ("block_size", block_size, 1),
             ("max_num_seqs", max_num_seqs, 1),
@@ -113,6 +121,7 @@ class LLM:
         options.block_size = block_size
         options.kv_cache_bytes = kv_cache_bytes or 0
         options.kv_cache_dtype = kv_cache_dtype
+        options.dtype = dtype
         options.enable_prefix_caching = bool(enable_prefix_caching)
         options.max_model_len = max_model_len or 0
         options.max_num_seqs = max_num_seqs

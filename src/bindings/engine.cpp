@@ -48,6 +48,7 @@ void register_engine(py::module_& m) {
       .def_readwrite("block_size", &EngineOptions::block_size)
       .def_readwrite("kv_cache_bytes", &EngineOptions::kv_cache_bytes)
       .def_readwrite("kv_cache_dtype", &EngineOptions::kv_cache_dtype)
+      .def_readwrite("dtype", &EngineOptions::dtype)
       .def_readwrite("enable_prefix_caching", &EngineOptions::enable_prefix_caching)
       .def_readwrite("max_model_len", &EngineOptions::max_model_len)
       .def_readwrite("max_num_seqs", &EngineOptions::max_num_seqs)

@@ -231,6 +231,13 @@ DeviceBuffer upload(const Device& dev, const void* data, size_t bytes, const Str
   return b;
 }
 
+// "native" (bf16 weights: bf16-rounded activations) or "float32" (exact products).
+kernels::Activations parse_activations(const std::string& act) {
+  if (act == "native") return kernels::Activations::Native;
+  if (act == "float32") return kernels::Activations::Float32;
+  throw InvalidInputError("activations must be 'native' or 'float32', got '" + act + "'");
+}
+
 }  // namespace
 
 void register_ops(py::module_& m) {
@@ -240,16 +247,23 @@ void register_ops(py::module_& m) {
 
   m.def(
       "linear",
-      [](F32 x, const py::array& w, const std::string& dtype, const std::string& layout) {
+      [](F32 x, const py::array& w, const std::string& dtype, const std::string& layout, const std::string& act) {
+        const kernels::Activations a = parse_activations(act);
         const Typed tw = typed(w, dtype, "w");
         const MatrixRef mw = matrix(tw, layout, "w");
         expect(x.ndim() == 2 && x.shape(1) == mw.in,
                "x must be (rows, " + std::to_string(mw.in) + "), got " + shape_of(x));
         F32 y({x.shape(0), py::ssize_t(mw.out)});
-        kernels::linear(kCpu, y.mutable_data(), mw.out, x.data(), mw.in, x.shape(0), mw);
+        float* yp = y.mutable_data();
+        const float* xp = x.data();
+        const int64_t rows = x.shape(0);
+        py::gil_scoped_release release;
+        const kernels::PackedStorage packed = kernels::allocate_packed(kernels::packed_bytes(mw));
+        kernels::linear(kCpu, yp, mw.out, xp, mw.in, rows, kernels::pack_weights(packed.get(), mw), false, a);
         return y;
       },
-      py::arg("x"), py::arg("w"), py::arg("dtype") = "float32", py::arg("layout") = "out_in");
+      py::arg("x"), py::arg("w"), py::arg("dtype") = "float32", py::arg("layout") = "out_in",
+      py::arg("activations") = "native");
 
   m.def(
       "rms_norm",
@@ -568,24 +582,35 @@ void register_ops(py::module_& m) {
 
   m.def(
       "swiglu_mlp",
-      [](F32 x, const py::array& gate, const py::array& up, const py::array& down, const std::string& dtype) {
+      [](F32 x, const py::array& gate, const py::array& up, const py::array& down, const std::string& dtype,
+         const std::string& act) {
+        const kernels::Activations a = parse_activations(act);
         const Typed g = typed(gate, dtype, "gate"), u = typed(up, dtype, "up"), d = typed(down, dtype, "down");
         const MatrixRef mg = matrix(g, "out_in", "gate"), mu = matrix(u, "out_in", "up"), md = matrix(d, "out_in", "down");
         expect(x.ndim() == 2 && x.shape(1) == mg.in && mu.in == mg.in && mu.out == mg.out && md.in == mg.out &&
                    md.out == mg.in,
                "expected x (rows, H), gate and up (I, H), down (H, I)");
         F32 out({x.shape(0), x.shape(1)});
-        std::fill(out.mutable_data(), out.mutable_data() + out.size(), 0.f);
-        kernels::swiglu_mlp(kCpu, out.mutable_data(), x.data(), x.shape(0), mg, mu, md);
+        float* op = out.mutable_data();
+        std::fill(op, op + out.size(), 0.f);
+        const float* xp = x.data();
+        const int64_t rows = x.shape(0);
+        py::gil_scoped_release release;
+        const kernels::PackedStorage gu = kernels::allocate_packed(kernels::packed_glu_bytes(mg));
+        const kernels::PackedStorage dn = kernels::allocate_packed(kernels::packed_bytes(md));
+        kernels::swiglu_mlp(kCpu, op, xp, rows, kernels::pack_glu(gu.get(), mg, mu), kernels::pack_weights(dn.get(), md),
+                            a);
         return out;
       },
-      py::arg("x"), py::arg("gate"), py::arg("up"), py::arg("down"), py::arg("dtype") = "float32");
+      py::arg("x"), py::arg("gate"), py::arg("up"), py::arg("down"), py::arg("dtype") = "float32",
+      py::arg("activations") = "native");
 
   m.def(
       "moe",
       [](F32 x, const py::array& router, const py::array& gate_up, const py::array& down, const py::array& shared_gate,
          const py::array& shared_up, const py::array& shared_down, int top_k, const std::string& dtype,
-         const std::string& device, int repeat) -> py::tuple {
+         const std::string& device, int repeat, const std::string& act) -> py::tuple {
+        const kernels::Activations a = parse_activations(act);
         const Device dev = parse_device(device);
         if (repeat < 0) throw InvalidInputError("repeat must be >= 0");
         const Typed r = typed(router, dtype, "router"), gu = typed(gate_up, dtype, "gate_up"),
@@ -625,13 +650,16 @@ void register_ops(py::module_& m) {
         {
           py::gil_scoped_release release;
           if (dev.type == DeviceType::CPU) {
-            kernels::moe(kCpu, out_data, x.data(), T, w, top_k, counts_data);
+            // Packed as a model packs them at load (not timed).
+            const kernels::PackedStorage packed = kernels::allocate_packed(kernels::packed_moe_bytes(w));
+            const MoeWeights wp = kernels::pack_moe(packed.get(), w);
+            kernels::moe(kCpu, out_data, x.data(), T, wp, top_k, counts_data, a);
             if (repeat > 0) {
               std::vector<float> scratch_out(static_cast<size_t>(T * H));
               std::vector<int64_t> scratch_counts(static_cast<size_t>(E));
               const auto t0 = std::chrono::steady_clock::now();
               for (int i = 0; i < repeat; ++i)
-                kernels::moe(kCpu, scratch_out.data(), x.data(), T, w, top_k, scratch_counts.data());
+                kernels::moe(kCpu, scratch_out.data(), x.data(), T, wp, top_k, scratch_counts.data(), a);
               seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / repeat;
             }
           } else {
@@ -684,7 +712,7 @@ void register_ops(py::module_& m) {
       "(out, counts, seconds per run).",
       py::arg("x"), py::arg("router"), py::arg("gate_up"), py::arg("down"), py::arg("shared_gate"),
       py::arg("shared_up"), py::arg("shared_down"), py::arg("top_k"), py::arg("dtype") = "float32",
-      py::arg("device") = "cpu", py::arg("repeat") = 0);
+      py::arg("device") = "cpu", py::arg("repeat") = 0, py::arg("activations") = "native");
 }
 
 }  // namespace corral::bindings

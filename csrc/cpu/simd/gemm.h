@@ -1,182 +1,165 @@
-// Register-tiled inner loops of kernels::linear: one panel of output columns for all rows.
+// Register-tiled inner loops of the weight products (linear, the MLPs, the MoE) on weights packed
+// at load (cpu/pack.cpp): panels of kPanelCols output columns, each panel contiguous as
+// [steps][kPanelCols][P] elements, a step being P consecutive k (P = 2 for bfloat16: the pairs
+// vdpbf16ps reads; 1 otherwise). A GLU panel holds kPanelCols / 2 gate columns, then the same
+// columns of up. Every output element sums its k steps in order, one step after the other, from
+// zero, whatever the tile or the number of rows: a row's result never depends on the batch.
 #pragma once
+
+#include <cstdint>
 
 #include "isa.h"
 #include "simd/vec.h"
 
 namespace corral::cpu::CORRAL_ISA_NS {
 
-// Rows of x per register tile (rows x 4 accumulators): AVX-512 has 32 vector registers, AVX2 and
-// the baseline 16. Every row's sums run in the same order whatever tile it falls in, so a row's
-// result does not depend on how many rows come with it.
-#if defined(__AVX512F__)
-constexpr int kRowsPerTile = 6;
+#if defined(__AVX512BF16__)
+constexpr bool kDotBf16 = true;  // bf16 products run on vdpbf16ps
 #else
-constexpr int kRowsPerTile = 2;
+constexpr bool kDotBf16 = false;  // bf16 products split the pairs and use float FMAs
 #endif
 
-// W stored [out, in]: y[r, j] = dot(x[r, :], w[j, :]) for r < rows, j < n; w rows ldw apart.
-// MR rows of x against 4 rows of W share every vector load.
-template <class W, int MR, int NR>
-CORRAL_INLINE void dot_tile(float* y, int64_t ldy, const float* x, int64_t ldx, const W* w,
-                            int64_t ldw, int64_t k, bool accumulate) {
-  VecF acc[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = vzero();
-  int64_t p = 0;
-  for (; p + kVecWidth <= k; p += kVecWidth) {
-    VecF wv[NR];
-    for (int j = 0; j < NR; ++j) wv[j] = vload(w + j * ldw + p);
-    for (int i = 0; i < MR; ++i) {
-      const VecF xv = vload(x + i * ldx + p);
-      for (int j = 0; j < NR; ++j) acc[i][j] = vfma(xv, wv[j], acc[i][j]);
-    }
-  }
-  for (int i = 0; i < MR; ++i) {
-    for (int j = 0; j < NR; ++j) {
-      float s = vsum(acc[i][j]);
-      for (int64_t q = p; q < k; ++q) s += x[i * ldx + q] * to_float(w[j * ldw + q]);
-      y[i * ldy + j] = accumulate ? y[i * ldy + j] + s : s;
-    }
-  }
+// Vectors of output columns per register tile; a panel is kTilesPerPanel tiles wide (1 on
+// AVX-512, 2 on AVX2, 4 on the baseline).
+constexpr int kTileVecs = 4;
+constexpr int kTilesPerPanel = int(kPanelCols) / (kTileVecs * kVecWidth);
+
+template <int Kind>
+using WeightOf = std::conditional_t<Kind == kGemmF32, float, std::conditional_t<Kind == kGemmF16, f16, bf16>>;
+template <int Kind>
+constexpr int kStep = Kind == kGemmBf16 || Kind == kGemmBf16Exact ? 2 : 1;
+template <int Kind>
+constexpr bool kDot = Kind == kGemmBf16 && kDotBf16;
+
+// Rows of x per tile: the accumulators (rows x kTileVecs vectors) and one step's operands fit in
+// the vector registers (32 on AVX-512, 16 otherwise).
+template <int Kind>
+constexpr int kTileRows =
+#if defined(__AVX512F__)
+    kStep<Kind> == 1 || kDot<Kind> ? 6 : 4;
+#else
+    2;
+#endif
+
+// Bytes ahead of the current step that a streaming tile prefetches (the panel is contiguous).
+constexpr int64_t kFetchAhead = 1024;
+
+// The panel vector that vector v of tile t reads: left to right, or for a GLU panel gate vector
+// i paired with up vector i, so that a tile holds both operands of its SwiGLU outputs.
+CORRAL_INLINE int tile_vector(bool glu, int t, int v) {
+  constexpr int half = kTileVecs / 2, panel_half = int(kPanelCols) / kVecWidth / 2;
+  if (!glu) return t * kTileVecs + v;
+  return v < half ? t * half + v : panel_half + t * half + (v - half);
 }
 
-template <class W, int MR>
-CORRAL_INLINE void dot_rows(float* y, int64_t ldy, const float* x, int64_t ldx, const W* w,
-                            int64_t ldw, int64_t n, int64_t k, bool accumulate) {
-  int64_t j = 0;
-  for (; j + 4 <= n; j += 4) dot_tile<W, MR, 4>(y + j, ldy, x, ldx, w + j * ldw, ldw, k, accumulate);
-  for (; j < n; ++j) dot_tile<W, MR, 1>(y + j, ldy, x, ldx, w + j * ldw, ldw, k, accumulate);
-}
+CORRAL_INLINE VecF vsilu(VecF g) { return vdiv(g, vadd(vset1(1.f), vexp(vsub(vzero(), g)))); }
 
-template <class W>
-void gemm_outin(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, const void* wv,
-                int64_t ldw, int64_t n, int64_t k, bool accumulate) {
+// y[r, 0:n) (+)= the MR rows of x against tile t of one panel; GLU: y[r, 0:n) = silu(gate) * up
+// of the tile's columns. x is as prepare_x left it (floats, or bf16 pairs for vdpbf16ps).
+template <int Kind, bool Glu, int MR>
+CORRAL_INLINE void panel_tile(float* y, int64_t ldy, const void* xv, int64_t ldx, const void* wv, int64_t k, int t,
+                              int64_t n, bool accumulate, bool fetch) {
+  using W = WeightOf<Kind>;
+  constexpr int P = kStep<Kind>;
+  constexpr int64_t unit = kPanelCols * P;  // elements of one step
   const W* w = static_cast<const W*>(wv);
-  row_tiles<kRowsPerTile>(rows, [&](auto mr, int64_t r) __attribute__((always_inline)) {
-    dot_rows<W, decltype(mr)::value>(y + r * ldy, ldy, x + r * ldx, ldx, w, ldw, n, k, accumulate);
+  int64_t off[kTileVecs];
+  for (int v = 0; v < kTileVecs; ++v) off[v] = int64_t(tile_vector(Glu, t, v)) * kVecWidth * P;
+  VecF acc[MR][kTileVecs];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < kTileVecs; ++v) acc[r][v] = vzero();
+  const int64_t steps = (k + P - 1) / P;
+  for (int64_t s = 0; s < steps; ++s, w += unit) {
+    if (fetch)
+      for (int64_t b = 0; b < unit * int64_t(sizeof(W)); b += 64)
+        __builtin_prefetch(reinterpret_cast<const char*>(w) + kFetchAhead + b, 0, 0);
+    if constexpr (kDot<Kind>) {
+#if defined(__AVX512BF16__)
+      const uint32_t* x = static_cast<const uint32_t*>(xv);
+      __m512i wr[kTileVecs];
+      for (int v = 0; v < kTileVecs; ++v) wr[v] = _mm512_loadu_si512(w + off[v]);
+      for (int r = 0; r < MR; ++r) {
+        const __m512bh xb = (__m512bh)_mm512_set1_epi32(int32_t(x[r * ldx + s]));
+        for (int v = 0; v < kTileVecs; ++v) acc[r][v].v = _mm512_dpbf16_ps(acc[r][v].v, (__m512bh)wr[v], xb);
+      }
+#endif
+    } else if constexpr (P == 2) {
+      const float* x = static_cast<const float*>(xv) + 2 * s;
+      for (int v = 0; v < kTileVecs; ++v) {
+        VecF even, odd;
+        vload_pairs(w + off[v], even, odd);
+        for (int r = 0; r < MR; ++r) {
+          acc[r][v] = vfma(vset1(x[r * ldx]), even, acc[r][v]);
+          acc[r][v] = vfma(vset1(x[r * ldx + 1]), odd, acc[r][v]);
+        }
+      }
+    } else {
+      const float* x = static_cast<const float*>(xv) + s;
+      VecF wr[kTileVecs];
+      for (int v = 0; v < kTileVecs; ++v) wr[v] = vload(w + off[v]);
+      for (int r = 0; r < MR; ++r) {
+        const VecF xb = vset1(x[r * ldx]);
+        for (int v = 0; v < kTileVecs; ++v) acc[r][v] = vfma(xb, wr[v], acc[r][v]);
+      }
+    }
+  }
+  constexpr int outs = Glu ? kTileVecs / 2 : kTileVecs;  // output vectors of the tile
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < outs; ++v) {
+      const int64_t c = int64_t(t * outs + v) * kVecWidth;
+      if (c >= n) break;
+      const int64_t cnt = n - c < kVecWidth ? n - c : kVecWidth;
+      float* dst = y + r * ldy + c;
+      VecF val = Glu ? vmul(vsilu(acc[r][v]), acc[r][v + outs]) : acc[r][v];
+      if (accumulate) val = vadd(cnt == kVecWidth ? vload(dst) : vload_n(dst, cnt), val);
+      if (cnt == kVecWidth) vstore(dst, val);
+      else vstore_n(dst, val, cnt);
+    }
+}
+
+// One panel for `rows` rows: y[r, 0:n) (+)= x[r] . W[:, panel columns] (GLU: the SwiGLU of the
+// panel's n gate/up column pairs), tile by tile. The first row tile prefetches the panel ahead.
+template <int Kind, bool Glu>
+void gemm_panel(float* y, int64_t ldy, const void* x, int64_t ldx, int64_t rows, const void* panel, int64_t k,
+                int64_t n, bool accumulate) {
+  constexpr int outs_per_tile = (Glu ? kTileVecs / 2 : kTileVecs) * kVecWidth;
+  row_tiles<kTileRows<Kind>>(rows, [&](auto mr, int64_t r) __attribute__((always_inline)) {
+    const void* xr = static_cast<const uint32_t*>(x) + r * ldx;  // 4-byte elements: floats or pairs
+    for (int t = 0; t < kTilesPerPanel && t * outs_per_tile < n; ++t)
+      panel_tile<Kind, Glu, decltype(mr)::value>(y + r * ldy, ldy, xr, ldx, panel, k, t, n, accumulate, r == 0 && t == 0);
   });
 }
 
-// Rows of W ahead that the InOut kernels prefetch: each row segment starts a new page, where the
-// hardware prefetchers stall; one prefetch per cache line keeps enough reads in flight.
-constexpr int64_t kPrefetchRows = 8;
-
-// W stored [in, out] (rows ldw apart): y[r, 0:n] = sum_p x[r, p] * w[p, 0:n]. Each W row segment
-// is loaded once per MR rows of x; NV vectors of columns per tile. fetch: prefetch W rows ahead
-// (the first pass over a panel; later passes find it in cache).
-template <class W, int MR, int NV>
-CORRAL_INLINE void axpy_tile(float* y, int64_t ldy, const float* x, int64_t ldx, const W* w,
-                             int64_t ldw, int64_t k, bool accumulate, bool fetch) {
-  VecF acc[MR][NV];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NV; ++j) acc[i][j] = vzero();
-  for (int64_t p = 0; p < k; ++p) {
-    if (fetch && p + kPrefetchRows < k)  // one prefetch per cache line
-      for (int j = 0; j < NV; ++j)
-        if ((j * kVecWidth * int64_t(sizeof(W))) % 64 == 0)
-          __builtin_prefetch(w + (p + kPrefetchRows) * ldw + j * kVecWidth, 0, 3);
-    VecF wv[NV];
-    for (int j = 0; j < NV; ++j) wv[j] = vload(w + p * ldw + j * kVecWidth);
-    for (int i = 0; i < MR; ++i) {
-      const VecF xb = vset1(x[i * ldx + p]);
-      for (int j = 0; j < NV; ++j) acc[i][j] = vfma(xb, wv[j], acc[i][j]);
-    }
-  }
-  for (int i = 0; i < MR; ++i) {
-    for (int j = 0; j < NV; ++j) {
-      float* dst = y + i * ldy + j * kVecWidth;
-      vstore(dst, accumulate ? vadd(vload(dst), acc[i][j]) : acc[i][j]);
-    }
-  }
-}
-
-template <class W, int MR>
-CORRAL_INLINE void axpy_rows(float* y, int64_t ldy, const float* x, int64_t ldx, const W* w,
-                             int64_t ldw, int64_t n, int64_t k, bool accumulate, bool fetch) {
-  constexpr int kNV = 4;
-  int64_t j = 0;
-  for (; j + kNV * kVecWidth <= n; j += kNV * kVecWidth)
-    axpy_tile<W, MR, kNV>(y + j, ldy, x, ldx, w + j, ldw, k, accumulate, fetch);
-  for (; j + kVecWidth <= n; j += kVecWidth)
-    axpy_tile<W, MR, 1>(y + j, ldy, x, ldx, w + j, ldw, k, accumulate, fetch);
-  for (; j < n; ++j) {  // columns past the last full vector
-    for (int i = 0; i < MR; ++i) {
-      float s = 0.f;
-      for (int64_t p = 0; p < k; ++p) s += x[i * ldx + p] * to_float(w[p * ldw + j]);
-      y[i * ldy + j] = accumulate ? y[i * ldy + j] + s : s;
-    }
-  }
-}
-
-template <class W>
-void gemm_inout(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, const void* wv,
-                int64_t ldw, int64_t n, int64_t k, bool accumulate) {
-  const W* w = static_cast<const W*>(wv);
-  row_tiles<kRowsPerTile>(rows, [&](auto mr, int64_t r) __attribute__((always_inline)) {
-    axpy_rows<W, decltype(mr)::value>(y + r * ldy, ldy, x + r * ldx, ldx, w, ldw, n, k, accumulate, r == 0);
-  });
-}
-
-// Column vectors of y that stream_rows updates per row of x: each broadcast of x then serves
-// NV multiply-adds (the G x NV vectors of W stay in registers).
-#if defined(__AVX512F__)
-constexpr int kStreamVecs = 2;
-#else
-constexpr int kStreamVecs = 1;
+// x rows as the products of Kind read them, into buf (rows x (k + 1) floats at most): as given
+// for float32 and float16 weights; padded to whole pairs for bf16 (Bf16Exact keeps float32 values;
+// Bf16 rounds them to bf16 first, and packs the pairs for vdpbf16ps where it runs).
+template <int Kind>
+PreparedX prepare_x(void* buf, const float* x, int64_t ldx, int64_t rows, int64_t k) {
+  if constexpr (kStep<Kind> == 1) {
+    return {x, ldx};
+  } else {
+    const int64_t kp = (k + 1) / 2 * 2;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* src = x + r * ldx;
+      int64_t i = 0;
+      if constexpr (kDot<Kind>) {
+#if defined(__AVX512BF16__)
+        uint16_t* d = static_cast<uint16_t*>(buf) + r * kp;
+        for (; i + kVecWidth <= k; i += kVecWidth) {
+          const __m512i bits = _mm512_srli_epi32(_mm512_castps_si512(vround_bf16(vload(src + i)).v), 16);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i), _mm512_cvtepi32_epi16(bits));
+        }
+        for (; i < kp; ++i) d[i] = i < k ? to_bf16(src[i]).bits : 0;
 #endif
-
-// y[r, j:j + NV vectors] += sum_q x[r, p + q] * w[p + q, j:...] for the G rows of W from row p
-// (w0), each loaded once for every row of x, each row of y loaded and stored once per G terms.
-// Prefetches the rows 2G to 3G ahead, one prefetch per cache line.
-template <class W, int G, int NV>
-CORRAL_INLINE void stream_cols(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, const W* w0,
-                               int64_t ldw, int64_t j, int64_t p, int64_t k) {
-  for (int v = 0; v < NV; ++v)
-    if (p + 3 * G <= k && ((j + v * kVecWidth) * int64_t(sizeof(W))) % 64 == 0)
-      for (int q = 2 * G; q < 3 * G; ++q) __builtin_prefetch(w0 + q * ldw + j + v * kVecWidth, 0, 1);
-  VecF wv[G][NV];
-  for (int q = 0; q < G; ++q)
-    for (int v = 0; v < NV; ++v) wv[q][v] = vload(w0 + q * ldw + j + v * kVecWidth);
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * ldx + p;
-    float* dst = y + r * ldy + j;
-    VecF acc[NV];
-    for (int v = 0; v < NV; ++v) acc[v] = vload(dst + v * kVecWidth);
-    for (int q = 0; q < G; ++q) {
-      const VecF xb = vset1(xr[q]);
-      for (int v = 0; v < NV; ++v) acc[v] = vfma(xb, wv[q][v], acc[v]);
+      } else {
+        float* d = static_cast<float*>(buf) + r * kp;
+        for (; i + kVecWidth <= k; i += kVecWidth)
+          vstore(d + i, Kind == kGemmBf16 ? vround_bf16(vload(src + i)) : vload(src + i));
+        for (; i < kp; ++i) d[i] = i >= k ? 0.f : Kind == kGemmBf16 ? to_float(to_bf16(src[i])) : src[i];
+      }
     }
-    for (int v = 0; v < NV; ++v) vstore(dst + v * kVecWidth, acc[v]);
+    return {buf, kDot<Kind> ? kp / 2 : kp};
   }
-}
-
-// y[r, 0:n] += sum_q x[r, p + q] * w[p + q, 0:n] for the G rows of W from row p.
-template <class W, int G>
-CORRAL_INLINE void stream_rows(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, const W* w,
-                               int64_t ldw, int64_t n, int64_t p, int64_t k) {
-  const W* w0 = w + p * ldw;
-  int64_t j = 0;
-  for (; j + kStreamVecs * kVecWidth <= n; j += kStreamVecs * kVecWidth)
-    stream_cols<W, G, kStreamVecs>(y, ldy, x, ldx, rows, w0, ldw, j, p, k);
-  for (; j + kVecWidth <= n; j += kVecWidth) stream_cols<W, G, 1>(y, ldy, x, ldx, rows, w0, ldw, j, p, k);
-  for (; j < n; ++j)  // columns past the last full vector: as axpy_rows' tail, without FMA
-    for (int64_t r = 0; r < rows; ++r)
-      for (int q = 0; q < G; ++q) y[r * ldy + j] += x[r * ldx + p + q] * to_float(w0[q * ldw + j]);
-}
-
-// W stored [in, out] (rows ldw apart), for few rows of x (at most kStreamRows): y[r, 0:n] +=
-// sum_p x[r, p] * w[p, 0:n], reading W row after row, each row contiguously, eight at a time
-// (strided column panels of W wait on memory). Into a zeroed y it gives the bits gemm_inout gives
-// for the same k range: every element sums over p in order, with fused multiply-adds on full
-// vectors and plain ones on the columns past them.
-template <class W>
-void gemm_inout_stream(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, const void* wv,
-                       int64_t ldw, int64_t n, int64_t k, bool /*accumulate: always*/) {
-  const W* w = static_cast<const W*>(wv);
-  int64_t p = 0;
-  for (; p + 8 <= k; p += 8) stream_rows<W, 8>(y, ldy, x, ldx, rows, w, ldw, n, p, k);
-  for (; p < k; ++p) stream_rows<W, 1>(y, ldy, x, ldx, rows, w, ldw, n, p, k);
 }
 
 }  // namespace corral::cpu::CORRAL_ISA_NS

@@ -63,7 +63,24 @@ CORRAL_INLINE VecF vfma(VecF a, VecF b, VecF c) { return {_mm512_fmadd_ps(a.v, b
 CORRAL_INLINE VecF vadd(VecF a, VecF b) { return {_mm512_add_ps(a.v, b.v)}; }
 CORRAL_INLINE VecF vsub(VecF a, VecF b) { return {_mm512_sub_ps(a.v, b.v)}; }
 CORRAL_INLINE VecF vmul(VecF a, VecF b) { return {_mm512_mul_ps(a.v, b.v)}; }
+CORRAL_INLINE VecF vdiv(VecF a, VecF b) { return {_mm512_div_ps(a.v, b.v)}; }
 CORRAL_INLINE float vsum(VecF a) { return _mm512_reduce_add_ps(a.v); }
+// a rounded to bfloat16 (to nearest even, NaN kept quiet), as to_bf16.
+CORRAL_INLINE VecF vround_bf16(VecF a) {
+  const __m512i u = _mm512_castps_si512(a.v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  const __mmask16 nan =
+      _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x00400000)));
+  return {_mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(int32_t(0xffff0000u))))};
+}
+// kVecWidth bf16 pairs (k, k + 1) of kVecWidth columns -> the k values and the k + 1 values.
+CORRAL_INLINE void vload_pairs(const bf16* p, VecF& even, VecF& odd) {
+  const __m512i w = _mm512_loadu_si512(p);
+  even = {_mm512_castsi512_ps(_mm512_slli_epi32(w, 16))};
+  odd = {_mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(int32_t(0xffff0000u))))};
+}
 CORRAL_INLINE VecF vmax(VecF a, VecF b) { return {_mm512_max_ps(a.v, b.v)}; }
 CORRAL_INLINE float vhmax(VecF a) { return _mm512_reduce_max_ps(a.v); }
 // exp(x) to about 2 ulp; exactly 0 below -87.3 (and for -inf), +inf above 88.7.
@@ -108,6 +125,21 @@ CORRAL_INLINE VecF vfma(VecF a, VecF b, VecF c) { return {_mm256_fmadd_ps(a.v, b
 CORRAL_INLINE VecF vadd(VecF a, VecF b) { return {_mm256_add_ps(a.v, b.v)}; }
 CORRAL_INLINE VecF vsub(VecF a, VecF b) { return {_mm256_sub_ps(a.v, b.v)}; }
 CORRAL_INLINE VecF vmul(VecF a, VecF b) { return {_mm256_mul_ps(a.v, b.v)}; }
+CORRAL_INLINE VecF vdiv(VecF a, VecF b) { return {_mm256_div_ps(a.v, b.v)}; }
+CORRAL_INLINE VecF vround_bf16(VecF a) {
+  const __m256i u = _mm256_castps_si256(a.v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+  const __m256i nan =
+      _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)), _mm256_set1_epi32(0x7f800000));
+  const __m256i q = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), nan);
+  return {_mm256_castsi256_ps(_mm256_and_si256(q, _mm256_set1_epi32(int32_t(0xffff0000u))))};
+}
+CORRAL_INLINE void vload_pairs(const bf16* p, VecF& even, VecF& odd) {
+  const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  even = {_mm256_castsi256_ps(_mm256_slli_epi32(w, 16))};
+  odd = {_mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32(int32_t(0xffff0000u))))};
+}
 CORRAL_INLINE float vsum(VecF a) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
   const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -175,6 +207,20 @@ CORRAL_INLINE VecF vsub(VecF a, VecF b) {
   for (int i = 0; i < 4; ++i) a.v[i] -= b.v[i];
   return a;
 }
+CORRAL_INLINE VecF vdiv(VecF a, VecF b) {
+  for (int i = 0; i < 4; ++i) a.v[i] /= b.v[i];
+  return a;
+}
+CORRAL_INLINE VecF vround_bf16(VecF a) {
+  for (int i = 0; i < 4; ++i) a.v[i] = to_float(to_bf16(a.v[i]));
+  return a;
+}
+CORRAL_INLINE void vload_pairs(const bf16* p, VecF& even, VecF& odd) {
+  for (int i = 0; i < 4; ++i) {
+    even.v[i] = to_float(p[2 * i]);
+    odd.v[i] = to_float(p[2 * i + 1]);
+  }
+}
 CORRAL_INLINE float vsum(VecF a) { return (a.v[0] + a.v[1]) + (a.v[2] + a.v[3]); }
 CORRAL_INLINE VecF vmax(VecF a, VecF b) {
   for (int i = 0; i < 4; ++i) a.v[i] = a.v[i] > b.v[i] ? a.v[i] : b.v[i];
@@ -190,6 +236,18 @@ CORRAL_INLINE VecF vexp(VecF a) {
 }
 
 #endif
+
+// The first n (< kVecWidth) lanes of a vector from / to memory.
+CORRAL_INLINE VecF vload_n(const float* p, int64_t n) {
+  alignas(64) float t[kVecWidth] = {};
+  for (int64_t i = 0; i < n; ++i) t[i] = p[i];
+  return vload(t);
+}
+CORRAL_INLINE void vstore_n(float* p, VecF a, int64_t n) {
+  alignas(64) float t[kVecWidth];
+  vstore(t, a);
+  for (int64_t i = 0; i < n; ++i) p[i] = t[i];
+}
 
 // The last `left` rows (fewer than a tile) as one tile of exactly that many rows.
 template <int MR, class F>

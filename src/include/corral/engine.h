@@ -38,6 +38,9 @@ struct EngineOptions {
   int32_t block_size = 16;
   size_t kv_cache_bytes = 0;                 // 0: see KvCacheOptions
   std::string kv_cache_dtype = "auto";       // auto (the weights' dtype), float32, bfloat16, float16, fp8
+  // What the products multiply bf16 weights with: auto (bf16-rounded activations, vdpbf16ps) or
+  // float32 (exact products, float32 speed). Other weights always take float32 activations.
+  std::string dtype = "auto";
   bool enable_prefix_caching = true;
   int64_t max_model_len = 0;                 // 0: the config's max_position_embeddings
   int64_t max_num_seqs = 256;                // sequences in one step

@@ -32,8 +32,9 @@ struct ForwardBatch {
 
 class Llama4Model {
  public:
-  // Loads config.json and the safetensors weights of `dir` (memory-mapped, not copied).
-  explicit Llama4Model(const std::string& dir);
+  // Loads config.json and the safetensors weights of `dir` and packs the matrices for the CPU
+  // products, which multiply bfloat16 weights with activations as `act` says.
+  explicit Llama4Model(const std::string& dir, kernels::Activations act = kernels::Activations::Native);
 
   const ModelConfig& config() const { return config_; }
   // The dtype of the checkpoint's weights (of its embedding table).
@@ -58,6 +59,7 @@ class Llama4Model {
   std::vector<float> inv_freq_;
   std::vector<std::vector<int64_t>> expert_tokens_;
   Stream stream_;
+  kernels::Activations act_;
   // Activations of the current pass, kept between passes to avoid reallocation.
   std::vector<float> x_, a_, q_, k_, v_, attn_;
 };

@@ -16,24 +16,27 @@ struct VectorRef {
   DType dtype = DType::F32;
 };
 
+// Matrices are packed for the CPU products (kernels::pack_weights): a copy of each, made at load.
 struct LayerWeights {
   VectorRef input_norm, post_attention_norm;
   MatrixRef q, k, v, o;
-  MoeWeights moe;                      // MoE layers
-  MatrixRef mlp_gate, mlp_up, mlp_down;  // dense layers
+  MoeWeights moe;                  // MoE layers (kernels::pack_moe)
+  MatrixRef mlp_gate_up, mlp_down;  // dense layers; gate and up packed together (kernels::pack_glu)
 };
 
 struct ModelWeights {
-  MatrixRef embed;  // [vocab, hidden]
+  MatrixRef embed;  // [vocab, hidden], as stored (rows are gathered, not multiplied)
   VectorRef final_norm;
-  MatrixRef lm_head;  // [vocab, hidden]; the embedding when tied
+  MatrixRef lm_head;  // [vocab, hidden], packed (from the embedding when tied)
   std::vector<LayerWeights> layers;
   std::vector<std::shared_ptr<const SafetensorsFile>> files;  // keeps the mappings alive
+  kernels::PackedStorage packed;  // every packed matrix
+  int64_t packed_bytes = 0;
 };
 
 // Binds every text-model tensor (Llama4ForCausalLM names, or Llama4ForConditionalGeneration's
-// under language_model.; vision tensors are ignored). Throws MissingTensorError, ShapeError or
-// DTypeError naming the tensor and its file.
+// under language_model.; vision tensors are ignored) and packs the matrices. Throws
+// MissingTensorError, ShapeError or DTypeError naming the tensor and its file.
 ModelWeights load_weights(const Checkpoint& checkpoint, const ModelConfig& config);
 
 }  // namespace corral

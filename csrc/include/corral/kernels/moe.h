@@ -8,12 +8,15 @@ namespace corral {
 // The weights of one MoE layer. Routed experts are the fused tensors of the checkpoint:
 // gate_up [experts, hidden, 2 * inter] (gate = first half of the last axis, up = second) and
 // down [experts, inter, hidden], both used as x @ W. The shared expert is a SwiGLU MLP of nn.Linear
-// matrices.
+// matrices. The CPU op reads them packed (pack_moe): then experts_layout is Packed, gate_up holds
+// the experts' PackedGlu matrices back to back and down their Packed ones, shared_gate is the
+// PackedGlu of the shared gate and up (shared_up unused) and router and shared_down are Packed.
 struct MoeWeights {
   MatrixRef router;  // [experts, hidden] (OutIn)
   const void* gate_up = nullptr;
   const void* down = nullptr;
   DType experts_dtype = DType::F32;
+  WeightLayout experts_layout = WeightLayout::InOut;
   MatrixRef shared_gate, shared_up, shared_down;
   int64_t num_experts = 0;
   int64_t hidden = 0;
@@ -22,12 +25,19 @@ struct MoeWeights {
 
 namespace kernels {
 
+// The packed copy of a checkpoint-layout MoE layer (sizes in bytes, dst 64-byte aligned; the
+// result views dst).
+int64_t packed_moe_bytes(const MoeWeights& w);
+MoeWeights pack_moe(void* dst, const MoeWeights& w);
+
 // out[t] += shared(x[t]) + sum over the top_k experts e of t (by router logit) of
 // expert_e(sigmoid(logit[t, e]) * x[t]); the router score scales the expert INPUT.
 // x and out are [tokens, hidden] float32 (out must not alias x); out usually holds the residual.
-// expert_tokens, when not null, gets += the number of tokens routed to each expert.
+// expert_tokens, when not null, gets += the number of tokens routed to each expert. On CPU the
+// router's product is exact float32 (its top-k decides the routes); the experts' products follow
+// linear's rules.
 void moe(const Stream& stream, float* out, const float* x, int64_t tokens, const MoeWeights& w,
-         int top_k, int64_t* expert_tokens = nullptr);
+         int top_k, int64_t* expert_tokens = nullptr, Activations act = Activations::Native);
 
 }  // namespace kernels
 }  // namespace corral
