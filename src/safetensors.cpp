@@ -140,6 +140,10 @@ std::shared_ptr<const SafetensorsFile> SafetensorsFile::open(const std::string& 
   return f;
 }
 
+void SafetensorsFile::release_pages() const {
+  if (base_) madvise(const_cast<char*>(base_), size_, MADV_DONTNEED);
+}
+
 SafetensorsFile::~SafetensorsFile() {
   if (base_) munmap(const_cast<char*>(base_), size_);
 }

@@ -141,6 +141,7 @@ ModelWeights load_weights(const Checkpoint& ckpt, const ModelConfig& c) {
   }
   w.lm_head = pack(lm_head);
   w.files = ckpt.open_files();
+  for (const auto& f : w.files) f->release_pages();  // the packed copy is what the products read
   return w;
 }
 

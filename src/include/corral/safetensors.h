@@ -33,6 +33,9 @@ class SafetensorsFile {
   const SafetensorsEntry* find(const std::string& name) const;
   const void* data(const SafetensorsEntry& e) const { return base_ + data_offset_ + e.begin; }
   std::vector<std::string> names() const;
+  // Drops this process's pages of the mapping (once the weights are packed into memory of their
+  // own): later reads fault them back in from the page cache.
+  void release_pages() const;
 
   // Largest header accepted, as in the safetensors library.
   static constexpr uint64_t kMaxHeaderBytes = 100'000'000;
