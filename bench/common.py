@@ -50,15 +50,50 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
             f.write(np.ascontiguousarray(t).tobytes())
 
 
-def synthetic_llama4(path: Path, *, vocab: int, hidden: int, layers: int, heads: int, kv_heads: int,
-                     head_dim: int, experts: int, inter: int, seed: int = 0) -> dict:
-    """A random bf16 Llama4ForCausalLM checkpoint with MoE on every layer (Scout's layout).
-    Returns the config and the bytes of weights one decoded token reads."""
+def llama4_tensors(*, vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, head_dim: int, experts: int,
+                   inter: int, moe_layers: list[int], inter_mlp: int = 0, top_k: int = 1, seed: int = 0):
+    """Random bf16 tensors (uint16 bits) of a Llama4ForCausalLM: MoE feed-forward blocks in
+    moe_layers, dense SwiGLU MLPs of width inter_mlp elsewhere. Returns (tensors, bytes of weights
+    one decoded token reads: an embedding row, attention, the dense MLP or the router, top_k
+    experts and the shared expert, the norms and lm_head)."""
     rng = np.random.default_rng(seed)
 
     def w(*shape, std=0.02):
         return bf16_bits(rng.standard_normal(shape, dtype=np.float32) * std)
 
+    ones = bf16_bits(np.ones(hidden))
+    t = {"model.embed_tokens.weight": w(vocab, hidden), "model.norm.weight": ones, "lm_head.weight": w(vocab, hidden)}
+    read = 2 * hidden + vocab * hidden
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        t[p + "input_layernorm.weight"] = ones
+        t[p + "post_attention_layernorm.weight"] = ones
+        t[p + "self_attn.q_proj.weight"] = w(heads * head_dim, hidden)
+        t[p + "self_attn.k_proj.weight"] = w(kv_heads * head_dim, hidden)
+        t[p + "self_attn.v_proj.weight"] = w(kv_heads * head_dim, hidden)
+        t[p + "self_attn.o_proj.weight"] = w(hidden, heads * head_dim)
+        read += 2 * hidden + 2 * hidden * (heads + kv_heads) * head_dim
+        f = p + "feed_forward."
+        if i in moe_layers:
+            t[f + "router.weight"] = w(experts, hidden)
+            t[f + "experts.gate_up_proj"] = w(experts, hidden, 2 * inter)
+            t[f + "experts.down_proj"] = w(experts, inter, hidden)
+            t[f + "shared_expert.gate_proj.weight"] = w(inter, hidden)
+            t[f + "shared_expert.up_proj.weight"] = w(inter, hidden)
+            t[f + "shared_expert.down_proj.weight"] = w(hidden, inter)
+            read += experts * hidden + (top_k + 1) * 3 * hidden * inter
+        else:
+            t[f + "gate_proj.weight"] = w(inter_mlp, hidden)
+            t[f + "up_proj.weight"] = w(inter_mlp, hidden)
+            t[f + "down_proj.weight"] = w(hidden, inter_mlp)
+            read += 3 * hidden * inter_mlp
+    return t, 2 * read
+
+
+def synthetic_llama4(path: Path, *, vocab: int, hidden: int, layers: int, heads: int, kv_heads: int,
+                     head_dim: int, experts: int, inter: int, seed: int = 0) -> dict:
+    """A random bf16 Llama4ForCausalLM checkpoint with MoE on every layer (Scout's layout).
+    Returns the config and the bytes of weights one decoded token reads."""
     config = dict(
         architectures=["Llama4ForCausalLM"], model_type="llama4_text", vocab_size=vocab, hidden_size=hidden,
         intermediate_size=inter, intermediate_size_mlp=2 * inter, num_hidden_layers=layers,
@@ -69,25 +104,8 @@ def synthetic_llama4(path: Path, *, vocab: int, hidden: int, layers: int, heads:
     )
     os.makedirs(path, exist_ok=True)
     (Path(path) / "config.json").write_text(json.dumps(config, indent=1))
-    t = {"model.embed_tokens.weight": w(vocab, hidden), "model.norm.weight": bf16_bits(np.ones(hidden)),
-         "lm_head.weight": w(vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        t[p + "input_layernorm.weight"] = bf16_bits(np.ones(hidden))
-        t[p + "post_attention_layernorm.weight"] = bf16_bits(np.ones(hidden))
-        t[p + "self_attn.q_proj.weight"] = w(heads * head_dim, hidden)
-        t[p + "self_attn.k_proj.weight"] = w(kv_heads * head_dim, hidden)
-        t[p + "self_attn.v_proj.weight"] = w(kv_heads * head_dim, hidden)
-        t[p + "self_attn.o_proj.weight"] = w(hidden, heads * head_dim)
-        t[p + "feed_forward.router.weight"] = w(experts, hidden)
-        t[p + "feed_forward.experts.gate_up_proj"] = w(experts, hidden, 2 * inter)
-        t[p + "feed_forward.experts.down_proj"] = w(experts, inter, hidden)
-        t[p + "feed_forward.shared_expert.gate_proj.weight"] = w(inter, hidden)
-        t[p + "feed_forward.shared_expert.up_proj.weight"] = w(inter, hidden)
-        t[p + "feed_forward.shared_expert.down_proj.weight"] = w(hidden, inter)
+    t, decode_bytes = llama4_tensors(vocab=vocab, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads,
+                                     head_dim=head_dim, experts=experts, inter=inter, moe_layers=list(range(layers)),
+                                     seed=seed)
     write_safetensors(Path(path) / "model.safetensors", t)
-    per_layer = hidden * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hidden + experts * hidden
-    per_layer += 2 * 3 * hidden * inter  # one routed expert and the shared expert
-    decode_bytes = 2 * (hidden + layers * per_layer + vocab * hidden)
-    return dict(config=config, decode_bytes=decode_bytes,
-                params=sum(int(np.prod(a.shape)) for a in t.values()))
+    return dict(config=config, decode_bytes=decode_bytes, params=sum(int(np.prod(a.shape)) for a in t.values()))

@@ -38,7 +38,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tools"))
-from common import bf16_bits, write_safetensors  # noqa: E402
+from common import llama4_tensors, write_safetensors  # noqa: E402
 
 LLAMA_CPP_PYTHON = "0.3.36"  # the sdist whose vendored llama.cpp is built
 
@@ -162,39 +162,10 @@ def write_model(path: Path, p: dict, seed: int = 0) -> dict:
     if not (path / "tokenizer.json").exists():
         llama4_tokenizer.save(llama4_tokenizer.train_bpe(stdlib_texts(24_000_000), V), path)
 
-    rng = np.random.default_rng(seed)
-
-    def w(*shape):
-        return bf16_bits(rng.standard_normal(shape, dtype=np.float32) * 0.02)
-
-    ones = bf16_bits(np.ones(H, np.float32))
-    t = {"model.embed_tokens.weight": w(V, H), "model.norm.weight": ones, "lm_head.weight": w(V, H)}
-    read = H + H + V * H  # one embedding row, the final norm, lm_head
-    for i in range(L):
-        q = f"model.layers.{i}."
-        t[q + "input_layernorm.weight"] = ones
-        t[q + "post_attention_layernorm.weight"] = ones
-        t[q + "self_attn.q_proj.weight"] = w(nh * hd, H)
-        t[q + "self_attn.k_proj.weight"] = w(nkv * hd, H)
-        t[q + "self_attn.v_proj.weight"] = w(nkv * hd, H)
-        t[q + "self_attn.o_proj.weight"] = w(H, nh * hd)
-        read += 2 * H + 2 * H * (nh + nkv) * hd
-        f = q + "feed_forward."
-        if i in moe_layers:
-            t[f + "router.weight"] = w(E, H)
-            t[f + "experts.gate_up_proj"] = w(E, H, 2 * I)
-            t[f + "experts.down_proj"] = w(E, I, H)
-            t[f + "shared_expert.gate_proj.weight"] = w(I, H)
-            t[f + "shared_expert.up_proj.weight"] = w(I, H)
-            t[f + "shared_expert.down_proj.weight"] = w(H, I)
-            read += E * H + (p["top_k"] + 1) * 3 * H * I
-        else:
-            t[f + "gate_proj.weight"] = w(D, H)
-            t[f + "up_proj.weight"] = w(D, H)
-            t[f + "down_proj.weight"] = w(H, D)
-            read += 3 * H * D
+    t, decode_bytes = llama4_tensors(vocab=V, hidden=H, layers=L, heads=nh, kv_heads=nkv, head_dim=hd, experts=E,
+                                     inter=I, inter_mlp=D, moe_layers=moe_layers, top_k=p["top_k"], seed=seed)
     write_safetensors(path / "model.safetensors", t)
-    info = dict(params=int(sum(a.size for a in t.values())), decode_bytes=2 * read)
+    info = dict(params=int(sum(a.size for a in t.values())), decode_bytes=decode_bytes)
     (path / "bench_info.json").write_text(json.dumps(info))
     return info
 
