@@ -5,14 +5,14 @@ llama-cpp-python sdist from PyPI and builds the llama.cpp it vendors (llama-benc
 flags), copies its HF -> GGUF converter (patched to accept our tokenizer's pre-tokenizer, which it
 does not know by hash) and builds bench/read_bandwidth.c. Every run: writes the seeded checkpoint
 of --preset (numpy weights, a BPE tokenizer trained on the Python standard library), converts it
-to GGUF, then runs --rounds interleaved rounds of: read bandwidth, llama-bench, Corral (a fresh
-process, public API only), read bandwidth. Both run the same prompt and generation lengths and
+to GGUF, then runs --rounds interleaved rounds of: read bandwidth, llama-bench, read bandwidth,
+Corral (a fresh process, public API only), read bandwidth. Both run the same prompt and generation lengths and
 thread count. Prints a table and the last line
 
     vs-llamacpp: decode_ratio=R prefill_ratio=R decode_depth4096_ratio=R decode_roofline_fraction=F
 
 (medians over rounds; the roofline is the bytes of weights one decoded token reads divided by the
-read bandwidth measured in the same round).
+read bandwidth measured just before and after the engine ran).
 
     python bench/vs_llamacpp.py --rounds 3 [--preset bench] [--threads 2]
 
@@ -260,21 +260,23 @@ def main():
           f"prompt {a.prompt}, {a.gen} new tokens, depth {a.depth}")
     rows = []
     for r in range(a.rounds):
+        # Each engine's roofline uses the bandwidth read just before and just after it.
         bw = [bandwidth(tools["probe"], a.threads)]
         lc = llama_bench(tools, gguf, a)
+        bw.append(bandwidth(tools["probe"], a.threads))
         co = corral(a)
         bw.append(bandwidth(tools["probe"], a.threads))
-        bw_round = statistics.mean(bw)
-        rows.append(dict(bw=bw_round, lc=lc, co=co, roof=co["decode"] * info["decode_bytes"] / bw_round,
-                         lc_roof=lc["decode"] * info["decode_bytes"] / bw_round))
+        lc_bw, co_bw = statistics.mean(bw[:2]), statistics.mean(bw[1:])
+        rows.append(dict(bw=co_bw, lc_bw=lc_bw, lc=lc, co=co, roof=co["decode"] * info["decode_bytes"] / co_bw,
+                         lc_roof=lc["decode"] * info["decode_bytes"] / lc_bw))
         log(f"round {r + 1}: {json.dumps(rows[-1])}")
 
-    print(f"| round | read GB/s | llama.cpp pp{a.prompt} / tg{a.gen} / tg{a.gen}@d{a.depth} | "
+    print(f"| round | read GB/s llama.cpp, Corral | llama.cpp pp{a.prompt} / tg{a.gen} / tg{a.gen}@d{a.depth} | "
           f"Corral prefill / decode / decode@d{a.depth} | Corral / llama.cpp | roofline Corral, llama.cpp |")
     print("|---|---|---|---|---|---|")
     for i, r in enumerate(rows):
         lc, co = r["lc"], r["co"]
-        print(f"| {i + 1} | {r['bw'] / 1e9:.1f} | {lc['prefill']:.0f} / {lc['decode']:.1f} / {lc['decode_deep']:.1f} | "
+        print(f"| {i + 1} | {r['lc_bw'] / 1e9:.1f}, {r['bw'] / 1e9:.1f} | {lc['prefill']:.0f} / {lc['decode']:.1f} / {lc['decode_deep']:.1f} | "
               f"{co['prefill']:.0f} / {co['decode']:.1f} / {co['decode_deep']:.1f} | "
               f"{co['prefill'] / lc['prefill']:.2f} / {co['decode'] / lc['decode']:.2f} / "
               f"{co['decode_deep'] / lc['decode_deep']:.2f} | {r['roof']:.2f}, {r['lc_roof']:.2f} |")
