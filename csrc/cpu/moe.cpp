@@ -37,6 +37,22 @@ void add_items(std::vector<Item>& items, int32_t mlp, const Mlp& m, const Matrix
       items.push_back({mlp, int32_t(p), r, std::min(kRowBlock, m.rows - r)});
 }
 
+// Runs f on every item, within a parallel region: in static shares or one by one.
+template <class F>
+void for_items(const std::vector<Item>& items, bool shares, const F& f) {
+  const int64_t n = int64_t(items.size());
+  if (shares) {
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < n; ++i) f(items[i]);
+  } else {
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < n; ++i) f(items[i]);
+  }
+}
+
+// Rows per MLP up to which a phase's items go out in static shares.
+constexpr int64_t kStreamRows = 8;
+
 void check_packed(const MoeWeights& w) {
   if (w.experts_layout != WeightLayout::Packed || !w.router.packed() ||
       w.shared_gate.layout != WeightLayout::PackedGlu || w.shared_down.layout != WeightLayout::Packed)
@@ -118,26 +134,31 @@ void moe(float* out, const float* x, int64_t tokens, const MoeWeights& w, int to
     add_items(down_items, int32_t(i), mlps[i], mlps[i].down);
   }
 
+  const auto up = [&](const Item& it) {
+    const Mlp& m = mlps[it.mlp];
+    const int64_t ld = output_width(m.gate_up);
+    gemm_panel(m.h_out + it.r0 * ld, ld, *m.x, m.r0 + it.r0, it.rows, m.gate_up, m.kind_up, it.panel, false);
+  };
+  const auto down = [&](const Item& it) {
+    const Mlp& m = mlps[it.mlp];
+    gemm_panel(m.y + it.r0 * H, H, *m.h, m.r0 + it.r0, it.rows, m.down, m.kind_down, it.panel, m.accumulate);
+  };
+  // Few rows per MLP (decode): items cost what their panels weigh, so static shares balance and
+  // keep each thread's panels one contiguous stream. Many rows: experts' row counts differ, so
+  // items are handed out one by one.
+  int64_t most_rows = 0;
+  for (const Mlp& m : mlps) most_rows = std::max(most_rows, m.rows);
+  const bool stream = most_rows <= kStreamRows;
+
 #pragma omp parallel
   {
-#pragma omp for schedule(dynamic, 1)
-    for (size_t i = 0; i < up_items.size(); ++i) {
-      const Item& it = up_items[i];
-      const Mlp& m = mlps[it.mlp];
-      const int64_t ld = output_width(m.gate_up);
-      gemm_panel(m.h_out + it.r0 * ld, ld, *m.x, m.r0 + it.r0, it.rows, m.gate_up, m.kind_up, it.panel, false);
-    }
+    for_items(up_items, stream, up);
 #pragma omp single
     {
       hr_p = isa().prepare_x[ke](h_buf, h, I, R, I);
       hs_p = isa().prepare_x[kd](static_cast<float*>(h_buf) + R * (I + 1), h + R * I, Is, T, Is);
     }
-#pragma omp for schedule(dynamic, 1)
-    for (size_t i = 0; i < down_items.size(); ++i) {
-      const Item& it = down_items[i];
-      const Mlp& m = mlps[it.mlp];
-      gemm_panel(m.y + it.r0 * H, H, *m.h, m.r0 + it.r0, it.rows, m.down, m.kind_down, it.panel, m.accumulate);
-    }
+    for_items(down_items, stream, down);
     // Back to token order: out (+ the shared expert, already added) += the routed outputs, in k order.
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < T; ++t) {
