@@ -3,6 +3,8 @@
 #include <limits>
 #include <vector>
 
+#include <omp.h>
+
 #include "corral/error.h"
 #include "isa.h"
 #include "ops.h"
@@ -174,6 +176,15 @@ void paged_attention(float* out, const float* q, int64_t heads, const PagedKv& c
       const int64_t r1 = std::min<int64_t>(r + kQueryTile, batch.seq_starts[s + 1]);
       if (n <= kSplitTileTokens) {  // decode: every KV head in one tile, whole pages read at once
         tiles.emplace_back(cache, batch, heads, chunk_size, q, scale, Tile{s, r, r1, 0, cache.kv_heads});
+        // Fewer splits than threads (a short context): the KV heads in as many groups as keep
+        // every thread busy, each group's heads together.
+        const int64_t splits = tiles.back().last_split() - tiles.back().first_split() + 1;
+        const int64_t groups = std::min<int64_t>(cache.kv_heads, (omp_get_max_threads() + splits - 1) / splits);
+        if (groups <= 1) continue;
+        tiles.pop_back();
+        for (int64_t g = 0; g < groups; ++g)
+          tiles.emplace_back(cache, batch, heads, chunk_size, q, scale,
+                             Tile{s, r, r1, cache.kv_heads * g / groups, cache.kv_heads * (g + 1) / groups});
         continue;
       }
       for (int64_t g = 0; g < cache.kv_heads; ++g)

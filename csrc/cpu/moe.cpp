@@ -1,7 +1,10 @@
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <string>
 #include <vector>
+
+#include <omp.h>
 
 #include "corral/error.h"
 #include "isa.h"
@@ -37,17 +40,17 @@ void add_items(std::vector<Item>& items, int32_t mlp, const Mlp& m, const Matrix
       items.push_back({mlp, int32_t(p), r, std::min(kRowBlock, m.rows - r)});
 }
 
-// Runs f on every item, within a parallel region: in static shares or one by one.
+// Runs f on every item, within a parallel region: in Shares (given) or one by one.
 template <class F>
-void for_items(const std::vector<Item>& items, bool shares, const F& f) {
-  const int64_t n = int64_t(items.size());
+void for_items(const std::vector<Item>& items, Shares* shares, const F& f) {
   if (shares) {
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < n; ++i) f(items[i]);
-  } else {
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < n; ++i) f(items[i]);
+    shares->run([&](int64_t i) { f(items[i]); });
+#pragma omp barrier
+    return;
   }
+  const int64_t n = int64_t(items.size());
+#pragma omp for schedule(dynamic, 1)
+  for (int64_t i = 0; i < n; ++i) f(items[i]);
 }
 
 // Rows per MLP up to which a phase's items go out in static shares.
@@ -143,22 +146,26 @@ void moe(float* out, const float* x, int64_t tokens, const MoeWeights& w, int to
     const Mlp& m = mlps[it.mlp];
     gemm_panel(m.y + it.r0 * H, H, *m.h, m.r0 + it.r0, it.rows, m.down, m.kind_down, it.panel, m.accumulate);
   };
-  // Few rows per MLP (decode): items cost what their panels weigh, so static shares balance and
-  // keep each thread's panels one contiguous stream. Many rows: experts' row counts differ, so
-  // items are handed out one by one.
+  // Few rows per MLP (decode): memory-bound items, in Shares (each thread's panels one contiguous
+  // stream). Many rows: compute-bound items of experts with different row counts, one by one.
   int64_t most_rows = 0;
   for (const Mlp& m : mlps) most_rows = std::max(most_rows, m.rows);
-  const bool stream = most_rows <= kStreamRows;
+  const int threads = omp_get_max_threads();
+  std::optional<Shares> up_shares, down_shares;
+  if (most_rows <= kStreamRows) {
+    up_shares.emplace(int64_t(up_items.size()), threads);
+    down_shares.emplace(int64_t(down_items.size()), threads);
+  }
 
 #pragma omp parallel
   {
-    for_items(up_items, stream, up);
+    for_items(up_items, up_shares ? &*up_shares : nullptr, up);
 #pragma omp single
     {
       hr_p = isa().prepare_x[ke](h_buf, h, I, R, I);
       hs_p = isa().prepare_x[kd](static_cast<float*>(h_buf) + R * (I + 1), h + R * I, Is, T, Is);
     }
-    for_items(down_items, stream, down);
+    for_items(down_items, down_shares ? &*down_shares : nullptr, down);
     // Back to token order: out (+ the shared expert, already added) += the routed outputs, in k order.
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < T; ++t) {

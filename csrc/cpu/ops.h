@@ -8,6 +8,11 @@
 #include "corral/kernels/moe.h"
 #include "corral/kernels/rope.h"
 #include "corral/kernels/sampling.h"
+#include <omp.h>
+
+#include <atomic>
+#include <vector>
+
 #include "isa.h"
 
 namespace corral::cpu {
@@ -74,6 +79,54 @@ void parallel_for(int64_t items, int64_t work_per_item, F&& f) {
   const bool parallel = items > 1 && items * work_per_item > (1 << 15);
 #pragma omp parallel for schedule(static) if (parallel)
   for (int64_t i = 0; i < items; ++i) f(i);
+}
+
+// Items in one contiguous share per thread, which its owner runs front to back; a thread done
+// with its own share takes the items left in the others' from their back ends. Each thread's
+// items stay one contiguous stream (as the hardware prefetchers want: weight panels lie in item
+// order) and no thread idles while items remain (the threads stream memory at different speeds).
+// Made outside a parallel region; every thread of the region calls run, then a barrier follows.
+struct Shares {
+  Shares(int64_t items, int threads) : ranges(size_t(threads)) {
+    for (int t = 0; t < threads; ++t)
+      ranges[t].bits = pack(items * t / threads, items * (t + 1) / threads);
+  }
+  template <class F>
+  void run(F&& f) {
+    const int n = int(ranges.size()), me = omp_get_thread_num();
+    for (int64_t i; me < n && (i = take(ranges[me], true)) >= 0;) f(i);
+    for (int k = 1; k < n; ++k)
+      for (int64_t i; (i = take(ranges[(me + k) % n], false)) >= 0;) f(i);
+  }
+
+ private:
+  struct alignas(64) Range {
+    std::atomic<uint64_t> bits;  // [front, end): front in the low 32 bits
+  };
+  static uint64_t pack(int64_t front, int64_t end) { return uint64_t(front) | uint64_t(end) << 32; }
+  // The front item (owner) or the back one (thief) of r, or -1 when it is empty.
+  static int64_t take(Range& r, bool front) {
+    uint64_t b = r.bits.load(std::memory_order_relaxed);
+    for (;;) {
+      const int64_t lo = int64_t(b & 0xffffffffu), hi = int64_t(b >> 32);
+      if (lo >= hi) return -1;
+      if (r.bits.compare_exchange_weak(b, front ? pack(lo + 1, hi) : pack(lo, hi - 1), std::memory_order_relaxed))
+        return front ? lo : hi - 1;
+    }
+  }
+  std::vector<Range> ranges;
+};
+
+// parallel_for in Shares.
+template <class F>
+void parallel_shares(int64_t items, int64_t work_per_item, F&& f) {
+  if (items <= 1 || items * work_per_item <= (1 << 15)) {
+    for (int64_t i = 0; i < items; ++i) f(i);
+    return;
+  }
+  Shares shares(items, omp_get_max_threads());
+#pragma omp parallel
+  shares.run(f);
 }
 
 }  // namespace corral::cpu
