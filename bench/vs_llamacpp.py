@@ -5,14 +5,15 @@ llama-cpp-python sdist from PyPI and builds the llama.cpp it vendors (llama-benc
 flags), copies its HF -> GGUF converter (patched to accept our tokenizer's pre-tokenizer, which it
 does not know by hash) and builds bench/read_bandwidth.c. Every run: writes the seeded checkpoint
 of --preset (numpy weights, a BPE tokenizer trained on the Python standard library), converts it
-to GGUF, then runs --rounds interleaved rounds of: read bandwidth, llama-bench, read bandwidth,
-Corral (a fresh process, public API only), read bandwidth. Both run the same prompt and generation lengths and
-thread count. Prints a table and the last line
+to GGUF, then runs --rounds rounds; each measures decode, prefill and decode after a long context
+on llama-bench and on Corral (a fresh process, public API only) back to back, with the machine's
+read bandwidth read before and after the decode pair. Both run the same prompt and generation
+lengths and thread count. Prints a table and the last line
 
     vs-llamacpp: decode_ratio=R prefill_ratio=R decode_depth4096_ratio=R decode_roofline_fraction=F
 
 (medians over rounds; the roofline is the bytes of weights one decoded token reads divided by the
-read bandwidth measured just before and after the engine ran).
+read bandwidth measured around the decode pair).
 
     python bench/vs_llamacpp.py --rounds 3 [--preset bench] [--threads 2]
 
@@ -178,23 +179,22 @@ def bandwidth(probe: Path, threads: int) -> float:
     return float(run([str(probe), "1024", "10"], env=env)) * 1e9
 
 
-def llama_bench(tools: dict, gguf: Path, a) -> dict:
-    """pp{prompt} and tg{gen} at depth 0, tg{gen} at depth {depth}: tokens/s (llama-bench's means)."""
-    out = {}
-    for key, args in (("d0", ["-p", str(a.prompt), "-n", str(a.gen), "-d", "0"]),
-                      ("deep", ["-p", "0", "-n", str(a.gen), "-d", str(a.depth)])):
-        rows = json.loads(run([str(tools["bench"]), "-m", str(gguf), "-t", str(a.threads), "-r", str(a.reps),
-                               "-o", "json", *args]))
-        for r in rows:
-            kind = "prefill" if r["n_prompt"] > 0 else ("decode_deep" if key == "deep" else "decode")
-            out[kind] = r["avg_ts"]
-    return out
+METRICS = ("decode", "prefill", "decode_deep")
+
+
+def llama_bench(tools: dict, gguf: Path, a, metric: str) -> float:
+    """pp{prompt}, tg{gen}, or tg{gen} after a {depth}-token context: tokens/s (llama-bench's mean)."""
+    args = {"prefill": ["-p", str(a.prompt), "-n", "0"], "decode": ["-p", "0", "-n", str(a.gen)],
+            "decode_deep": ["-p", "0", "-n", str(a.gen), "-d", str(a.depth)]}[metric]
+    rows = json.loads(run([str(tools["bench"]), "-m", str(gguf), "-t", str(a.threads), "-r", str(a.reps),
+                           "-o", "json", *args]))
+    return float(rows[0]["avg_ts"])
 
 
 def corral_worker(a) -> None:
-    """One Corral measurement in this process, as llama-bench measures: prefill = a prompt of
-    --prompt tokens to its first token; decode = --gen tokens after a 1-token prompt, and after a
-    --depth-token one: (gen - 1) / (time of all - time to the first token)."""
+    """One Corral measurement in this process, as llama-bench measures it: prefill = a prompt of
+    --prompt tokens to its first token; decode = --gen tokens after a 1-token prompt (decode_deep:
+    a --depth-token one): (gen - 1) / (time of all - time to the first token). Median of --reps."""
     import corral
 
     llm = corral.LLM(a.model, num_threads=a.threads, enable_prefix_caching=False,
@@ -210,20 +210,22 @@ def corral_worker(a) -> None:
         return time.perf_counter() - t
 
     timed(a.prompt, 4)  # warm-up
-    res = {"prefill": statistics.median(a.prompt / timed(a.prompt, 1) for _ in range(a.reps))}
-    for key, n in (("decode", 1), ("decode_deep", a.depth)):
+    if a.metric == "prefill":
+        rates = [a.prompt / timed(a.prompt, 1) for _ in range(a.reps)]
+    else:
+        n = a.depth if a.metric == "decode_deep" else 1
         rates = []
         for _ in range(a.reps):
             first = timed(n, 1)
             rates.append((a.gen - 1) / (timed(n, a.gen) - first))
-        res[key] = statistics.median(rates)
-    print(json.dumps(res))
+    print(json.dumps(statistics.median(rates)))
 
 
-def corral(a) -> dict:
-    cmd = [sys.executable, __file__, "--worker", "--model", str(a.model), "--threads", str(a.threads),
-           "--prompt", str(a.prompt), "--gen", str(a.gen), "--depth", str(a.depth), "--reps", str(a.reps)]
-    return json.loads(run(cmd, cwd="/tmp").strip().splitlines()[-1])
+def corral(a, metric: str) -> float:
+    cmd = [sys.executable, __file__, "--worker", "--metric", metric, "--model", str(a.model), "--threads",
+           str(a.threads), "--prompt", str(a.prompt), "--gen", str(a.gen), "--depth", str(a.depth), "--reps",
+           str(a.reps)]
+    return float(run(cmd, cwd="/tmp").strip().splitlines()[-1])
 
 
 def main():
@@ -239,6 +241,7 @@ def main():
                     / "corral-bench")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--metric", choices=METRICS, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         return corral_worker(a)
@@ -260,23 +263,29 @@ def main():
           f"prompt {a.prompt}, {a.gen} new tokens, depth {a.depth}")
     rows = []
     for r in range(a.rounds):
-        # Each engine's roofline uses the bandwidth read just before and just after it.
-        bw = [bandwidth(tools["probe"], a.threads)]
-        lc = llama_bench(tools, gguf, a)
-        bw.append(bandwidth(tools["probe"], a.threads))
-        co = corral(a)
-        bw.append(bandwidth(tools["probe"], a.threads))
-        lc_bw, co_bw = statistics.mean(bw[:2]), statistics.mean(bw[1:])
-        rows.append(dict(bw=co_bw, lc_bw=lc_bw, lc=lc, co=co, roof=co["decode"] * info["decode_bytes"] / co_bw,
-                         lc_roof=lc["decode"] * info["decode_bytes"] / lc_bw))
+        # Each metric is measured on both engines back to back (the machine's speed drifts within
+        # minutes), the first engine alternating between rounds; the decode pair is bracketed by
+        # bandwidth readings, whose mean its roofline uses.
+        lc, co, bw = {}, {}, [bandwidth(tools["probe"], a.threads)]
+        for metric in METRICS:
+            for engine in (("llama.cpp", "corral") if r % 2 == 0 else ("corral", "llama.cpp")):
+                if engine == "corral":
+                    co[metric] = corral(a, metric)
+                else:
+                    lc[metric] = llama_bench(tools, gguf, a, metric)
+            if metric == "decode":
+                bw.append(bandwidth(tools["probe"], a.threads))
+        bw_decode = statistics.mean(bw)
+        rows.append(dict(bw=bw_decode, lc=lc, co=co, roof=co["decode"] * info["decode_bytes"] / bw_decode,
+                         lc_roof=lc["decode"] * info["decode_bytes"] / bw_decode))
         log(f"round {r + 1}: {json.dumps(rows[-1])}")
 
-    print(f"| round | read GB/s llama.cpp, Corral | llama.cpp pp{a.prompt} / tg{a.gen} / tg{a.gen}@d{a.depth} | "
+    print(f"| round | read GB/s | llama.cpp pp{a.prompt} / tg{a.gen} / tg{a.gen}@d{a.depth} | "
           f"Corral prefill / decode / decode@d{a.depth} | Corral / llama.cpp | roofline Corral, llama.cpp |")
     print("|---|---|---|---|---|---|")
     for i, r in enumerate(rows):
         lc, co = r["lc"], r["co"]
-        print(f"| {i + 1} | {r['lc_bw'] / 1e9:.1f}, {r['bw'] / 1e9:.1f} | {lc['prefill']:.0f} / {lc['decode']:.1f} / {lc['decode_deep']:.1f} | "
+        print(f"| {i + 1} | {r['bw'] / 1e9:.1f} | {lc['prefill']:.0f} / {lc['decode']:.1f} / {lc['decode_deep']:.1f} | "
               f"{co['prefill']:.0f} / {co['decode']:.1f} / {co['decode_deep']:.1f} | "
               f"{co['prefill'] / lc['prefill']:.2f} / {co['decode'] / lc['decode']:.2f} / "
               f"{co['decode_deep'] / lc['decode_deep']:.2f} | {r['roof']:.2f}, {r['lc_roof']:.2f} |")
