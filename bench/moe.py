@@ -41,31 +41,45 @@ def random_bf16(rng, shape):
 
 
 def make_layer(rng, E, H, I):
-    return dict(
+    """The layer's arrays, and its weights packed once as a model packs them at load: for the fused
+    op, and matrix by matrix for the loop."""
+    a = dict(
         router=random_bf16(rng, (E, H)), gate_up=random_bf16(rng, (E, H, 2 * I)), down=random_bf16(rng, (E, I, H)),
         shared_gate=random_bf16(rng, (I, H)), shared_up=random_bf16(rng, (I, H)), shared_down=random_bf16(rng, (H, I)),
     )
+    a["packed"] = ops.pack_moe(a["router"], a["gate_up"], a["down"], a["shared_gate"], a["shared_up"],
+                               a["shared_down"], "bfloat16")
+    a["matrices"] = {name: ops.pack_linear(a[name], "bfloat16") for name in ("router", "shared_gate", "shared_up",
+                                                                             "shared_down")}
+    a["matrices"]["gate"] = [ops.pack_linear(np.ascontiguousarray(w[:, :I]), "bfloat16", "in_out") for w in a["gate_up"]]
+    a["matrices"]["up"] = [ops.pack_linear(np.ascontiguousarray(w[:, I:]), "bfloat16", "in_out") for w in a["gate_up"]]
+    a["matrices"]["down"] = [ops.pack_linear(w, "bfloat16", "in_out") for w in a["down"]]
+    return a
+
+
+def drop_arrays(layer):
+    """Frees a layer's expert arrays once packed (the packed copies are what the kernels read)."""
+    for name in ("gate_up", "down"):
+        layer.pop(name)
 
 
 def fused(layer, x, top_k):
-    return ops.moe(x, layer["router"], layer["gate_up"], layer["down"], layer["shared_gate"], layer["shared_up"],
-                   layer["shared_down"], top_k, "bfloat16")[0]
+    return ops.moe_packed(x, layer["packed"], top_k)[0]
 
 
 def naive(layer, x, top_k):
     """Llama 4's MoE as a loop over experts, from corral's linear and silu_mul kernels."""
-    I = layer["shared_gate"].shape[0]
-    logits = ops.linear(x, layer["router"], "bfloat16")
+    m = layer["matrices"]
+    logits = ops.linear_packed(x, m["router"], "float32")  # the router reads x exactly, as in the fused op
     chosen = np.argsort(-logits, axis=1, kind="stable")[:, :top_k]
     scores = 1 / (1 + np.exp(-np.take_along_axis(logits, chosen, 1)))
-    out = ops.linear(ops.silu_mul(ops.linear(x, layer["shared_gate"], "bfloat16"),
-                                  ops.linear(x, layer["shared_up"], "bfloat16")), layer["shared_down"], "bfloat16")
+    out = ops.linear_packed(ops.silu_mul(ops.linear_packed(x, m["shared_gate"]), ops.linear_packed(x, m["shared_up"])),
+                            m["shared_down"])
     for e in np.unique(chosen):
         rows, ks = np.nonzero(chosen == e)
-        xs = x[rows] * scores[rows, ks][:, None]
-        gu = ops.linear(xs, layer["gate_up"][e], "bfloat16", "in_out")
-        h = ops.silu_mul(np.ascontiguousarray(gu[:, :I]), np.ascontiguousarray(gu[:, I:]))
-        np.add.at(out, rows, ops.linear(h, layer["down"][e], "bfloat16", "in_out"))
+        xs = np.ascontiguousarray(x[rows] * scores[rows, ks][:, None], dtype=np.float32)
+        h = ops.silu_mul(ops.linear_packed(xs, m["gate"][e]), ops.linear_packed(xs, m["up"][e]))
+        np.add.at(out, rows, ops.linear_packed(h, m["down"][e]))
     return out
 
 
@@ -99,7 +113,7 @@ def main() -> None:
     ap.add_argument("--inter", type=int, default=1536)
     ap.add_argument("--experts", type=int, default=128)
     ap.add_argument("--top-k", type=int, default=1)
-    ap.add_argument("--layers", type=int, default=3, help="copies of the layer, rotated between calls")
+    ap.add_argument("--layers", type=int, default=2, help="copies of the layer, rotated between calls")
     ap.add_argument("--hf-max-tokens", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=2.0, help="time budget per variant and T")
     ap.add_argument("--tokens", type=int, nargs="*", default=list(TOKENS), help="token counts to run")
@@ -109,8 +123,10 @@ def main() -> None:
     _core.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     layers = [make_layer(rng, E, H, I) for _ in range(args.layers)]
+    for layer in layers[1:]:  # transformers reads layer 0's arrays
+        drop_arrays(layer)
     print(f"shapes: hidden {H}, expert width {I}, {E} experts, top-{k}, shared expert; bf16; {args.layers} layers "
-          f"of {sum(a.nbytes for a in layers[0].values()) / 1e9:.2f} GB rotated; {args.threads} threads")
+          f"of {sum(a.nbytes for a in layers[0].values() if isinstance(a, np.ndarray)) / 1e9:.2f} GB rotated; {args.threads} threads")
     hf = transformers_moe(layers[0], E, H, I, k, args.threads)
     expert_bytes = 3 * H * I * 2
 

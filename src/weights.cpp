@@ -44,10 +44,6 @@ struct Binder {
   }
 };
 
-}  // namespace
-
-namespace {
-
 // A layer's matrices as the checkpoint stores them, before packing.
 struct RawLayer {
   MatrixRef q, k, v, o;
@@ -116,7 +112,6 @@ ModelWeights load_weights(const Checkpoint& ckpt, const ModelConfig& c) {
 
   // Pack every matrix into one allocation, in layer order.
   w.packed = kernels::allocate_packed(bytes);
-  w.packed_bytes = bytes;
   char* at = w.packed.get();
   const auto pack = [&](const MatrixRef& m) {
     const MatrixRef p = kernels::pack_weights(at, m);

@@ -238,9 +238,113 @@ kernels::Activations parse_activations(const std::string& act) {
   throw InvalidInputError("activations must be 'native' or 'float32', got '" + act + "'");
 }
 
+// The MoeWeights of checkpoint-layout arrays, checked against hidden size H.
+MoeWeights moe_weights(const Typed& r, const Typed& gu, const Typed& dn, const Typed& sg, const Typed& su,
+                       const Typed& sd, int64_t H) {
+  expect(gu.array.ndim() == 3 && gu.dim(1) == H && gu.dim(2) % 2 == 0,
+         "gate_up must be (experts, hidden, 2 * inter), got " + shape_of(gu.array));
+  const int64_t E = gu.dim(0), I = gu.dim(2) / 2;
+  expect(dn.array.ndim() == 3 && dn.dim(0) == E && dn.dim(1) == I && dn.dim(2) == H,
+         "down must be (experts, inter, hidden), got " + shape_of(dn.array));
+  MoeWeights w;
+  w.router = matrix(r, "out_in", "router");
+  expect(w.router.in == H && w.router.out == E, "router must be (experts, hidden), got " + shape_of(r.array));
+  w.gate_up = gu.data();
+  w.down = dn.data();
+  w.experts_dtype = gu.dtype;
+  w.shared_gate = matrix(sg, "out_in", "shared_gate");
+  w.shared_up = matrix(su, "out_in", "shared_up");
+  w.shared_down = matrix(sd, "out_in", "shared_down");
+  expect(w.shared_gate.in == H && w.shared_up.in == H && w.shared_down.out == H &&
+             w.shared_down.in == w.shared_gate.out && w.shared_up.out == w.shared_gate.out,
+         "shared expert must be gate and up (I, H), down (H, I)");
+  w.num_experts = E;
+  w.hidden = H;
+  w.inter = I;
+  return w;
+}
+
+// Weights packed once and kept between calls, as a model keeps them (for benchmarks).
+struct PackedMatrix {
+  kernels::PackedStorage storage;
+  MatrixRef w;
+};
+struct PackedMoe {
+  kernels::PackedStorage storage;
+  MoeWeights w;
+};
+
 }  // namespace
 
 void register_ops(py::module_& m) {
+  py::class_<PackedMatrix, std::shared_ptr<PackedMatrix>>(m, "PackedMatrix")
+      .def_property_readonly("shape", [](const PackedMatrix& p) { return py::make_tuple(p.w.out, p.w.in); });
+  m.def(
+      "pack_linear",
+      [](const py::array& w, const std::string& dtype, const std::string& layout) {
+        const MatrixRef mw = matrix(typed(w, dtype, "w"), layout, "w");
+        auto p = std::make_shared<PackedMatrix>();
+        p->storage = kernels::allocate_packed(kernels::packed_bytes(mw));
+        p->w = kernels::pack_weights(p->storage.get(), mw);
+        return p;
+      },
+      "pack_linear(w, dtype, layout) -> PackedMatrix: w packed once, for linear_packed", py::arg("w"),
+      py::arg("dtype") = "float32", py::arg("layout") = "out_in");
+  m.def(
+      "linear_packed",
+      [](F32 x, const PackedMatrix& p, const std::string& act) {
+        const kernels::Activations a = parse_activations(act);
+        expect(x.ndim() == 2 && x.shape(1) == p.w.in, "x must be (rows, " + std::to_string(p.w.in) + "), got " + shape_of(x));
+        F32 y({x.shape(0), py::ssize_t(p.w.out)});
+        float* yp = y.mutable_data();
+        const float* xp = x.data();
+        const int64_t rows = x.shape(0);
+        py::gil_scoped_release release;
+        kernels::linear(kCpu, yp, p.w.out, xp, p.w.in, rows, p.w, false, a);
+        return y;
+      },
+      py::arg("x"), py::arg("w"), py::arg("activations") = "native");
+  py::class_<PackedMoe, std::shared_ptr<PackedMoe>>(m, "PackedMoe");
+  m.def(
+      "pack_moe",
+      [](const py::array& router, const py::array& gate_up, const py::array& down, const py::array& shared_gate,
+         const py::array& shared_up, const py::array& shared_down, const std::string& dtype) {
+        const Typed r = typed(router, dtype, "router"), gu = typed(gate_up, dtype, "gate_up"),
+                    dn = typed(down, dtype, "down"), sg = typed(shared_gate, dtype, "shared_gate"),
+                    su = typed(shared_up, dtype, "shared_up"), sd = typed(shared_down, dtype, "shared_down");
+        expect(gu.array.ndim() == 3, "gate_up must be (experts, hidden, 2 * inter), got " + shape_of(gu.array));
+        const MoeWeights w = moe_weights(r, gu, dn, sg, su, sd, gu.dim(1));
+        auto p = std::make_shared<PackedMoe>();
+        p->storage = kernels::allocate_packed(kernels::packed_moe_bytes(w));
+        p->w = kernels::pack_moe(p->storage.get(), w);
+        return p;
+      },
+      "pack_moe(router, gate_up, down, shared_gate, shared_up, shared_down, dtype) -> PackedMoe: for moe_packed",
+      py::arg("router"), py::arg("gate_up"), py::arg("down"), py::arg("shared_gate"), py::arg("shared_up"),
+      py::arg("shared_down"), py::arg("dtype") = "float32");
+  m.def(
+      "moe_packed",
+      [](F32 x, const PackedMoe& p, int top_k, const std::string& act) {
+        const kernels::Activations a = parse_activations(act);
+        const int64_t H = p.w.hidden, E = p.w.num_experts;
+        expect(x.ndim() == 2 && x.shape(1) == H, "x must be (tokens, " + std::to_string(H) + "), got " + shape_of(x));
+        const int64_t T = x.shape(0);
+        F32 out({T, H});
+        I64 counts({E});
+        float* op = out.mutable_data();
+        int64_t* cp = counts.mutable_data();
+        std::fill(op, op + T * H, 0.f);
+        std::fill(cp, cp + E, 0);
+        const float* xp = x.data();
+        {
+          py::gil_scoped_release release;
+          kernels::moe(kCpu, op, xp, T, p.w, top_k, cp, a);
+        }
+        return py::make_tuple(out, counts);
+      },
+      "moe_packed(x, packed, top_k) -> (out, counts): moe on weights from pack_moe", py::arg("x"), py::arg("packed"),
+      py::arg("top_k"), py::arg("activations") = "native");
+
   m.def("cpu_isas", &kernels::cpu_isas, "CPU ISA levels available here, best first");
   m.def("cpu_isa", &kernels::cpu_isa, "The CPU ISA level in use");
   m.def("set_cpu_isa", &kernels::set_cpu_isa, py::arg("name"));
@@ -618,26 +722,8 @@ void register_ops(py::module_& m) {
                     su = typed(shared_up, dtype, "shared_up"), sd = typed(shared_down, dtype, "shared_down");
         expect(x.ndim() == 2, "x must be (tokens, hidden), got " + shape_of(x));
         const int64_t T = x.shape(0), H = x.shape(1);
-        expect(gu.array.ndim() == 3 && gu.dim(1) == H && gu.dim(2) % 2 == 0,
-               "gate_up must be (experts, hidden, 2 * inter), got " + shape_of(gu.array));
-        const int64_t E = gu.dim(0), I = gu.dim(2) / 2;
-        expect(dn.array.ndim() == 3 && dn.dim(0) == E && dn.dim(1) == I && dn.dim(2) == H,
-               "down must be (experts, inter, hidden), got " + shape_of(dn.array));
-        MoeWeights w;
-        w.router = matrix(r, "out_in", "router");
-        expect(w.router.in == H && w.router.out == E, "router must be (experts, hidden), got " + shape_of(r.array));
-        w.gate_up = gu.data();
-        w.down = dn.data();
-        w.experts_dtype = gu.dtype;
-        w.shared_gate = matrix(sg, "out_in", "shared_gate");
-        w.shared_up = matrix(su, "out_in", "shared_up");
-        w.shared_down = matrix(sd, "out_in", "shared_down");
-        expect(w.shared_gate.in == H && w.shared_up.in == H && w.shared_down.out == H &&
-                   w.shared_down.in == w.shared_gate.out && w.shared_up.out == w.shared_gate.out,
-               "shared expert must be gate and up (I, H), down (H, I)");
-        w.num_experts = E;
-        w.hidden = H;
-        w.inter = I;
+        const MoeWeights w = moe_weights(r, gu, dn, sg, su, sd, H);
+        const int64_t E = w.num_experts;
         F32 out({T, H});
         std::fill(out.mutable_data(), out.mutable_data() + out.size(), 0.f);
         I64 counts({E});

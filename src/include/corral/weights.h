@@ -31,7 +31,6 @@ struct ModelWeights {
   std::vector<LayerWeights> layers;
   std::vector<std::shared_ptr<const SafetensorsFile>> files;  // keeps the mappings alive
   kernels::PackedStorage packed;  // every packed matrix
-  int64_t packed_bytes = 0;
 };
 
 // Binds every text-model tensor (Llama4ForCausalLM names, or Llama4ForConditionalGeneration's
