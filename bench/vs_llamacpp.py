@@ -12,8 +12,10 @@ lengths and thread count. Prints a table and the last line
 
     vs-llamacpp: decode_ratio=R prefill_ratio=R decode_depth4096_ratio=R decode_roofline_fraction=F
 
-(medians over rounds; the roofline is the bytes of weights one decoded token reads divided by the
-read bandwidth measured around the decode pair).
+(medians over rounds of each engine's best of --reps repetitions, as the bandwidth probe takes
+the best of its passes: on a shared machine noise only ever slows a run down; the roofline is the
+bytes of weights one decoded token reads divided by the read bandwidth measured around the decode
+pair).
 
     python bench/vs_llamacpp.py --rounds 3 [--preset bench] [--threads 2]
 
@@ -183,18 +185,18 @@ METRICS = ("decode", "prefill", "decode_deep")
 
 
 def llama_bench(tools: dict, gguf: Path, a, metric: str) -> float:
-    """pp{prompt}, tg{gen}, or tg{gen} after a {depth}-token context: tokens/s (llama-bench's mean)."""
+    """pp{prompt}, tg{gen}, or tg{gen} after a {depth}-token context: tokens/s, the best of --reps."""
     args = {"prefill": ["-p", str(a.prompt), "-n", "0"], "decode": ["-p", "0", "-n", str(a.gen)],
             "decode_deep": ["-p", "0", "-n", str(a.gen), "-d", str(a.depth)]}[metric]
     rows = json.loads(run([str(tools["bench"]), "-m", str(gguf), "-t", str(a.threads), "-r", str(a.reps),
                            "-o", "json", *args]))
-    return float(rows[0]["avg_ts"])
+    return max(float(t) for t in rows[0]["samples_ts"])
 
 
 def corral_worker(a) -> None:
     """One Corral measurement in this process, as llama-bench measures it: prefill = a prompt of
     --prompt tokens to its first token; decode = --gen tokens after a 1-token prompt (decode_deep:
-    a --depth-token one): (gen - 1) / (time of all - time to the first token). Median of --reps."""
+    a --depth-token one): (gen - 1) / (time of all - time to the first token). The best of --reps."""
     import corral
 
     llm = corral.LLM(a.model, num_threads=a.threads, enable_prefix_caching=False,
@@ -218,7 +220,7 @@ def corral_worker(a) -> None:
         for _ in range(a.reps):
             first = timed(n, 1)
             rates.append((a.gen - 1) / (timed(n, a.gen) - first))
-    print(json.dumps(statistics.median(rates)))
+    print(json.dumps(max(rates)))
 
 
 def corral(a, metric: str) -> float:
@@ -236,7 +238,7 @@ def main():
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--depth", type=int, default=4096)
-    ap.add_argument("--reps", type=int, default=3, help="repetitions per measurement within a round")
+    ap.add_argument("--reps", type=int, default=5, help="repetitions per measurement (the best counts)")
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
                     / "corral-bench")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
