@@ -196,22 +196,25 @@ def llama_bench(tools: dict, gguf: Path, a, metric: str) -> float:
 def corral_worker(a) -> None:
     """One Corral measurement in this process, as llama-bench measures it: prefill = a prompt of
     --prompt tokens to its first token; decode = --gen tokens after a 1-token prompt (decode_deep:
-    a --depth-token one): (gen - 1) / (time of all - time to the first token). The best of --reps."""
+    after a --depth-token one, its K/V already cached, as llama-bench fills the context before it
+    times): (gen - 1) / (time of all - time to the first token). The best of --reps."""
     import corral
 
-    llm = corral.LLM(a.model, num_threads=a.threads, enable_prefix_caching=False,
+    deep = a.metric == "decode_deep"
+    llm = corral.LLM(a.model, num_threads=a.threads, enable_prefix_caching=deep,
                      max_num_batched_tokens=max(a.prompt, a.depth))
     rng = np.random.default_rng(0)
+    context = rng.integers(100, 30000, size=a.depth).tolist()
 
     def timed(n_prompt, n_gen):
-        prompt = rng.integers(100, 30000, size=n_prompt).tolist()
+        prompt = context if deep else rng.integers(100, 30000, size=n_prompt).tolist()
         sp = corral.SamplingParams(temperature=0.0, max_tokens=n_gen, ignore_eos=True)
         t = time.perf_counter()
         out = llm.generate([prompt], sp)
         assert len(out[0].outputs[0].token_ids) == n_gen
         return time.perf_counter() - t
 
-    timed(a.prompt, 4)  # warm-up
+    timed(a.prompt, 4)  # warm-up (decode_deep: fills the cache with the context)
     if a.metric == "prefill":
         rates = [a.prompt / timed(a.prompt, 1) for _ in range(a.reps)]
     else:
