@@ -1,5 +1,6 @@
 #include "corral/model.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "corral/error.h"
@@ -94,9 +95,21 @@ void Llama4Model::attention(int64_t l, const ForwardBatch& batch, const PagedKv&
   k_.resize(T * kvw);
   v_.resize(T * kvw);
   attn_.resize(T * qw);
-  kernels::linear(stream_, q_.data(), qw, a_.data(), H, T, w.q, false, act_);
-  kernels::linear(stream_, k_.data(), kvw, a_.data(), H, T, w.k, false, act_);
-  kernels::linear(stream_, v_.data(), kvw, a_.data(), H, T, w.v, false, act_);
+  if (w.qkv.data) {  // one product, then its rows split into q, k and v
+    const int64_t n = qw + 2 * kvw;
+    qkv_.resize(T * n);
+    kernels::linear(stream_, qkv_.data(), n, a_.data(), H, T, w.qkv, false, act_);
+    for (int64_t t = 0; t < T; ++t) {
+      const float* row = qkv_.data() + t * n;
+      std::copy_n(row, qw, q_.data() + t * qw);
+      std::copy_n(row + qw, kvw, k_.data() + t * kvw);
+      std::copy_n(row + qw + kvw, kvw, v_.data() + t * kvw);
+    }
+  } else {
+    kernels::linear(stream_, q_.data(), qw, a_.data(), H, T, w.q, false, act_);
+    kernels::linear(stream_, k_.data(), kvw, a_.data(), H, T, w.k, false, act_);
+    kernels::linear(stream_, v_.data(), kvw, a_.data(), H, T, w.v, false, act_);
+  }
   // Llama 4's order: RoPE, then QK norm (both RoPE layers only), then temperature (NoPE layers).
   if (spec.use_rope) {
     kernels::rope_interleaved(stream_, q_.data(), qw, T, c.num_heads, d, batch.positions.data(), inv_freq_.data());

@@ -61,7 +61,7 @@ class Llama4Model {
   Stream stream_;
   kernels::Activations act_;
   // Activations of the current pass, kept between passes to avoid reallocation.
-  std::vector<float> x_, a_, q_, k_, v_, attn_;
+  std::vector<float> x_, a_, qkv_, q_, k_, v_, attn_;
 };
 
 }  // namespace corral

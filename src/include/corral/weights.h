@@ -20,6 +20,9 @@ struct VectorRef {
 struct LayerWeights {
   VectorRef input_norm, post_attention_norm;
   MatrixRef q, k, v, o;
+  // q, k and v as one product (one pass over x, one stream of panels) where their packed panels
+  // lie back to back as one matrix's: q's and k's widths multiples of 64. Else data is null.
+  MatrixRef qkv;
   MoeWeights moe;                  // MoE layers (kernels::pack_moe)
   MatrixRef mlp_gate_up, mlp_down;  // dense layers; gate and up packed together (kernels::pack_glu)
 };
