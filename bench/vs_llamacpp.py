@@ -86,7 +86,7 @@ def build_tools(cache: Path) -> dict:
         if not (sdist / f"{name}.tar.gz").exists():
             log(f"downloading llama-cpp-python {LLAMA_CPP_PYTHON} (sdist) from PyPI")
             run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-                 "--no-build-isolation", f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(sdist)])
+                 f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(sdist)])
         with tarfile.open(sdist / f"{name}.tar.gz") as t:
             t.extractall(sdist, filter="data")
         src = sdist / name / "vendor" / "llama.cpp"

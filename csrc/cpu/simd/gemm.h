@@ -19,10 +19,14 @@ constexpr bool kDotBf16 = true;  // bf16 products run on vdpbf16ps
 constexpr bool kDotBf16 = false;  // bf16 products split the pairs and use float FMAs
 #endif
 
-// Vectors of output columns per register tile; a panel is kTilesPerPanel tiles wide (1 on
-// AVX-512, 2 on AVX2, 4 on the baseline).
+// Vectors of output columns per register tile: kTileVecs, or for a single row as wide as the
+// registers allow (at decode a panel narrower than the tile runs once, not one pass per tile
+// while memory idles; 1 tile per panel on AVX-512 and AVX2, 2 on the baseline).
+constexpr int kPanelVecs = int(kPanelCols) / kVecWidth;
 constexpr int kTileVecs = 4;
-constexpr int kTilesPerPanel = int(kPanelCols) / (kTileVecs * kVecWidth);
+constexpr int kWideVecs = kPanelVecs < 8 ? kPanelVecs : 8;
+template <int MR>
+constexpr int kTileVecsOf = MR == 1 ? kWideVecs : kTileVecs;
 
 template <int Kind>
 using WeightOf = std::conditional_t<Kind == kGemmF32, float, std::conditional_t<Kind == kGemmF16, f16, bf16>>;
@@ -44,11 +48,13 @@ constexpr int kTileRows =
 // Bytes ahead of the current step that a streaming tile prefetches (the panel is contiguous).
 constexpr int64_t kFetchAhead = 1024;
 
-// The panel vector that vector v of tile t reads: left to right, or for a GLU panel gate vector
-// i paired with up vector i, so that a tile holds both operands of its SwiGLU outputs.
+// The panel vector that vector v of tile t (TV vectors wide) reads: left to right, or for a GLU
+// panel gate vector i paired with up vector i, so that a tile holds both operands of its SwiGLU
+// outputs.
+template <int TV>
 CORRAL_INLINE int tile_vector(bool glu, int t, int v) {
-  constexpr int half = kTileVecs / 2, panel_half = int(kPanelCols) / kVecWidth / 2;
-  if (!glu) return t * kTileVecs + v;
+  constexpr int half = TV / 2, panel_half = kPanelVecs / 2;
+  if (!glu) return t * TV + v;
   return v < half ? t * half + v : panel_half + t * half + (v - half);
 }
 
@@ -56,18 +62,18 @@ CORRAL_INLINE VecF vsilu(VecF g) { return vdiv(g, vadd(vset1(1.f), vexp(vsub(vze
 
 // y[r, 0:n) (+)= the MR rows of x against tile t of one panel; GLU: y[r, 0:n) = silu(gate) * up
 // of the tile's columns. x is as prepare_x left it (floats, or bf16 pairs for vdpbf16ps).
-template <int Kind, bool Glu, int MR>
+template <int Kind, bool Glu, int MR, int TV>
 CORRAL_INLINE void panel_tile(float* y, int64_t ldy, const void* xv, int64_t ldx, const void* wv, int64_t k, int t,
                               int64_t n, bool accumulate, bool fetch) {
   using W = WeightOf<Kind>;
   constexpr int P = kStep<Kind>;
   constexpr int64_t unit = kPanelCols * P;  // elements of one step
   const W* w = static_cast<const W*>(wv);
-  int64_t off[kTileVecs];
-  for (int v = 0; v < kTileVecs; ++v) off[v] = int64_t(tile_vector(Glu, t, v)) * kVecWidth * P;
-  VecF acc[MR][kTileVecs];
+  int64_t off[TV];
+  for (int v = 0; v < TV; ++v) off[v] = int64_t(tile_vector<TV>(Glu, t, v)) * kVecWidth * P;
+  VecF acc[MR][TV];
   for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < kTileVecs; ++v) acc[r][v] = vzero();
+    for (int v = 0; v < TV; ++v) acc[r][v] = vzero();
   const int64_t steps = (k + P - 1) / P;
   for (int64_t s = 0; s < steps; ++s, w += unit) {
     if (fetch)
@@ -76,16 +82,16 @@ CORRAL_INLINE void panel_tile(float* y, int64_t ldy, const void* xv, int64_t ldx
     if constexpr (kDot<Kind>) {
 #if defined(__AVX512BF16__)
       const uint32_t* x = static_cast<const uint32_t*>(xv);
-      __m512i wr[kTileVecs];
-      for (int v = 0; v < kTileVecs; ++v) wr[v] = _mm512_loadu_si512(w + off[v]);
+      __m512i wr[TV];
+      for (int v = 0; v < TV; ++v) wr[v] = _mm512_loadu_si512(w + off[v]);
       for (int r = 0; r < MR; ++r) {
         const __m512bh xb = (__m512bh)_mm512_set1_epi32(int32_t(x[r * ldx + s]));
-        for (int v = 0; v < kTileVecs; ++v) acc[r][v].v = _mm512_dpbf16_ps(acc[r][v].v, (__m512bh)wr[v], xb);
+        for (int v = 0; v < TV; ++v) acc[r][v].v = _mm512_dpbf16_ps(acc[r][v].v, (__m512bh)wr[v], xb);
       }
 #endif
     } else if constexpr (P == 2) {
       const float* x = static_cast<const float*>(xv) + 2 * s;
-      for (int v = 0; v < kTileVecs; ++v) {
+      for (int v = 0; v < TV; ++v) {
         VecF even, odd;
         vload_pairs(w + off[v], even, odd);
         for (int r = 0; r < MR; ++r) {
@@ -95,15 +101,15 @@ CORRAL_INLINE void panel_tile(float* y, int64_t ldy, const void* xv, int64_t ldx
       }
     } else {
       const float* x = static_cast<const float*>(xv) + s;
-      VecF wr[kTileVecs];
-      for (int v = 0; v < kTileVecs; ++v) wr[v] = vload(w + off[v]);
+      VecF wr[TV];
+      for (int v = 0; v < TV; ++v) wr[v] = vload(w + off[v]);
       for (int r = 0; r < MR; ++r) {
         const VecF xb = vset1(x[r * ldx]);
-        for (int v = 0; v < kTileVecs; ++v) acc[r][v] = vfma(xb, wr[v], acc[r][v]);
+        for (int v = 0; v < TV; ++v) acc[r][v] = vfma(xb, wr[v], acc[r][v]);
       }
     }
   }
-  constexpr int outs = Glu ? kTileVecs / 2 : kTileVecs;  // output vectors of the tile
+  constexpr int outs = Glu ? TV / 2 : TV;  // output vectors of the tile
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < outs; ++v) {
       const int64_t c = int64_t(t * outs + v) * kVecWidth;
@@ -122,11 +128,12 @@ CORRAL_INLINE void panel_tile(float* y, int64_t ldy, const void* xv, int64_t ldx
 template <int Kind, bool Glu>
 void gemm_panel(float* y, int64_t ldy, const void* x, int64_t ldx, int64_t rows, const void* panel, int64_t k,
                 int64_t n, bool accumulate) {
-  constexpr int outs_per_tile = (Glu ? kTileVecs / 2 : kTileVecs) * kVecWidth;
   row_tiles<kTileRows<Kind>>(rows, [&](auto mr, int64_t r) __attribute__((always_inline)) {
+    constexpr int MR = decltype(mr)::value, TV = kTileVecsOf<MR>;
+    constexpr int outs_per_tile = (Glu ? TV / 2 : TV) * kVecWidth;
     const void* xr = static_cast<const uint32_t*>(x) + r * ldx;  // 4-byte elements: floats or pairs
-    for (int t = 0; t < kTilesPerPanel && t * outs_per_tile < n; ++t)
-      panel_tile<Kind, Glu, decltype(mr)::value>(y + r * ldy, ldy, xr, ldx, panel, k, t, n, accumulate, r == 0 && t == 0);
+    for (int t = 0; t < kPanelVecs / TV && t * outs_per_tile < n; ++t)
+      panel_tile<Kind, Glu, MR, TV>(y + r * ldy, ldy, xr, ldx, panel, k, t, n, accumulate, r == 0 && t == 0);
   });
 }
 
