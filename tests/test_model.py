@@ -83,17 +83,25 @@ def bf16_products(model: torch.nn.Module) -> torch.nn.Module:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_bf16_products(checkpoints, variant):
-    """bf16 weights with the default products (activations rounded to bf16, vdpbf16ps): within 1e-2
-    of transformers in fp32 whose product inputs are rounded the same way (measured: 2-3e-3; the
-    two sum in float32 in different orders, so an input near a bf16 rounding boundary may round
-    the other way). Against plain fp32 transformers these random tiny models differ by more: a
-    bf16-rounded input flips the top-1 route of some tokens (test_prompt_logits_bf16 checks the
-    exact products, dtype="float32")."""
+    """bf16 weights with the default products (activations rounded to bf16): every token's logits
+    within 1e-2 of transformers whose product inputs are rounded the same way, run in float32 or in
+    float64. Two references because the rounding makes a token's result depend on the order of
+    the sums before it: an input that lies on a bf16 rounding boundary rounds one way after fp32
+    sums and the other after exact ones (the chunked model has such a token: its two references
+    differ by 2.8e-2 there, 1e-3 to 3e-3 elsewhere), and Corral sums in an order of its own (its
+    measured error to the nearer reference: 1e-3 to 3e-3). Against plain fp32 transformers these
+    random tiny models differ by more: a bf16-rounded input flips the top-1 route of some tokens
+    (test_prompt_logits_bf16 checks the exact products, dtype="float32")."""
     path = checkpoints(variant, "causal", "bfloat16")
     ids = prompt(2)
     got = corral.LLM(path, kv_cache_dtype="float32").logits(ids)
-    ref = reference_logits(bf16_products(load_reference(path, "causal")), ids)
-    assert rel_err(got, ref) <= 1e-2
+    ref32 = reference_logits(bf16_products(load_reference(path, "causal")), ids)
+    ref64 = reference_logits(bf16_products(load_reference(path, "causal")).double(), ids)
+    scale = np.abs(ref32).max()
+    per_token = [min(np.abs(g - a).max(), np.abs(g - b).max()) / scale for g, a, b in zip(got, ref32, ref64)]
+    assert max(per_token) <= 1e-2
+    # The references themselves agree on nearly every token (else the test would be vacuous).
+    assert np.median(np.abs(ref32 - ref64).max(axis=1)) / scale <= 5e-3
 
 
 @pytest.mark.parametrize("kv_dtype", ("bfloat16", "float16"))
