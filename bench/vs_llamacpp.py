@@ -25,6 +25,7 @@ Needs the test extras (torch and transformers: the converter imports them): pip 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -79,7 +80,8 @@ def build_tools(cache: Path) -> dict:
     cache.mkdir(parents=True, exist_ok=True)
     bench = cache / "llama-build" / "bin" / "llama-bench"
     convert = cache / "llama-convert" / "convert_hf_to_gguf.py"
-    probe = cache / "read_bandwidth"
+    source = (HERE / "read_bandwidth.c").read_bytes()
+    probe = cache / f"read_bandwidth-{hashlib.sha256(source).hexdigest()[:12]}"  # rebuilt when it changes
     if not bench.exists() or not convert.exists():
         sdist = cache / "sdist"
         name = f"llama_cpp_python-{LLAMA_CPP_PYTHON}"
