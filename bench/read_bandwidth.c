@@ -1,7 +1,8 @@
 // Read bandwidth of this machine: OpenMP threads sum disjoint parts of an array far beyond the
-// last-level cache (with and without software prefetches), in huge pages as Corral's packed weights (on a VM they read about 20% faster
-// than 4 KiB pages); prints the best of `reps` passes in GB/s (1e9 bytes/s). bench/vs_llamacpp.py
-// builds it (cc -O3 -march=native -fopenmp) and divides bytes read per decoded token by it.
+// last-level cache (with and without software prefetches), in huge pages as Corral's packed
+// weights (on a VM they read about 20% faster than 4 KiB pages); prints the best of `reps`
+// passes of each kind in GB/s (1e9 bytes/s). bench/vs_llamacpp.py builds it (cc -O3
+// -march=native -fopenmp) and divides bytes read per decoded token by it.
 // Usage: read_bandwidth [MiB, default 1024] [reps, default 10]
 #include <omp.h>
 #include <stdio.h>

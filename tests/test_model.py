@@ -100,7 +100,7 @@ def test_bf16_products(checkpoints, variant):
     scale = np.abs(ref32).max()
     per_token = [min(np.abs(g - a).max(), np.abs(g - b).max()) / scale for g, a, b in zip(got, ref32, ref64)]
     assert max(per_token) <= 1e-2
-    # The references themselves agree on nearly every token (else the test would be vacuous).
+    # The references agree on nearly every token: allowing either hides no systematic difference.
     assert np.median(np.abs(ref32 - ref64).max(axis=1)) / scale <= 5e-3
 
 
