@@ -124,7 +124,7 @@ ModelWeights load_weights(const Checkpoint& ckpt, const ModelConfig& c) {
     l.q = pack(r.q);
     l.k = pack(r.k);
     l.v = pack(r.v);
-    if (l.q.out % 64 == 0 && l.k.out % 64 == 0 && l.k.dtype == l.q.dtype && l.v.dtype == l.q.dtype)
+    if (l.q.out % kernels::kPackedPanelCols == 0 && l.k.out % kernels::kPackedPanelCols == 0 && l.k.dtype == l.q.dtype && l.v.dtype == l.q.dtype)
       l.qkv = MatrixRef{l.q.data, l.q.dtype, WeightLayout::Packed, l.q.in, l.q.out + l.k.out + l.v.out};
     l.o = pack(r.o);
     if (c.layers[i].moe) {

@@ -95,8 +95,9 @@ def test_bf16_products(checkpoints, variant):
     path = checkpoints(variant, "causal", "bfloat16")
     ids = prompt(2)
     got = corral.LLM(path, kv_cache_dtype="float32").logits(ids)
-    ref32 = reference_logits(bf16_products(load_reference(path, "causal")), ids)
-    ref64 = reference_logits(bf16_products(load_reference(path, "causal")).double(), ids)
+    model = bf16_products(load_reference(path, "causal"))
+    ref32 = reference_logits(model, ids)
+    ref64 = reference_logits(model.double(), ids)
     scale = np.abs(ref32).max()
     per_token = [min(np.abs(g - a).max(), np.abs(g - b).max()) / scale for g, a, b in zip(got, ref32, ref64)]
     assert max(per_token) <= 1e-2

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "corral/kernels/linear.h"
 #include "corral/kernels/types.h"
 
 namespace corral::cpu {
@@ -15,7 +16,7 @@ namespace corral::cpu {
 //   kGemmF32, kGemmF16: float32 / float16 weights, float32 activations (exact float32 sums);
 //   kGemmBf16: bfloat16 weights, activations rounded to bfloat16 (vdpbf16ps where available);
 //   kGemmBf16Exact: bfloat16 weights, float32 activations (the router: its top-k decides routes).
-constexpr int64_t kPanelCols = 64;
+constexpr int64_t kPanelCols = kernels::kPackedPanelCols;
 enum GemmKind : int { kGemmF32 = 0, kGemmBf16 = 1, kGemmF16 = 2, kGemmBf16Exact = 3 };
 
 // Activations as a product reads them: 4-byte elements (floats or bf16 pairs), rows ld apart.

@@ -40,7 +40,9 @@ struct FreeMemory {
 using PackedStorage = std::unique_ptr<char, FreeMemory>;
 PackedStorage allocate_packed(int64_t bytes);
 
-// The CPU layout: panels of 64 output columns, each panel contiguous, its k steps one after the
+// Output columns per panel of the CPU layout.
+constexpr int64_t kPackedPanelCols = 64;
+// The CPU layout: panels of kPackedPanelCols output columns, each panel contiguous, its k steps one after the
 // other (bfloat16: pairs of k per column, as vdpbf16ps reads them). A product then streams each
 // panel front to back whatever the number of rows, and every column sums over k in one fixed
 // order. Sizes in bytes; dst must be 64-byte aligned; the results view dst. Source layouts:
