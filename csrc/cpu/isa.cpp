@@ -35,7 +35,10 @@ const std::vector<Level>& levels() {
   static const std::vector<Level> all = {
 #if defined(CORRAL_X86_ISAS)
       {"avx512bf16", &avx512bf16::kernels,
-       [] { return __builtin_cpu_supports("x86-64-v4") && __builtin_cpu_supports("avx512bf16"); }},
+       [] {
+         return __builtin_cpu_supports("x86-64-v4") && __builtin_cpu_supports("avx512bf16") &&
+                __builtin_cpu_supports("avx512vnni");
+       }},
       {"avx512", &avx512::kernels, [] { return bool(__builtin_cpu_supports("x86-64-v4")); }},
       {"avx2", &avx2::kernels, [] { return bool(__builtin_cpu_supports("x86-64-v3")); }},
 #endif

@@ -15,20 +15,34 @@ namespace corral::cpu {
 // kPanelCols output columns. How a product reads its weights and activations, by kind:
 //   kGemmF32, kGemmF16: float32 / float16 weights, float32 activations (exact float32 sums);
 //   kGemmBf16: bfloat16 weights, activations rounded to bfloat16 (vdpbf16ps where available);
-//   kGemmBf16Exact: bfloat16 weights, float32 activations (the router: its top-k decides routes).
+//   kGemmBf16Exact: bfloat16 weights, float32 activations (the router: its top-k decides routes);
+//   kGemmI8, kGemmI4: int8 / int4 codes, activations quantized per token and block (simd/qgemm.h);
+//   kGemmF8: fp8 e4m3 codes, float32 activations.
 constexpr int64_t kPanelCols = kernels::kPackedPanelCols;
-enum GemmKind : int { kGemmF32 = 0, kGemmBf16 = 1, kGemmF16 = 2, kGemmBf16Exact = 3 };
+enum GemmKind : int { kGemmF32 = 0, kGemmBf16 = 1, kGemmF16 = 2, kGemmBf16Exact = 3, kGemmI8 = 4, kGemmI4 = 5, kGemmF8 = 6 };
+constexpr int kGemmKinds = 7;
+constexpr int64_t kQuantBlock = kernels::kQuantBlock;
+
+// Activations prepared for the integer products: per row, one record per kQuantBlock k: the block's
+// scale (float), the sum of its codes (int32), then its codes (I8: int16, I4: int8), zeros past k.
+constexpr int64_t quant_record_bytes(int kind) { return 8 + kQuantBlock * (kind == kGemmI8 ? 2 : 1); }
+// 4-byte words of one prepared row of k activations for products of `kind`.
+constexpr int64_t prepared_row_words(int kind, int64_t k) {
+  return kind == kGemmI8 || kind == kGemmI4 ? (k + kQuantBlock - 1) / kQuantBlock * quant_record_bytes(kind) / 4
+                                            : k + 1;
+}
 
 // Activations as a product reads them: 4-byte elements (floats or bf16 pairs), rows ld apart.
 struct PreparedX {
   const void* x;
   int64_t ld;
 };
-// Prepares rows x of k for a kind of product, in buf (at least rows * (k + 1) floats).
+// Prepares rows x of k for a kind of product, in buf (rows * prepared_row_words(kind, k) words).
 using PrepareXFn = PreparedX (*)(void* buf, const float* x, int64_t ldx, int64_t rows, int64_t k);
-// y[r, 0:n) (+)= x[r] . (one panel of W) for r < rows (n <= the panel's outputs), x prepared.
+// y[r, 0:n) (+)= x[r] . (one panel of W) for r < rows (n <= the panel's outputs), x prepared;
+// q describes quantized panels (ignored otherwise).
 using PanelGemmFn = void (*)(float* y, int64_t ldy, const void* x, int64_t ldx, int64_t rows, const void* panel,
-                             int64_t k, int64_t n, bool accumulate);
+                             int64_t k, int64_t n, bool accumulate, const QuantInfo& q);
 
 // Attention scores of rows of q against one block of keys stored [d, bs]; the kernels also
 // prefetch the same tile `ahead` bytes away, a later block's (see simd/attention.h).
@@ -45,17 +59,19 @@ using SoftmaxBlockFn = void (*)(float* s, int64_t lds, int64_t rows, int64_t nk,
 // dtype (kv_index; the fp8 loops read the stored codes, scales are the caller's).
 struct IsaKernels {
   const char* name;
-  PrepareXFn prepare_x[4];
-  PanelGemmFn gemm[4];      // plain panels
-  PanelGemmFn gemm_glu[4];  // GLU panels: SwiGLU of gate and up
+  PrepareXFn prepare_x[kGemmKinds];
+  PanelGemmFn gemm[kGemmKinds];      // plain panels
+  PanelGemmFn gemm_glu[kGemmKinds];  // GLU panels: SwiGLU of gate and up
   AttnScoresFn attn_scores[4];
   AttnPvFn attn_pv[4];          // by kv_index
   SoftmaxBlockFn softmax_block;
 };
 
-// 0, 1, 2 for float32, bfloat16, float16; throws DTypeError naming `what` otherwise (float8_e4m3
-// included: weights are never fp8 on CPU).
+// 0, 1, 2 for float32, bfloat16, float16; throws DTypeError naming `what` otherwise.
 int float_index(DType dtype, const char* what);
+// Bytes of one group's header in a quantized panel (scales, then offsets), and of the whole group.
+int64_t quant_header_bytes(const QuantInfo& q);
+int64_t quant_group_bytes(DType dtype, const QuantInfo& q);
 
 // The index for a KV cache: float_index's, or 3 for float8_e4m3; throws DTypeError otherwise.
 int kv_index(DType dtype, const char* what);

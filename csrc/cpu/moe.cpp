@@ -60,8 +60,9 @@ void check_packed(const MoeWeights& w) {
   if (w.experts_layout != WeightLayout::Packed || !w.router.packed() ||
       w.shared_gate.layout != WeightLayout::PackedGlu || w.shared_down.layout != WeightLayout::Packed)
     throw InvalidInputError("moe: CPU weights must be packed (kernels::pack_moe)");
-  for (const MatrixRef* m : {&w.router, &w.shared_gate, &w.shared_down}) float_index(m->dtype, "MoE weight");
-  float_index(w.experts_dtype, "MoE experts");
+  float_index(w.router.dtype, "MoE router");
+  for (const MatrixRef* m : {&w.shared_gate, &w.shared_down}) gemm_kind(m->dtype, Activations::Native);
+  gemm_kind(w.experts_dtype, Activations::Native);
 }
 
 }  // namespace
@@ -110,18 +111,21 @@ void moe(float* out, const float* x, int64_t tokens, const MoeWeights& w, int to
   }
   const int ke = gemm_kind(w.experts_dtype, act), ks = gemm_kind(w.shared_gate.dtype, act),
             kd = gemm_kind(w.shared_down.dtype, act);
-  const PreparedX xs_p = prepare(2, xs, H, R, H, ke), x_p = prepare(3, x, H, T, H, ks);
+  const int64_t act_e = w.experts_quant.act_group;
+  const PreparedX xs_p = prepare(2, xs, H, R, H, ke, act_e), x_p = prepare(3, x, H, T, H, ks, w.shared_gate.quant.act_group);
   float* h = static_cast<float*>(scratch(4, (R * I + T * Is) * 4));
   float* y = static_cast<float*>(scratch(5, R * H * 4));
-  void* h_buf = scratch(0, (R + T) * (std::max(I, Is) + 1) * 4);
+  const int64_t hr_words = R * prepared_row_words(ke, I);
+  char* h_buf = static_cast<char*>(scratch(0, (hr_words + T * prepared_row_words(kd, Is)) * 4));
   PreparedX hr_p{}, hs_p{};
 
   // The MLPs: experts with tokens (an idle one costs nothing), then the shared expert.
   std::vector<Mlp> mlps;
-  const MatrixRef gu0{w.gate_up, w.experts_dtype, WeightLayout::PackedGlu, H, 2 * I};
-  const MatrixRef dn0{w.down, w.experts_dtype, WeightLayout::Packed, I, H};
-  const int64_t gu_bytes = num_panels(gu0) * panel_bytes(w.experts_dtype, H);
-  const int64_t dn_bytes = num_panels(dn0) * panel_bytes(w.experts_dtype, I);
+  MatrixRef gu0{w.gate_up, w.experts_dtype, WeightLayout::PackedGlu, H, 2 * I};
+  MatrixRef dn0{w.down, w.experts_dtype, WeightLayout::Packed, I, H};
+  gu0.quant = dn0.quant = w.experts_quant;
+  const int64_t gu_bytes = num_panels(gu0) * panel_bytes(gu0);
+  const int64_t dn_bytes = num_panels(dn0) * panel_bytes(dn0);
   for (int64_t e = 0; e < E; ++e) {
     const int64_t r = start[e], n = start[e + 1] - start[e];
     if (n == 0) continue;
@@ -162,8 +166,8 @@ void moe(float* out, const float* x, int64_t tokens, const MoeWeights& w, int to
     for_items(up_items, up_shares ? &*up_shares : nullptr, up);
 #pragma omp single
     {
-      hr_p = isa().prepare_x[ke](h_buf, h, I, R, I);
-      hs_p = isa().prepare_x[kd](static_cast<float*>(h_buf) + R * (I + 1), h + R * I, Is, T, Is);
+      hr_p = prepare_in(h_buf, h, I, R, I, ke, act_e);
+      hs_p = prepare_in(h_buf + hr_words * 4, h + R * I, Is, T, Is, kd, w.shared_down.quant.act_group);
     }
     for_items(down_items, down_shares ? &*down_shares : nullptr, down);
     // Back to token order: out (+ the shared expert, already added) += the routed outputs, in k order.

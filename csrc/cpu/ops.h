@@ -51,17 +51,21 @@ void moe(float* out, const float* x, int64_t tokens, const MoeWeights& w, int to
 // Packed products (cpu/linear.cpp). The kind of product (GemmKind) of weights of `dtype` with
 // activations `act`.
 int gemm_kind(DType dtype, Activations act);
-// k per step of a packed matrix of `dtype` (2 for bfloat16: pairs), and bytes per panel.
+// k per step of a packed float matrix of `dtype` (2 for bfloat16: pairs), and bytes per panel of
+// a packed matrix.
 int64_t step_of(DType dtype);
-int64_t panel_bytes(DType dtype, int64_t in);
+int64_t panel_bytes(const MatrixRef& w);
 // Output columns of a packed matrix (PackedGlu: its SwiGLU outputs) and of each of its panels.
 int64_t output_width(const MatrixRef& w);
 int64_t panel_outputs(const MatrixRef& w);
 int64_t num_panels(const MatrixRef& w);
 // Rows of x per work item: a block of x stays in cache while a panel of W streams past it.
 constexpr int64_t kRowBlock = 64;
-// x prepared for products of `kind` in thread-local scratch slot `slot` (see scratch).
-PreparedX prepare(int slot, const float* x, int64_t ldx, int64_t rows, int64_t k, int kind);
+// x prepared for products of `kind` in thread-local scratch slot `slot` (see scratch);
+// act_group > 0 first rounds fp8 activations (QuantInfo::act_group).
+PreparedX prepare(int slot, const float* x, int64_t ldx, int64_t rows, int64_t k, int kind, int64_t act_group = 0);
+// The same into buf (rows * prepared_row_words(kind, k) words).
+PreparedX prepare_in(void* buf, const float* x, int64_t ldx, int64_t rows, int64_t k, int kind, int64_t act_group);
 // One work item: y[r, the panel's columns] (+)= x[x_row + r] . W for r < rows, x prepared for
 // `kind`.
 void gemm_panel(float* y, int64_t ldy, const PreparedX& x, int64_t x_row, int64_t rows, const MatrixRef& w,

@@ -23,6 +23,7 @@
 #include "corral/kernels/mlp.h"
 #include "corral/kernels/moe.h"
 #include "corral/kernels/norm.h"
+#include "corral/kernels/quantize.h"
 #include "corral/kernels/rope.h"
 #include "corral/kernels/sampling.h"
 
@@ -264,6 +265,39 @@ MoeWeights moe_weights(const Typed& r, const Typed& gu, const Typed& dn, const T
   return w;
 }
 
+// Quantized rows given as numpy arrays (kept alive with the view): codes int8 [out, in] (int4:
+// values in [-8, 7]; float8_e4m3: the codes' bits), scales float32 [out, groups], zero points
+// int8 [out, groups] or None.
+using I8 = py::array_t<int8_t, py::array::c_style | py::array::forcecast>;
+struct QuantArrays {
+  I8 codes, zero_points;
+  F32 scales;
+  QuantizedRows rows;
+};
+
+DType parse_code_dtype(const std::string& name) {
+  if (name == "int8") return DType::I8;
+  if (name == "int4") return DType::I4;
+  if (name == "float8_e4m3") return DType::F8_E4M3;
+  throw DTypeError("quantized dtype '" + name + "' is not one of int8, int4, float8_e4m3");
+}
+
+QuantArrays quant_arrays(const py::array& codes, const py::array& scales, const py::object& zero_points,
+                         const std::string& dtype, int64_t group) {
+  QuantArrays a{I8::ensure(codes), zero_points.is_none() ? I8() : I8::ensure(zero_points), F32::ensure(scales), {}};
+  expect(a.codes && a.codes.ndim() == 2, "codes must be a 2-D integer array");
+  expect(group >= 1, "group must be >= 1");
+  const int64_t out = a.codes.shape(0), in = a.codes.shape(1), groups = (in + group - 1) / group;
+  expect(a.scales && a.scales.ndim() == 2 && a.scales.shape(0) == out && a.scales.shape(1) == groups,
+         "scales must be (" + std::to_string(out) + ", " + std::to_string(groups) + ")");
+  if (!zero_points.is_none())
+    expect(a.zero_points.ndim() == 2 && a.zero_points.shape(0) == out && a.zero_points.shape(1) == groups,
+           "zero_points must be (" + std::to_string(out) + ", " + std::to_string(groups) + ")");
+  a.rows = QuantizedRows{parse_code_dtype(dtype), out, in, group, a.codes.data(), a.scales.data(),
+                         zero_points.is_none() ? nullptr : a.zero_points.data()};
+  return a;
+}
+
 // Weights packed once and kept between calls, as a model keeps them (for benchmarks).
 struct PackedMatrix {
   kernels::PackedStorage storage;
@@ -278,7 +312,72 @@ struct PackedMoe {
 
 void register_ops(py::module_& m) {
   py::class_<PackedMatrix, std::shared_ptr<PackedMatrix>>(m, "PackedMatrix")
-      .def_property_readonly("shape", [](const PackedMatrix& p) { return py::make_tuple(p.w.out, p.w.in); });
+      .def_property_readonly("shape", [](const PackedMatrix& p) { return py::make_tuple(p.w.out, p.w.in); })
+      .def_property_readonly("nbytes", [](const PackedMatrix& p) { return kernels::packed_size(p.w); });
+  m.def(
+      "pack_quantized",
+      [](const py::array& codes, const py::array& scales, const py::object& zero_points, const std::string& dtype,
+         int64_t group, const std::string& scale_dtype, int64_t act_group, const py::object& up) {
+        const QuantArrays g = quant_arrays(codes, scales, zero_points, dtype, group);
+        const DType st = parse_dtype(scale_dtype);
+        auto p = std::make_shared<PackedMatrix>();
+        if (up.is_none()) {
+          p->storage = kernels::allocate_packed(kernels::packed_quantized_bytes(g.rows, st));
+          p->w = kernels::pack_quantized(p->storage.get(), g.rows, st);
+        } else {
+          const py::tuple t = up.cast<py::tuple>();
+          expect(t.size() == 3, "up must be (codes, scales, zero_points)");
+          const QuantArrays u = quant_arrays(t[0].cast<py::array>(), t[1].cast<py::array>(), t[2], dtype, group);
+          p->storage = kernels::allocate_packed(kernels::packed_quantized_glu_bytes(g.rows, st));
+          p->w = kernels::pack_quantized_glu(p->storage.get(), g.rows, u.rows, st);
+        }
+        p->w.quant.act_group = act_group;
+        return p;
+      },
+      "pack_quantized(codes, scales, zero_points, dtype, group, scale_dtype, act_group, up) -> PackedMatrix: "
+      "quantized rows packed (with up=(codes, scales, zero_points): a GLU gate/up pair)",
+      py::arg("codes"), py::arg("scales"), py::arg("zero_points") = py::none(), py::arg("dtype") = "int8",
+      py::arg("group") = 32, py::arg("scale_dtype") = "float32", py::arg("act_group") = 0,
+      py::arg("up") = py::none());
+  m.def(
+      "quantize_weights",
+      [](F32 w, const std::string& dtype, int64_t group, const std::string& scale_dtype) {
+        expect(w.ndim() == 2, "w must be 2-D (out, in)");
+        const MatrixRef mw{w.data(), DType::F32, WeightLayout::OutIn, int64_t(w.shape(1)), int64_t(w.shape(0))};
+        const kernels::QuantizedBuffer b = kernels::quantize_weights(mw, parse_code_dtype(dtype), group, parse_dtype(scale_dtype));
+        I8 codes({b.out, b.in});
+        F32 scales({b.out, int64_t(b.scales.size()) / b.out});
+        std::copy(b.codes.begin(), b.codes.end(), codes.mutable_data());
+        std::copy(b.scales.begin(), b.scales.end(), scales.mutable_data());
+        return py::make_tuple(codes, scales, b.group);
+      },
+      "quantize_weights(w, dtype, group, scale_dtype) -> (codes, scales, group): load-time quantization of an "
+      "(out, in) float32 matrix",
+      py::arg("w"), py::arg("dtype"), py::arg("group") = 32, py::arg("scale_dtype") = "float32");
+  m.def(
+      "unpack_packed",
+      [](const PackedMatrix& p) {
+        const int64_t rows = p.w.layout == WeightLayout::PackedGlu ? p.w.out : p.w.out;
+        F32 out({rows, p.w.in});
+        kernels::unpack_weights(out.mutable_data(), p.w);
+        return out;
+      },
+      "unpack_packed(packed) -> float32 (out, in): the weights the products use (GLU: gate rows, then up rows)",
+      py::arg("packed"));
+  m.def(
+      "swiglu_packed",
+      [](F32 x, const PackedMatrix& gate_up, const PackedMatrix& down) {
+        expect(x.ndim() == 2 && x.shape(1) == gate_up.w.in, "x must be (rows, " + std::to_string(gate_up.w.in) + ")");
+        F32 out({x.shape(0), x.shape(1)});
+        float* op = out.mutable_data();
+        std::fill(op, op + out.size(), 0.f);
+        const float* xp = x.data();
+        const int64_t rows = x.shape(0);
+        py::gil_scoped_release release;
+        kernels::swiglu_mlp(kCpu, op, xp, rows, gate_up.w, down.w, kernels::Activations::Native);
+        return out;
+      },
+      py::arg("x"), py::arg("gate_up"), py::arg("down"));
   m.def(
       "pack_linear",
       [](const py::array& w, const std::string& dtype, const std::string& layout) {

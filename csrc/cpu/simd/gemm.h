@@ -60,6 +60,23 @@ CORRAL_INLINE int tile_vector(bool glu, int t, int v) {
 
 CORRAL_INLINE VecF vsilu(VecF g) { return vdiv(g, vadd(vset1(1.f), vexp(vsub(vzero(), g)))); }
 
+// The tile's outputs to y (GLU: silu(gate) * up of the paired vectors).
+template <bool Glu, int MR, int TV>
+CORRAL_INLINE void store_tile(float* y, int64_t ldy, VecF (&acc)[MR][TV], int t, int64_t n, bool accumulate) {
+  constexpr int outs = Glu ? TV / 2 : TV;
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < outs; ++v) {
+      const int64_t c = int64_t(t * outs + v) * kVecWidth;
+      if (c >= n) break;
+      const int64_t cnt = n - c < kVecWidth ? n - c : kVecWidth;
+      float* dst = y + r * ldy + c;
+      VecF val = Glu ? vmul(vsilu(acc[r][v]), acc[r][v + outs]) : acc[r][v];
+      if (accumulate) val = vadd(cnt == kVecWidth ? vload(dst) : vload_n(dst, cnt), val);
+      if (cnt == kVecWidth) vstore(dst, val);
+      else vstore_n(dst, val, cnt);
+    }
+}
+
 // y[r, 0:n) (+)= the MR rows of x against tile t of one panel; GLU: y[r, 0:n) = silu(gate) * up
 // of the tile's columns. x is as prepare_x left it (floats, or bf16 pairs for vdpbf16ps).
 template <int Kind, bool Glu, int MR, int TV>
@@ -109,25 +126,14 @@ CORRAL_INLINE void panel_tile(float* y, int64_t ldy, const void* xv, int64_t ldx
       }
     }
   }
-  constexpr int outs = Glu ? TV / 2 : TV;  // output vectors of the tile
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < outs; ++v) {
-      const int64_t c = int64_t(t * outs + v) * kVecWidth;
-      if (c >= n) break;
-      const int64_t cnt = n - c < kVecWidth ? n - c : kVecWidth;
-      float* dst = y + r * ldy + c;
-      VecF val = Glu ? vmul(vsilu(acc[r][v]), acc[r][v + outs]) : acc[r][v];
-      if (accumulate) val = vadd(cnt == kVecWidth ? vload(dst) : vload_n(dst, cnt), val);
-      if (cnt == kVecWidth) vstore(dst, val);
-      else vstore_n(dst, val, cnt);
-    }
+  store_tile<Glu, MR, TV>(y, ldy, acc, t, n, accumulate);
 }
 
 // One panel for `rows` rows: y[r, 0:n) (+)= x[r] . W[:, panel columns] (GLU: the SwiGLU of the
 // panel's n gate/up column pairs), tile by tile. The first row tile prefetches the panel ahead.
 template <int Kind, bool Glu>
 void gemm_panel(float* y, int64_t ldy, const void* x, int64_t ldx, int64_t rows, const void* panel, int64_t k,
-                int64_t n, bool accumulate) {
+                int64_t n, bool accumulate, const QuantInfo&) {
   row_tiles<kTileRows<Kind>>(rows, [&](auto mr, int64_t r) __attribute__((always_inline)) {
     constexpr int MR = decltype(mr)::value, TV = kTileVecsOf<MR>;
     constexpr int outs_per_tile = (Glu ? TV / 2 : TV) * kVecWidth;

@@ -14,10 +14,24 @@ namespace corral {
 // MLP side by side (its `out` counts both: twice the MLP's width).
 enum class WeightLayout : uint8_t { OutIn, InOut, Packed, PackedGlu };
 
+// How the codes of a quantized matrix (dtype I8, I4 or F8_E4M3) give its weights: for the group
+// of `group` consecutive k that k belongs to, w[k, c] = (code[k, c] - offset[c]) * scale[c]. The
+// offset is 8 for I4 codes (stored 0..15) and 0 for I8 and F8 unless `offsets` says that each
+// (group, column) has its own (asymmetric formats: zero points). Plain data, no pointers: the
+// CUDA backend reads the same description of its own copies.
+struct QuantInfo {
+  int64_t group = 0;               // k per scale; I8 and I4: a multiple of kQuantBlock
+  DType scale_dtype = DType::F32;  // F32 or BF16
+  bool offsets = false;            // I8, I4: an integer offset per (group, column)
+  // F8 only: activations rounded to fp8 per token and per run of this many k, scaled by the
+  // run's max |x| / 448 (the checkpoint's dynamic activation quantization; 0: not rounded).
+  int64_t act_group = 0;
+};
+
 // A weight matrix in memory: `in` x `out` logical size, elements of `dtype`. Stored rows ([out]
 // rows of `in` for OutIn, [in] rows of `out` for InOut) are `ld` elements apart; 0 means dense,
 // and a larger ld views a slice of a wider matrix (e.g. the gate half of a fused gate_up).
-// Packed layouts ignore ld.
+// Packed layouts ignore ld. Quantized matrices (I8, I4, F8_E4M3 weights) exist only packed.
 struct MatrixRef {
   const void* data = nullptr;
   DType dtype = DType::F32;
@@ -25,9 +39,23 @@ struct MatrixRef {
   int64_t in = 0;
   int64_t out = 0;
   int64_t ld = 0;
+  QuantInfo quant;
 
   int64_t row_stride() const { return ld ? ld : layout == WeightLayout::OutIn ? in : out; }
   bool packed() const { return layout == WeightLayout::Packed || layout == WeightLayout::PackedGlu; }
+  bool quantized() const { return quant.group > 0; }
+};
+
+// An [out, in] quantized matrix as a checkpoint or the load-time quantizer gives it, one code per
+// byte: I8 codes, I4 codes in [-8, 7], or F8_E4M3 bits; scales [out, ceil(in / group)] as floats;
+// zero points (I8, I4 only; null: symmetric) [out, ceil(in / group)] in the codes' domain, so
+// w = (q - z) * s.
+struct QuantizedRows {
+  DType dtype = DType::I8;
+  int64_t out = 0, in = 0, group = 0;
+  const int8_t* codes = nullptr;
+  const float* scales = nullptr;
+  const int8_t* zero_points = nullptr;
 };
 
 namespace kernels {
@@ -53,6 +81,21 @@ MatrixRef pack_weights(void* dst, const MatrixRef& w);
 // same 32 up columns, so one pass yields silu(x . gate) * (x . up).
 int64_t packed_glu_bytes(const MatrixRef& gate);
 MatrixRef pack_glu(void* dst, const MatrixRef& gate, const MatrixRef& up);
+
+// The quantized packing (same panels; per panel, group after group: the group's scales for the
+// panel's columns, then its offsets if any, then its codes). I8 and I4 groups are multiples of
+// kQuantBlock; the scales must be exact in scale_dtype (F32 or BF16). InvalidInputError /
+// ShapeError otherwise.
+constexpr int64_t kQuantBlock = 32;
+int64_t packed_quantized_bytes(const QuantizedRows& w, DType scale_dtype);
+MatrixRef pack_quantized(void* dst, const QuantizedRows& w, DType scale_dtype);
+int64_t packed_quantized_glu_bytes(const QuantizedRows& gate, DType scale_dtype);
+MatrixRef pack_quantized_glu(void* dst, const QuantizedRows& gate, const QuantizedRows& up, DType scale_dtype);
+// Bytes of a packed matrix's data (any packed layout and dtype).
+int64_t packed_size(const MatrixRef& packed);
+// The weights of a packed matrix as float32 [out, in] (PackedGlu: the gate rows, then the up
+// rows), exactly as the products use them: for tests and tools.
+void unpack_weights(float* dst, const MatrixRef& packed);
 
 // What the products multiply bfloat16 weights with: activations rounded to bfloat16 (Native:
 // vdpbf16ps, twice the float32 rate, as llama.cpp and vLLM compute bf16 models) or float32 ones

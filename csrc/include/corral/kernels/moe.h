@@ -16,6 +16,7 @@ struct MoeWeights {
   const void* gate_up = nullptr;
   const void* down = nullptr;
   DType experts_dtype = DType::F32;
+  QuantInfo experts_quant;  // quantized experts (packed only): gate_up's and down's
   WeightLayout experts_layout = WeightLayout::InOut;
   MatrixRef shared_gate, shared_up, shared_down;
   int64_t num_experts = 0;
@@ -26,7 +27,8 @@ struct MoeWeights {
 namespace kernels {
 
 // The packed copy of a checkpoint-layout MoE layer (sizes in bytes, dst 64-byte aligned; the
-// result views dst).
+// result views dst). Quantized MoE layers are packed piece by piece by the loader (pack_quantized
+// and pack_quantized_glu, the experts back to back).
 int64_t packed_moe_bytes(const MoeWeights& w);
 MoeWeights pack_moe(void* dst, const MoeWeights& w);
 

@@ -12,7 +12,9 @@
 
 namespace corral {
 
-enum class DType : uint8_t { F32, F16, BF16, F8_E4M3, I32, I64 };
+// I8 and I4 are the codes of quantized weights (I4: two per byte, see kernels::QuantInfo); I32
+// and I64 appear only in checkpoints (packed codes, shapes, indices).
+enum class DType : uint8_t { F32, F16, BF16, F8_E4M3, I32, I64, I8, I4 };
 
 CORRAL_INLINE size_t dtype_size(DType t) {
   switch (t) {
@@ -22,6 +24,8 @@ CORRAL_INLINE size_t dtype_size(DType t) {
     case DType::F8_E4M3: return 1;
     case DType::I32: return 4;
     case DType::I64: return 8;
+    case DType::I8: return 1;
+    case DType::I4: return 1;  // two codes per byte: callers size I4 data themselves
   }
   return 0;
 }
@@ -34,6 +38,8 @@ CORRAL_INLINE const char* dtype_name(DType t) {
     case DType::F8_E4M3: return "float8_e4m3";
     case DType::I32: return "int32";
     case DType::I64: return "int64";
+    case DType::I8: return "int8";
+    case DType::I4: return "int4";
   }
   return "?";
 }
