@@ -73,7 +73,8 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options)
   if (options_.dtype != "auto" && options_.dtype != "float32")
     throw InvalidInputError("dtype '" + options_.dtype + "' is not supported (auto, float32)");
   model_ = std::make_unique<Llama4Model>(
-      model_dir, options_.dtype == "float32" ? kernels::Activations::Float32 : kernels::Activations::Native);
+      model_dir, options_.dtype == "float32" ? kernels::Activations::Float32 : kernels::Activations::Native,
+      LoadOptions{options_.quantization});
   const ModelConfig& c = model_->config();
   max_model_len_ = options_.max_model_len > 0 ? options_.max_model_len : c.max_position_embeddings;
   const KvLayout layout = make_kv_layout(c, options_.block_size, parse_kv_dtype(options_.kv_cache_dtype, model_->weights_dtype()));
@@ -431,6 +432,8 @@ EngineStats Engine::stats() const {
   const KvLayout& layout = cache_->layout();
   s.kv = cache_->blocks().stats();
   s.kv_block_size = layout.block_size;
+  s.weight_bytes = model_->weights().bytes;
+  s.weight_format = model_->weights().format;
   s.kv_page_bytes = layout.page_bytes;
   s.kv_bytes_per_token = layout.bytes_per_token();
   s.kv_global_groups = layout.num_groups(AttentionKind::Global);

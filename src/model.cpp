@@ -30,10 +30,10 @@ void ForwardBatch::add_sequence(const int32_t* tokens, int64_t n, int64_t positi
   if (want_logits) logit_rows.push_back(int32_t(token_ids.size() - 1));
 }
 
-Llama4Model::Llama4Model(const std::string& dir, kernels::Activations act)
+Llama4Model::Llama4Model(const std::string& dir, kernels::Activations act, const LoadOptions& load)
     : checkpoint_(dir),
       config_(load_config(checkpoint_.config_path())),
-      weights_(load_weights(checkpoint_, config_)),
+      weights_(load_weights(checkpoint_, config_, load)),
       act_(act) {
   inv_freq_.resize(config_.head_dim / 2);
   kernels::rope_inv_freq(inv_freq_.data(), config_.head_dim, config_.rope);

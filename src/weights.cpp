@@ -3,6 +3,8 @@
 #include <string>
 
 #include "corral/error.h"
+#include "corral/kernels/quantize.h"
+#include "corral/quantized_checkpoint.h"
 
 namespace corral {
 
@@ -14,8 +16,44 @@ std::string shape_str(const std::vector<int64_t>& s) {
   return out + "]";
 }
 
+// What a matrix does in the model: decides its quantization at load.
+enum class Role { Attention, Mlp, Head, Router };
+
+// One weight matrix: where its data comes from and how it is held.
+struct Linear {
+  std::string name;  // the checkpoint tensor (or module), for messages
+  int64_t out = 0, in = 0;
+  MatrixRef plain;          // 16/32-bit weights as stored (the source of quantization at load)
+  QuantizedSource source;   // quantized in the checkpoint when source.scheme is set
+  bool quantized = false;   // held as `plan` says (else packed as stored)
+  bool at_load = false;     // quantized at load from `plain`
+  QuantPlan plan;
+
+  int64_t bytes() const {
+    if (!quantized) return kernels::packed_bytes(plain);
+    if (plan.dense) return kernels::packed_bytes(MatrixRef{nullptr, DType::F32, WeightLayout::OutIn, in, out});
+    return kernels::packed_quantized_bytes(plan.dtype, out, in, plan.info());
+  }
+  int64_t glu_bytes() const {
+    if (!quantized) return kernels::packed_glu_bytes(plain);
+    if (plan.dense) return kernels::packed_glu_bytes(MatrixRef{nullptr, DType::F32, WeightLayout::OutIn, in, out});
+    return kernels::packed_quantized_glu_bytes(plan.dtype, out, in, plan.info());
+  }
+};
+
+bool same_plan(const Linear& a, const Linear& b) {
+  if (a.quantized != b.quantized) return false;
+  if (!a.quantized) return a.plain.dtype == b.plain.dtype;
+  const QuantPlan &p = a.plan, &q = b.plan;
+  return p.dense == q.dense && (p.dense || (p.dtype == q.dtype && p.group == q.group &&
+                                            p.scale_dtype == q.scale_dtype && p.offsets == q.offsets &&
+                                            p.act_group == q.act_group));
+}
+
 struct Binder {
   const Checkpoint& ckpt;
+  const CheckpointQuantization& cq;
+  std::string quantization;  // at load: "", "int8" or "int4"
   std::string model_prefix;  // "model." or "language_model.model."
   std::string head_prefix;   // "" or "language_model."
 
@@ -28,11 +66,12 @@ struct Binder {
     const auto t = r.entry->dtype;
     if (!t || (*t != DType::F32 && *t != DType::BF16 && *t != DType::F16))
       throw DTypeError("tensor '" + name + "' in " + r.file->path() + " has dtype " + r.entry->dtype_name +
-                       ", which Corral cannot run (F32, BF16 and F16 are supported)");
+                       ", which Corral cannot run here (F32, BF16 and F16 are supported" +
+                       (cq.method.empty() ? "; quantized weights need the checkpoint's quantization_config" : "") + ")");
     *dtype = *t;
     return r.data();
   }
-  MatrixRef linear(const std::string& name, int64_t out, int64_t in) const {
+  MatrixRef matrix(const std::string& name, int64_t out, int64_t in) const {
     MatrixRef m{nullptr, DType::F32, WeightLayout::OutIn, in, out};
     m.data = tensor(name, {out, in}, &m.dtype);
     return m;
@@ -42,103 +81,258 @@ struct Binder {
     v.data = tensor(name, {n}, &v.dtype);
     return v;
   }
+
+  // How a 16/32-bit matrix of `role` is quantized at load (or not).
+  void quantize_at_load(Linear& l, Role role) const {
+    if (quantization.empty() || role == Role::Router) return;
+    const bool int4 = quantization == "int4" && role == Role::Mlp;
+    l.quantized = l.at_load = true;
+    l.plan.dtype = int4 ? DType::I4 : DType::I8;
+    l.plan.group = int4 ? 32 : (l.in + kernels::kQuantBlock - 1) / kernels::kQuantBlock * kernels::kQuantBlock;
+    l.plan.scale_dtype = int4 ? DType::BF16 : DType::F32;
+  }
+
+  // The nn.Linear at `module` ([out, in]): quantized as the checkpoint says, else as stored.
+  Linear linear(const std::string& module, int64_t out, int64_t in, Role role) const {
+    Linear l;
+    l.name = module + ".weight";
+    l.out = out;
+    l.in = in;
+    if (const QuantScheme* s = cq.scheme_for(module)) {
+      l.source = QuantizedSource{module, s, out, in};
+      l.plan = plan_quantized(ckpt, l.source);
+      if (role == Role::Router) l.plan.dense = true;  // routes are chosen on exact float32 logits
+      l.quantized = true;
+      return l;
+    }
+    l.plain = matrix(module + ".weight", out, in);
+    quantize_at_load(l, role);
+    return l;
+  }
+
+  // Expert e's gate (part 0), up (1) or down (2) from the checkpoint's fused expert tensors
+  // (gate_up_proj [E, H, 2I], down_proj [E, I, H], used as x @ W).
+  Linear fused_expert(const std::string& p, int64_t e, int part, int64_t E, int64_t H, int64_t I) const {
+    const std::string name = p + (part == 2 ? "feed_forward.experts.down_proj" : "feed_forward.experts.gate_up_proj");
+    const int64_t in = part == 2 ? I : H, width = part == 2 ? H : 2 * I, out = part == 2 ? H : I, c0 = part == 1 ? I : 0;
+    Linear l;
+    l.name = name;
+    l.out = out;
+    l.in = in;
+    if (const QuantScheme* s = cq.scheme_for(name.substr(0, name.rfind('.')))) {
+      if (!s->fbgemm)
+        throw ConfigError("tensor '" + name + "': fused expert tensors are quantized only by fbgemm_fp8 (" + cq.source + ")");
+      l.source = QuantizedSource{name, s, out, in, e, c0, width};
+      l.plan = plan_quantized(ckpt, l.source);
+      l.quantized = true;
+      return l;
+    }
+    DType dtype;
+    const void* base = tensor(name, {E, in, width}, &dtype);
+    const char* at = static_cast<const char*>(base) + (e * in * width + c0) * int64_t(dtype_size(dtype));
+    l.plain = MatrixRef{at, dtype, WeightLayout::InOut, in, out, width};
+    quantize_at_load(l, Role::Mlp);
+    return l;
+  }
 };
 
-// A layer's matrices as the checkpoint stores them, before packing.
+// A layer's matrices before packing.
 struct RawLayer {
-  MatrixRef q, k, v, o;
-  MoeWeights moe;
-  MatrixRef gate, up, down;
+  Linear q, k, v, o;
+  Linear router, shared_gate, shared_up, shared_down;
+  std::vector<Linear> gate, up, down;  // routed experts, or the dense MLP (one)
 };
+
+// The weights of a quantized Linear, decoded from the checkpoint or quantized from `plain`.
+DecodedWeights materialize(const Checkpoint& ckpt, const Linear& l) {
+  if (l.at_load) return DecodedWeights{kernels::quantize_weights(l.plain, l.plan.dtype, l.plan.group, l.plan.scale_dtype), {}};
+  return decode_quantized(ckpt, l.source, l.plan);
+}
+
+MatrixRef dense_ref(const DecodedWeights& d, const Linear& l) {
+  return MatrixRef{d.dense.data(), DType::F32, WeightLayout::OutIn, l.in, l.out};
+}
+
+// Packs matrices one after the other into the model's allocation.
+struct Packer {
+  const Checkpoint& ckpt;
+  char* at;
+
+  MatrixRef one(const Linear& l) {
+    MatrixRef m;
+    if (!l.quantized) {
+      m = kernels::pack_weights(at, l.plain);
+    } else {
+      const DecodedWeights d = materialize(ckpt, l);
+      if (l.plan.dense) {
+        m = kernels::pack_weights(at, dense_ref(d, l));
+      } else {
+        m = kernels::pack_quantized(at, d.codes.rows(), l.plan.scale_dtype);
+        m.quant.act_group = l.plan.act_group;
+      }
+    }
+    at += l.bytes();
+    return m;
+  }
+
+  MatrixRef glu(const Linear& gate, const Linear& up) {
+    if (!same_plan(gate, up))
+      throw DTypeError("tensors '" + gate.name + "' and '" + up.name + "' are stored in different formats; gate and "
+                       "up of one MLP must match");
+    MatrixRef m;
+    if (!gate.quantized) {
+      m = kernels::pack_glu(at, gate.plain, up.plain);
+    } else {
+      const DecodedWeights g = materialize(ckpt, gate), u = materialize(ckpt, up);
+      if (gate.plan.dense) {
+        m = kernels::pack_glu(at, dense_ref(g, gate), dense_ref(u, up));
+      } else {
+        m = kernels::pack_quantized_glu(at, g.codes.rows(), u.codes.rows(), gate.plan.scale_dtype);
+        m.quant.act_group = gate.plan.act_group;
+      }
+    }
+    at += gate.glu_bytes();
+    return m;
+  }
+};
+
+void check_same_format(const std::vector<Linear>& ls) {
+  for (const Linear& l : ls)
+    if (!same_plan(l, ls[0]))
+      throw DTypeError("tensor '" + l.name + "' is stored in another format than '" + ls[0].name +
+                       "'; every expert of a layer must match");
+}
 
 }  // namespace
 
-ModelWeights load_weights(const Checkpoint& ckpt, const ModelConfig& c) {
+ModelWeights load_weights(const Checkpoint& ckpt, const ModelConfig& c, const LoadOptions& options) {
   // Published multimodal checkpoints keep the text model under language_model.; a text-only save
   // does not. Follow the config, but accept the other layout when that is what the file holds.
   std::string head = c.multimodal ? "language_model." : "";
   const std::string alt = c.multimodal ? "" : "language_model.";
   if (!ckpt.contains(head + "model.embed_tokens.weight") && ckpt.contains(alt + "model.embed_tokens.weight"))
     head = alt;
-  const Binder b{ckpt, head + "model.", head};
+  const CheckpointQuantization cq = load_quantization(ckpt.config_path());
+  std::string quantization = options.quantization == "none" ? "" : options.quantization;
+  if (!quantization.empty() && quantization != "int8" && quantization != "int4")
+    throw InvalidInputError("quantization='" + quantization + "' is not one of none, int8, int4");
+  if (!quantization.empty() && !cq.method.empty())
+    throw InvalidInputError("quantization='" + quantization + "': the checkpoint is already quantized (" +
+                            cq.describe() + ", " + cq.source + ")");
+  const Binder b{ckpt, cq, quantization, head + "model.", head};
   const int64_t H = c.hidden_size, V = c.vocab_size, I = c.intermediate_size, E = c.num_experts;
 
   ModelWeights w;
-  w.embed = b.linear(b.model_prefix + "embed_tokens.weight", V, H);
+  w.embed = b.matrix(b.model_prefix + "embed_tokens.weight", V, H);
   w.final_norm = b.vector(b.model_prefix + "norm.weight", H);
-  const MatrixRef lm_head = c.tie_word_embeddings ? w.embed : b.linear(b.head_prefix + "lm_head.weight", V, H);
+  Linear lm_head;
+  if (c.tie_word_embeddings) {
+    lm_head.name = b.model_prefix + "embed_tokens.weight";
+    lm_head.out = V;
+    lm_head.in = H;
+    lm_head.plain = w.embed;
+    b.quantize_at_load(lm_head, Role::Head);
+  } else {
+    lm_head = b.linear(b.head_prefix + "lm_head", V, H, Role::Head);
+  }
   std::vector<RawLayer> raw(c.num_layers);
-  int64_t bytes = kernels::packed_bytes(lm_head);
+  int64_t bytes = lm_head.bytes();
   for (int64_t i = 0; i < c.num_layers; ++i) {
     const std::string p = b.model_prefix + "layers." + std::to_string(i) + ".";
     LayerWeights l;
     RawLayer& r = raw[i];
     l.input_norm = b.vector(p + "input_layernorm.weight", H);
     l.post_attention_norm = b.vector(p + "post_attention_layernorm.weight", H);
-    r.q = b.linear(p + "self_attn.q_proj.weight", c.num_heads * c.head_dim, H);
-    r.k = b.linear(p + "self_attn.k_proj.weight", c.num_kv_heads * c.head_dim, H);
-    r.v = b.linear(p + "self_attn.v_proj.weight", c.num_kv_heads * c.head_dim, H);
-    r.o = b.linear(p + "self_attn.o_proj.weight", H, c.num_heads * c.head_dim);
-    for (const MatrixRef* m : {&r.q, &r.k, &r.v, &r.o}) bytes += kernels::packed_bytes(*m);
+    r.q = b.linear(p + "self_attn.q_proj", c.num_heads * c.head_dim, H, Role::Attention);
+    r.k = b.linear(p + "self_attn.k_proj", c.num_kv_heads * c.head_dim, H, Role::Attention);
+    r.v = b.linear(p + "self_attn.v_proj", c.num_kv_heads * c.head_dim, H, Role::Attention);
+    r.o = b.linear(p + "self_attn.o_proj", H, c.num_heads * c.head_dim, Role::Attention);
+    for (const Linear* m : {&r.q, &r.k, &r.v, &r.o}) bytes += m->bytes();
     if (c.layers[i].moe) {
-      MoeWeights& m = r.moe;
-      m.num_experts = E;
-      m.hidden = H;
-      m.inter = I;
-      m.router = b.linear(p + "feed_forward.router.weight", E, H);
-      DType down_dtype;
-      m.gate_up = b.tensor(p + "feed_forward.experts.gate_up_proj", {E, H, 2 * I}, &m.experts_dtype);
-      m.down = b.tensor(p + "feed_forward.experts.down_proj", {E, I, H}, &down_dtype);
-      if (down_dtype != m.experts_dtype)
-        throw DTypeError("tensor '" + p + "feed_forward.experts.down_proj' has dtype " + dtype_name(down_dtype) +
-                         " but gate_up_proj has " + dtype_name(m.experts_dtype) + "; both must match");
-      m.shared_gate = b.linear(p + "feed_forward.shared_expert.gate_proj.weight", I, H);
-      m.shared_up = b.linear(p + "feed_forward.shared_expert.up_proj.weight", I, H);
-      m.shared_down = b.linear(p + "feed_forward.shared_expert.down_proj.weight", H, I);
-      if (m.shared_up.dtype != m.shared_gate.dtype)
-        throw DTypeError("tensor '" + p + "feed_forward.shared_expert.up_proj.weight' must have gate_proj's dtype");
-      bytes += kernels::packed_moe_bytes(m);
+      r.router = b.linear(p + "feed_forward.router", E, H, Role::Router);
+      // Experts fused as transformers saves them, or one Linear each (compressed-tensors).
+      const bool fused = ckpt.contains(p + "feed_forward.experts.gate_up_proj") ||
+                         !ckpt.contains(p + "feed_forward.experts.0.gate_proj.weight") &&
+                             !ckpt.contains(p + "feed_forward.experts.0.gate_proj.weight_packed");
+      for (int64_t e = 0; e < E; ++e) {
+        const std::string x = p + "feed_forward.experts." + std::to_string(e) + ".";
+        r.gate.push_back(fused ? b.fused_expert(p, e, 0, E, H, I) : b.linear(x + "gate_proj", I, H, Role::Mlp));
+        r.up.push_back(fused ? b.fused_expert(p, e, 1, E, H, I) : b.linear(x + "up_proj", I, H, Role::Mlp));
+        r.down.push_back(fused ? b.fused_expert(p, e, 2, E, H, I) : b.linear(x + "down_proj", H, I, Role::Mlp));
+        bytes += r.gate.back().glu_bytes() + r.down.back().bytes();
+      }
+      check_same_format(r.gate);
+      check_same_format(r.down);
+      r.shared_gate = b.linear(p + "feed_forward.shared_expert.gate_proj", I, H, Role::Mlp);
+      r.shared_up = b.linear(p + "feed_forward.shared_expert.up_proj", I, H, Role::Mlp);
+      r.shared_down = b.linear(p + "feed_forward.shared_expert.down_proj", H, I, Role::Mlp);
+      bytes += r.router.bytes() + r.shared_gate.glu_bytes() + r.shared_down.bytes();
     } else {
       const int64_t D = c.intermediate_size_mlp;
-      r.gate = b.linear(p + "feed_forward.gate_proj.weight", D, H);
-      r.up = b.linear(p + "feed_forward.up_proj.weight", D, H);
-      r.down = b.linear(p + "feed_forward.down_proj.weight", H, D);
-      if (r.up.dtype != r.gate.dtype)
-        throw DTypeError("tensor '" + p + "feed_forward.up_proj.weight' must have gate_proj's dtype");
-      bytes += kernels::packed_glu_bytes(r.gate) + kernels::packed_bytes(r.down);
+      r.gate.push_back(b.linear(p + "feed_forward.gate_proj", D, H, Role::Mlp));
+      r.up.push_back(b.linear(p + "feed_forward.up_proj", D, H, Role::Mlp));
+      r.down.push_back(b.linear(p + "feed_forward.down_proj", H, D, Role::Mlp));
+      bytes += r.gate[0].glu_bytes() + r.down[0].bytes();
     }
     w.layers.push_back(l);
   }
 
-  // Pack every matrix into one allocation, in layer order.
+  // Pack every matrix into one allocation, in layer order; each layer's checkpoint pages are
+  // dropped once it is packed, so memory never holds more than one layer beyond the packed model.
   w.packed = kernels::allocate_packed(bytes);
-  char* at = w.packed.get();
-  const auto pack = [&](const MatrixRef& m) {
-    const MatrixRef p = kernels::pack_weights(at, m);
-    at += kernels::packed_bytes(m);
-    return p;
-  };
+  Packer pk{ckpt, w.packed.get()};
   for (int64_t i = 0; i < c.num_layers; ++i) {
     LayerWeights& l = w.layers[i];
     const RawLayer& r = raw[i];
-    l.q = pack(r.q);
-    l.k = pack(r.k);
-    l.v = pack(r.v);
-    if (l.q.out % kernels::kPackedPanelCols == 0 && l.k.out % kernels::kPackedPanelCols == 0 && l.k.dtype == l.q.dtype && l.v.dtype == l.q.dtype)
-      l.qkv = MatrixRef{l.q.data, l.q.dtype, WeightLayout::Packed, l.q.in, l.q.out + l.k.out + l.v.out};
-    l.o = pack(r.o);
-    if (c.layers[i].moe) {
-      l.moe = kernels::pack_moe(at, r.moe);
-      at += kernels::packed_moe_bytes(r.moe);
-    } else {
-      l.mlp_gate_up = kernels::pack_glu(at, r.gate, r.up);
-      at += kernels::packed_glu_bytes(r.gate);
-      l.mlp_down = pack(r.down);
+    l.q = pk.one(r.q);
+    l.k = pk.one(r.k);
+    l.v = pk.one(r.v);
+    const auto same = [](const MatrixRef& a, const MatrixRef& b) {
+      return a.dtype == b.dtype && a.quant.group == b.quant.group && a.quant.scale_dtype == b.quant.scale_dtype &&
+             a.quant.offsets == b.quant.offsets && a.quant.act_group == b.quant.act_group;
+    };
+    if (l.q.out % kernels::kPackedPanelCols == 0 && l.k.out % kernels::kPackedPanelCols == 0 && same(l.q, l.k) &&
+        same(l.q, l.v)) {
+      l.qkv = l.q;
+      l.qkv.out = l.q.out + l.k.out + l.v.out;
     }
+    l.o = pk.one(r.o);
+    if (c.layers[i].moe) {
+      MoeWeights& m = l.moe;
+      m.num_experts = E;
+      m.hidden = H;
+      m.inter = I;
+      m.router = pk.one(r.router);
+      m.gate_up = pk.at;
+      MatrixRef gu, dn;
+      for (int64_t e = 0; e < E; ++e) gu = pk.glu(r.gate[e], r.up[e]);
+      m.down = pk.at;
+      for (int64_t e = 0; e < E; ++e) dn = pk.one(r.down[e]);
+      if (gu.dtype != dn.dtype)
+        throw DTypeError("tensors '" + r.gate[0].name + "' and '" + r.down[0].name + "' are stored in different "
+                         "formats; the experts' matrices must match");
+      m.experts_dtype = gu.dtype;
+      m.gate_up_quant = gu.quant;
+      m.down_quant = dn.quant;
+      m.experts_layout = WeightLayout::Packed;
+      m.shared_gate = pk.glu(r.shared_gate, r.shared_up);
+      m.shared_down = pk.one(r.shared_down);
+    } else {
+      l.mlp_gate_up = pk.glu(r.gate[0], r.up[0]);
+      l.mlp_down = pk.one(r.down[0]);
+    }
+    for (const auto& f : ckpt.open_files()) f->release_pages();
   }
-  w.lm_head = pack(lm_head);
+  w.lm_head = pk.one(lm_head);
+  if (pk.at != w.packed.get() + bytes) throw Error("load_weights: packed sizes disagree (a Corral bug)");
   w.files = ckpt.open_files();
   for (const auto& f : w.files) f->release_pages();  // the packed copy is what the products read
+
+  w.bytes = bytes + V * H * int64_t(dtype_size(w.embed.dtype)) + (2 * c.num_layers + 1) * H * int64_t(dtype_size(w.final_norm.dtype));
+  if (!cq.method.empty()) w.format = cq.describe();
+  else if (!quantization.empty())
+    w.format = quantization + " (quantized at load from " + dtype_name(w.embed.dtype) + ")";
+  else w.format = dtype_name(w.embed.dtype);
   return w;
 }
 

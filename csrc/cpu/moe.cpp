@@ -111,8 +111,8 @@ void moe(float* out, const float* x, int64_t tokens, const MoeWeights& w, int to
   }
   const int ke = gemm_kind(w.experts_dtype, act), ks = gemm_kind(w.shared_gate.dtype, act),
             kd = gemm_kind(w.shared_down.dtype, act);
-  const int64_t act_e = w.experts_quant.act_group;
-  const PreparedX xs_p = prepare(2, xs, H, R, H, ke, act_e), x_p = prepare(3, x, H, T, H, ks, w.shared_gate.quant.act_group);
+
+  const PreparedX xs_p = prepare(2, xs, H, R, H, ke, w.gate_up_quant.act_group), x_p = prepare(3, x, H, T, H, ks, w.shared_gate.quant.act_group);
   float* h = static_cast<float*>(scratch(4, (R * I + T * Is) * 4));
   float* y = static_cast<float*>(scratch(5, R * H * 4));
   const int64_t hr_words = R * prepared_row_words(ke, I);
@@ -123,7 +123,8 @@ void moe(float* out, const float* x, int64_t tokens, const MoeWeights& w, int to
   std::vector<Mlp> mlps;
   MatrixRef gu0{w.gate_up, w.experts_dtype, WeightLayout::PackedGlu, H, 2 * I};
   MatrixRef dn0{w.down, w.experts_dtype, WeightLayout::Packed, I, H};
-  gu0.quant = dn0.quant = w.experts_quant;
+  gu0.quant = w.gate_up_quant;
+  dn0.quant = w.down_quant;
   const int64_t gu_bytes = num_panels(gu0) * panel_bytes(gu0);
   const int64_t dn_bytes = num_panels(dn0) * panel_bytes(dn0);
   for (int64_t e = 0; e < E; ++e) {
@@ -166,7 +167,7 @@ void moe(float* out, const float* x, int64_t tokens, const MoeWeights& w, int to
     for_items(up_items, up_shares ? &*up_shares : nullptr, up);
 #pragma omp single
     {
-      hr_p = prepare_in(h_buf, h, I, R, I, ke, act_e);
+      hr_p = prepare_in(h_buf, h, I, R, I, ke, w.down_quant.act_group);
       hs_p = prepare_in(h_buf + hr_words * 4, h + R * I, Is, T, Is, kd, w.shared_down.quant.act_group);
     }
     for_items(down_items, down_shares ? &*down_shares : nullptr, down);

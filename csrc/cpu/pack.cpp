@@ -246,10 +246,17 @@ MoeWeights pack_moe(void* dst, const MoeWeights& w) {
   return p;
 }
 
+int64_t packed_quantized_bytes(DType dtype, int64_t out, int64_t in, const QuantInfo& q) {
+  return (out + kPanelCols - 1) / kPanelCols * cpu::group_count(in, q.group) * cpu::quant_group_bytes(dtype, q);
+}
+
+int64_t packed_quantized_glu_bytes(DType dtype, int64_t out, int64_t in, const QuantInfo& q) {
+  return (out + kGluHalf - 1) / kGluHalf * cpu::group_count(in, q.group) * cpu::quant_group_bytes(dtype, q);
+}
+
 int64_t packed_quantized_bytes(const QuantizedRows& w, DType scale_dtype) {
   cpu::check_quantized(w, scale_dtype, "pack_quantized");
-  const QuantInfo q = cpu::quant_info(w, scale_dtype);
-  return (w.out + kPanelCols - 1) / kPanelCols * cpu::group_count(w.in, q.group) * cpu::quant_group_bytes(w.dtype, q);
+  return packed_quantized_bytes(w.dtype, w.out, w.in, cpu::quant_info(w, scale_dtype));
 }
 
 MatrixRef pack_quantized(void* dst, const QuantizedRows& w, DType scale_dtype) {
@@ -266,9 +273,7 @@ MatrixRef pack_quantized(void* dst, const QuantizedRows& w, DType scale_dtype) {
 
 int64_t packed_quantized_glu_bytes(const QuantizedRows& gate, DType scale_dtype) {
   cpu::check_quantized(gate, scale_dtype, "pack_quantized_glu");
-  const QuantInfo q = cpu::quant_info(gate, scale_dtype);
-  return (gate.out + kGluHalf - 1) / kGluHalf * cpu::group_count(gate.in, q.group) *
-         cpu::quant_group_bytes(gate.dtype, q);
+  return packed_quantized_glu_bytes(gate.dtype, gate.out, gate.in, cpu::quant_info(gate, scale_dtype));
 }
 
 MatrixRef pack_quantized_glu(void* dst, const QuantizedRows& gate, const QuantizedRows& up, DType scale_dtype) {

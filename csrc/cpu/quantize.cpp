@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <string>
 
 #include "corral/error.h"
@@ -34,16 +35,37 @@ double fit(const float* x, int64_t n, float s, int lo, int hi, int8_t* q) {
   double err = 0;
   const float inv = s > 0.f ? 1.f / s : 0.f;
   for (int64_t i = 0; i < n; ++i) {
-    const float t = std::clamp(x[i] * inv, float(lo) - 1.f, float(hi) + 1.f);
-    const int v = std::clamp(int(round_even(t)), lo, hi);
-    q[i] = int8_t(v);
-    const double e = double(x[i]) - double(s) * v;
+    const float t = std::clamp(x[i] * inv, float(lo), float(hi));
+    q[i] = int8_t(round_even(t));
+    const double e = double(x[i]) - double(s) * q[i];
     err += e * e;
   }
   return err;
 }
 
-// The scale of one I4 group (see quantize_weights), its codes in q.
+// The squared error of scale s alone (no codes stored): plain float arithmetic in 8 lanes that
+// the compiler vectorizes, for the many candidates of the search.
+float error_of(const float* x, int64_t n, float s, float lo, float hi) {
+  const float inv = s > 0.f ? 1.f / s : 0.f;
+  float acc[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) {
+      float t = x[i + j] * inv;
+      t = t < lo ? lo : t;
+      t = t > hi ? hi : t;
+      const float e = x[i + j] - s * round_even(t);
+      acc[j] += e * e;
+    }
+  for (; i < n; ++i) {
+    const float e = x[i] - s * round_even(std::fmin(std::fmax(x[i] * inv, lo), hi));
+    acc[0] += e * e;
+  }
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+// The scale of one I4 group (see quantize_weights), its codes in q: the best candidate
+// max|x| / d, then its least-squares refit for the codes it gives if that is better.
 float search_int4(const float* x, int64_t n, DType scale_dtype, int8_t* q) {
   float amax = 0.f;
   for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
@@ -51,31 +73,21 @@ float search_int4(const float* x, int64_t n, DType scale_dtype, int8_t* q) {
     std::fill(q, q + n, int8_t(0));
     return 0.f;
   }
-  int8_t trial[256];
-  float best_s = 0.f;
-  double best = INFINITY;
-  const auto consider = [&](float s) {
-    s = rounded_scale(s, scale_dtype);
-    if (!(s > 0.f)) return;
-    const double err = fit(x, n, s, -8, 7, trial);
-    if (err < best) {
-      best = err;
-      best_s = s;
-      std::copy(trial, trial + n, q);
-    }
-  };
-  for (int d = 30; d <= 45; ++d) {
-    const float s = amax / (0.2f * float(d));
-    consider(s);
-    // Least squares for these codes: s' = sum(x q) / sum(q^2).
-    double xq = 0, qq = 0;
-    fit(x, n, rounded_scale(s, scale_dtype), -8, 7, trial);
-    for (int64_t i = 0; i < n; ++i) {
-      xq += double(x[i]) * trial[i];
-      qq += double(trial[i]) * trial[i];
-    }
-    if (qq > 0) consider(float(xq / qq));
+  float best_s = 0.f, best = std::numeric_limits<float>::max();
+  for (int d = 12; d <= 18; ++d) {
+    const float s = rounded_scale(amax / (0.5f * float(d)), scale_dtype);
+    const float err = s > 0.f ? error_of(x, n, s, -8.f, 7.f) : std::numeric_limits<float>::max();
+    if (err < best) best = err, best_s = s;
   }
+  fit(x, n, best_s, -8, 7, q);
+  double xq = 0, qq = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    xq += double(x[i]) * q[i];
+    qq += double(q[i]) * q[i];
+  }
+  const float refit = qq > 0 ? rounded_scale(float(xq / qq), scale_dtype) : 0.f;
+  if (refit > 0.f && error_of(x, n, refit, -8.f, 7.f) < best) best_s = refit;
+  fit(x, n, best_s, -8, 7, q);
   return best_s;
 }
 

@@ -77,6 +77,8 @@ def _common_parser() -> argparse.ArgumentParser:
     e = p.add_argument_group("engine options")
     e.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (default: MODEL)")
     e.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16", "fp8"))
+    e.add_argument("--quantization", default=None, choices=("int8", "int4"),
+                   help="quantize 16/32-bit weights at load (quantized checkpoints load as published)")
     e.add_argument("--dtype", default="auto", choices=("auto", "float32"),
                    help="what products multiply bf16 weights with: bf16-rounded (auto) or float32 activations")
     e.add_argument("--kv-cache-bytes", type=_size, metavar="SIZE", help="KV cache memory, e.g. 8G")
@@ -202,6 +204,7 @@ def _load(args, need_tokenizer: bool) -> LLM:
         kv_cache_bytes=args.kv_cache_bytes,
         kv_cache_dtype=args.kv_cache_dtype,
         dtype=args.dtype,
+        quantization=args.quantization,
         enable_prefix_caching=not args.no_prefix_caching,
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
@@ -216,7 +219,7 @@ def _load(args, need_tokenizer: bool) -> LLM:
     files = _weight_files(model)
     total = sum(f.stat().st_size for f in files)
     with tqdm(
-        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"loading {model.name}", file=sys.stderr
+        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"loading {model.name} ({weights_format(model, args.quantization)})", file=sys.stderr
     ) as bar:
         # The engine memory-maps the weights, which are read on first use: read them now (into
         # the page cache) so the bar shows the loading, unless they would crowd out memory.
@@ -228,6 +231,26 @@ def _load(args, need_tokenizer: bool) -> LLM:
         llm = LLM(model, **options)
         bar.update(total - bar.n)
     return llm
+
+
+def weights_format(model: Path, quantization: str | None) -> str:
+    """What the weights are, for the load progress bar: the checkpoint's quantization method and
+    scheme, or its dtype and the quantization at load."""
+    try:
+        cfg = json.loads((model / "config.json").read_text())
+    except (OSError, ValueError):
+        return "?"  # the engine reports what is wrong with it
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    qc = cfg.get("quantization_config") or text.get("quantization_config")
+    if isinstance(qc, dict):
+        schemes = []
+        for group in (qc.get("config_groups") or {}).values():
+            w = (group or {}).get("weights") or {}
+            kind = "fp8" if w.get("type") == "float" else f"int{w.get('num_bits')}"
+            schemes.append(f"{kind} {w.get('strategy')}" + (f" {w['group_size']}" if w.get("group_size") else ""))
+        return " ".join([str(qc.get("quant_method")), *schemes])
+    dtype = cfg.get("torch_dtype") or cfg.get("dtype") or text.get("torch_dtype") or text.get("dtype") or "?"
+    return f"{dtype} -> {quantization} at load" if quantization else str(dtype)
 
 
 def _weight_files(model: Path) -> list[Path]:

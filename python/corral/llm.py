@@ -44,6 +44,9 @@ def demo_model_path() -> Path:
         )
     return DEMO_MODEL
 
+# Weight quantization at load (LLM's `quantization`).
+QUANTIZATIONS = (None, "int8", "int4")
+
 # A prompt: text, token ids, or vLLM's dicts {"prompt": text} / {"prompt_token_ids": ids}.
 Prompt = str | Sequence[int] | Mapping[str, Any]
 
@@ -66,6 +69,13 @@ class LLM:
             rate where the CPU has AVX-512 BF16) or "float32" (exact products, slower prefill).
             Float32 and float16 weights always take float32 activations; sums are float32, and
             the residual stream, norms, attention and router stay float32 either way.
+        quantization: weights quantized at load for 16/32-bit checkpoints: None (as stored),
+            "int8" (every linear int8, one scale per output row) or "int4" (MLPs and experts
+            int4 in groups of 32 with searched scales, attention and lm_head int8); the router,
+            norms and embedding stay as stored. Integer weights multiply activations quantized
+            per token and block of 32 (16-bit for int8 weights, 8-bit for int4). Quantized
+            checkpoints (compressed-tensors FP8/int4/int8, fbgemm_fp8) load as published, from
+            their config's quantization_config, with quantization=None.
         enable_prefix_caching: reuse the KV cache of earlier prompts' full blocks (default True).
         max_model_len: longest sequence, prompt plus output (default: the config's
             max_position_embeddings).
@@ -90,6 +100,7 @@ class LLM:
         kv_cache_bytes: int | None = None,
         kv_cache_dtype: str = "auto",
         dtype: str = "auto",
+        quantization: str | None = None,
         enable_prefix_caching: bool = True,
         max_model_len: int | None = None,
         max_num_seqs: int = 256,
@@ -106,6 +117,8 @@ class LLM:
             raise _core.InvalidInputError(f"kv_cache_dtype={kv_cache_dtype!r} is not one of {_KV_DTYPES}")
         if dtype not in ("auto", "float32"):
             raise _core.InvalidInputError(f"dtype={dtype!r} is not one of ('auto', 'float32')")
+        if quantization not in QUANTIZATIONS:
+            raise _core.InvalidInputError(f"quantization={quantization!r} is not one of {QUANTIZATIONS}")
         for name, value, low in (
             ("block_size", block_size, 1),
             ("max_num_seqs", max_num_seqs, 1),
@@ -122,6 +135,7 @@ class LLM:
         options.kv_cache_bytes = kv_cache_bytes or 0
         options.kv_cache_dtype = kv_cache_dtype
         options.dtype = dtype
+        options.quantization = quantization or ""
         options.enable_prefix_caching = bool(enable_prefix_caching)
         options.max_model_len = max_model_len or 0
         options.max_num_seqs = max_num_seqs
@@ -137,8 +151,10 @@ class LLM:
         stats = self._engine.stats()
         # Say which code paths run: the CPU ISA level picked at run time, and CUDA's state.
         logger.info(
-            "loaded %s: CPU kernels %s (available: %s), %d threads; KV cache %d blocks of %d tokens; CUDA: %s; %s",
+            "loaded %s (weights: %s, %.2f GB): CPU kernels %s (available: %s), %d threads; KV cache %d blocks of %d tokens; CUDA: %s; %s",
             self.model_path,
+            stats["weight_format"],
+            stats["weight_bytes"] / 1e9,
             _core.ops.cpu_isa(),
             ", ".join(_core.ops.cpu_isas()),
             _core.num_threads(),

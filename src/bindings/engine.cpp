@@ -48,6 +48,7 @@ void register_engine(py::module_& m) {
       .def_readwrite("block_size", &EngineOptions::block_size)
       .def_readwrite("kv_cache_bytes", &EngineOptions::kv_cache_bytes)
       .def_readwrite("kv_cache_dtype", &EngineOptions::kv_cache_dtype)
+      .def_readwrite("quantization", &EngineOptions::quantization)
       .def_readwrite("dtype", &EngineOptions::dtype)
       .def_readwrite("enable_prefix_caching", &EngineOptions::enable_prefix_caching)
       .def_readwrite("max_model_len", &EngineOptions::max_model_len)
@@ -123,6 +124,8 @@ void register_engine(py::module_& m) {
       .def("stats", [](const Engine& e) {
         const EngineStats s = e.stats();
         py::dict d;
+        d["weight_bytes"] = s.weight_bytes;
+        d["weight_format"] = s.weight_format;
         d["kv_blocks_total"] = s.kv.pages_total;
         d["kv_blocks_free"] = s.kv.pages_free;
         d["kv_blocks_cached"] = s.kv.pages_cached;

@@ -24,6 +24,7 @@
 #include "corral/kernels/moe.h"
 #include "corral/kernels/norm.h"
 #include "corral/kernels/quantize.h"
+#include "corral/quantized_checkpoint.h"
 #include "corral/kernels/rope.h"
 #include "corral/kernels/sampling.h"
 
@@ -364,6 +365,41 @@ void register_ops(py::module_& m) {
       },
       "unpack_packed(packed) -> float32 (out, in): the weights the products use (GLU: gate rows, then up rows)",
       py::arg("packed"));
+  m.def(
+      "load_quantized_linear",
+      [](const std::string& dir, const std::string& module, int64_t out, int64_t in, int64_t expert, int64_t col0,
+         int64_t width) {
+        const Checkpoint ckpt(dir);
+        const CheckpointQuantization cq = load_quantization(ckpt.config_path());
+        const std::string owner = expert >= 0 ? module.substr(0, module.rfind('.')) : module;
+        const QuantScheme* scheme = cq.scheme_for(owner);
+        if (!scheme) throw InvalidInputError("'" + owner + "' is not quantized in " + dir);
+        const QuantizedSource src{module, scheme, out, in, expert, col0, width};
+        const QuantPlan plan = plan_quantized(ckpt, src);
+        const DecodedWeights d = decode_quantized(ckpt, src, plan);
+        PackedMatrix p;
+        if (plan.dense) {
+          const MatrixRef f{d.dense.data(), DType::F32, WeightLayout::OutIn, in, out};
+          p.storage = kernels::allocate_packed(kernels::packed_bytes(f));
+          p.w = kernels::pack_weights(p.storage.get(), f);
+        } else {
+          p.storage = kernels::allocate_packed(kernels::packed_quantized_bytes(d.codes.rows(), plan.scale_dtype));
+          p.w = kernels::pack_quantized(p.storage.get(), d.codes.rows(), plan.scale_dtype);
+        }
+        F32 w({out, in});
+        kernels::unpack_weights(w.mutable_data(), p.w);
+        py::dict info;
+        info["dtype"] = plan.dense ? "float32" : dtype_name(plan.dtype);
+        info["group"] = plan.group;
+        info["scale_dtype"] = dtype_name(plan.scale_dtype);
+        info["offsets"] = plan.offsets;
+        info["act_group"] = plan.act_group;
+        return py::make_tuple(w, info);
+      },
+      "load_quantized_linear(dir, module, out, in, expert=-1, col0=0, width=0) -> (weights, info): a quantized "
+      "Linear of a checkpoint as Corral loads and packs it, unpacked to float32 (out, in)",
+      py::arg("dir"), py::arg("module"), py::arg("out"), py::arg("in"), py::arg("expert") = -1, py::arg("col0") = 0,
+      py::arg("width") = 0);
   m.def(
       "swiglu_packed",
       [](F32 x, const PackedMatrix& gate_up, const PackedMatrix& down) {

@@ -41,6 +41,7 @@ struct EngineOptions {
   // What the products multiply bf16 weights with: auto (bf16-rounded activations, vdpbf16ps) or
   // float32 (exact products, float32 speed). Other weights always take float32 activations.
   std::string dtype = "auto";
+  std::string quantization;                  // "", "int8", "int4": weights quantized at load (LoadOptions)
   bool enable_prefix_caching = true;
   int64_t max_model_len = 0;                 // 0: the config's max_position_embeddings
   int64_t max_num_seqs = 256;                // sequences in one step
@@ -67,6 +68,8 @@ struct RequestUpdate {
 
 struct EngineStats {
   BlockManager::Stats kv;
+  int64_t weight_bytes = 0;  // bytes of weights held (ModelWeights::bytes)
+  std::string weight_format;
   int64_t kv_block_size = 0;
   int64_t kv_page_bytes = 0;
   double kv_bytes_per_token = 0;

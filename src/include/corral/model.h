@@ -34,11 +34,13 @@ class Llama4Model {
  public:
   // Loads config.json and the safetensors weights of `dir` and packs the matrices for the CPU
   // products, which multiply bfloat16 weights with activations as `act` says.
-  explicit Llama4Model(const std::string& dir, kernels::Activations act = kernels::Activations::Native);
+  explicit Llama4Model(const std::string& dir, kernels::Activations act = kernels::Activations::Native,
+                       const LoadOptions& load = {});
 
   const ModelConfig& config() const { return config_; }
   // The dtype of the checkpoint's weights (of its embedding table).
   DType weights_dtype() const { return weights_.embed.dtype; }
+  const ModelWeights& weights() const { return weights_; }
   // Tokens routed to each expert of each layer by all forward passes so far ([layer][expert];
   // empty for dense layers).
   const std::vector<std::vector<int64_t>>& expert_tokens() const { return expert_tokens_; }

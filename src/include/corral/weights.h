@@ -3,6 +3,7 @@
 #pragma once
 
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "corral/checkpoint.h"
@@ -16,12 +17,13 @@ struct VectorRef {
   DType dtype = DType::F32;
 };
 
-// Matrices are packed for the CPU products (kernels::pack_weights): a copy of each, made at load.
+// Matrices are packed for the CPU products (kernels::pack_weights, pack_quantized): a copy of
+// each, made at load.
 struct LayerWeights {
   VectorRef input_norm, post_attention_norm;
   MatrixRef q, k, v, o;
   // q, k and v as one product (one pass over x, one stream of panels) where their packed panels
-  // lie back to back as one matrix's: q's and k's widths multiples of 64. Else data is null.
+  // lie back to back as one matrix's: q's and k's widths multiples of 64, one format. Else null.
   MatrixRef qkv;
   MoeWeights moe;                  // MoE layers (kernels::pack_moe)
   MatrixRef mlp_gate_up, mlp_down;  // dense layers; gate and up packed together (kernels::pack_glu)
@@ -34,11 +36,25 @@ struct ModelWeights {
   std::vector<LayerWeights> layers;
   std::vector<std::shared_ptr<const SafetensorsFile>> files;  // keeps the mappings alive
   kernels::PackedStorage packed;  // every packed matrix
+  int64_t bytes = 0;              // bytes of weights held: packed matrices, embedding, norms
+  std::string format;             // e.g. "bfloat16", "int4 (quantized at load)", for logs
+};
+
+// Weight quantization at load, for 16/32-bit checkpoints:
+//   "" or "none": as stored;
+//   "int8": every linear (attention, MLPs, experts, lm_head) int8 with one scale per output row;
+//   "int4": MLPs and experts int4 in groups of 32 k (bf16 scales), attention and lm_head int8.
+// The router, the norms and the embedding stay as stored. Quantized checkpoints (see
+// quantized_checkpoint.h) load as published and take no quantization here.
+struct LoadOptions {
+  std::string quantization;
 };
 
 // Binds every text-model tensor (Llama4ForCausalLM names, or Llama4ForConditionalGeneration's
-// under language_model.; vision tensors are ignored) and packs the matrices. Throws
-// MissingTensorError, ShapeError or DTypeError naming the tensor and its file.
-ModelWeights load_weights(const Checkpoint& checkpoint, const ModelConfig& config);
+// under language_model.; vision tensors are ignored) and packs the matrices, layer by layer (the
+// checkpoint's pages are dropped after each: memory holds the packed model and one layer).
+// Throws MissingTensorError, ShapeError or DTypeError naming the tensor and its file,
+// ConfigError for a quantization_config Corral cannot run, InvalidInputError for a bad option.
+ModelWeights load_weights(const Checkpoint& checkpoint, const ModelConfig& config, const LoadOptions& options = {});
 
 }  // namespace corral

@@ -88,6 +88,9 @@ MatrixRef pack_glu(void* dst, const MatrixRef& gate, const MatrixRef& up);
 // ShapeError otherwise.
 constexpr int64_t kQuantBlock = 32;
 int64_t packed_quantized_bytes(const QuantizedRows& w, DType scale_dtype);
+// The same from the shape alone: `out` x `in` codes of `dtype` held as q says.
+int64_t packed_quantized_bytes(DType dtype, int64_t out, int64_t in, const QuantInfo& q);
+int64_t packed_quantized_glu_bytes(DType dtype, int64_t out, int64_t in, const QuantInfo& q);
 MatrixRef pack_quantized(void* dst, const QuantizedRows& w, DType scale_dtype);
 int64_t packed_quantized_glu_bytes(const QuantizedRows& gate, DType scale_dtype);
 MatrixRef pack_quantized_glu(void* dst, const QuantizedRows& gate, const QuantizedRows& up, DType scale_dtype);

@@ -16,7 +16,7 @@ struct MoeWeights {
   const void* gate_up = nullptr;
   const void* down = nullptr;
   DType experts_dtype = DType::F32;
-  QuantInfo experts_quant;  // quantized experts (packed only): gate_up's and down's
+  QuantInfo gate_up_quant, down_quant;  // quantized experts (packed only)
   WeightLayout experts_layout = WeightLayout::InOut;
   MatrixRef shared_gate, shared_up, shared_down;
   int64_t num_experts = 0;
