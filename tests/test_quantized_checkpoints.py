@@ -9,7 +9,12 @@ Fixtures are built offline by quant_fixtures (compressed-tensors' own compressor
   dynamic per-token fp8 rounding; integer weights: the products' documented per-block quantization,
   kernels/linear.h), so what remains is float32 summation order: median relative error per position
   <= 1e-4, and at most one position in 20 above 1e-3 (a near-tie of the top-1 router may pick
-  another expert after a rounding difference: a whole token then differs);
+  another expert after a rounding difference: a whole token then differs). Int4 weights multiply
+  8-bit activation codes, which flip on last-bit differences of their inputs (1/127 of a block's
+  max each): the reference itself moves by a median 3.7e-3 between float32 and float64 arithmetic
+  on the tiny models, so int4 is held to median <= 1e-2 and at most one position in 20 above 3e-2
+  (a wrong scale, offset or code order gives 1e-1 and more; the kernels are checked tightly in
+  test_quantized_kernels.py);
 - logits with the default bf16 activations and bf16 KV cache: within 4e-2 (median), the bf16
   noise floor of the tiny models (test_model.py).
 """
@@ -75,6 +80,13 @@ def per_position_error(got, ref):
     return np.linalg.norm(got - ref, axis=1) / np.linalg.norm(ref, axis=1)
 
 
+def assert_matches(got, ref, eight_bit_activations):
+    """The bounds of the module docstring on per-position relative errors."""
+    err = per_position_error(got, ref)
+    median, tail = (1e-2, 3e-2) if eight_bit_activations else (1e-4, 1e-3)
+    assert np.median(err) <= median and np.sum(err > tail) <= len(err) // 20, (np.median(err), np.sort(err)[-3:])
+
+
 def expert_slices(name, w):
     """fbgemm_fp8's fused experts: (module, expert, col0, width) of a per-expert reference name."""
     base, e, proj = name.rsplit(".", 2)
@@ -107,8 +119,7 @@ def test_logits_match_transformers(built, fmt):
     path = built(fmt)
     ref = reference_logits(path, fmt)
     llm = corral.LLM(path, dtype="float32", kv_cache_dtype="float32")
-    err = per_position_error(llm.logits(PROMPT), ref)
-    assert np.median(err) <= 1e-4 and np.sum(err > 1e-3) <= len(err) // 20, (np.median(err), np.sort(err)[-3:])
+    assert_matches(llm.logits(PROMPT), ref, fmt.startswith("int4") and "actorder" not in fmt)
     method = read_config(path)["quantization_config"]["quant_method"]
     assert llm.stats()["weight_format"].startswith(method)
     # Default precision: bf16 activations for the 16-bit modules, bf16 KV cache.
@@ -133,16 +144,16 @@ def test_other_shapes_and_group_sizes(built, fmt, variant, group):
     """Dense MLP layers, 128 experts, chunked attention; a group of 16 (not a multiple of Corral's
     32-k block: decoded to float32 at load, exactly)."""
     path = built(fmt, variant, group_size=group)
-    ref = reference_logits(path, fmt if group % 32 == 0 else "int4-group-actorder")
-    err = per_position_error(corral.LLM(path, dtype="float32", kv_cache_dtype="float32").logits(PROMPT), ref)
-    assert np.median(err) <= 1e-4 and np.sum(err > 1e-3) <= len(err) // 20, (np.median(err), np.sort(err)[-3:])
+    decoded = group % 32 != 0  # held as float32 weights: float32 activations
+    ref = reference_logits(path, "int4-group-actorder" if decoded else fmt)
+    got = corral.LLM(path, dtype="float32", kv_cache_dtype="float32").logits(PROMPT)
+    assert_matches(got, ref, fmt.startswith("int4") and not decoded)
 
 
 def test_multimodal_layout(built):
     path = built("int4-group-sym", multimodal=True)
     ref = reference_logits(path, "int4-group-sym")
-    err = per_position_error(corral.LLM(path, dtype="float32", kv_cache_dtype="float32").logits(PROMPT), ref)
-    assert np.median(err) <= 1e-4
+    assert_matches(corral.LLM(path, dtype="float32", kv_cache_dtype="float32").logits(PROMPT), ref, True)
 
 
 def copy_of(built, fmt, tmp_path):
