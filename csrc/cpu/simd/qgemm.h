@@ -123,62 +123,79 @@ CORRAL_INLINE VecI vi_maddubs(VecI u, VecI s) { return _mm256_maddubs_epi16(u, s
 CORRAL_INLINE VecI vi_pairs_to32(VecI a) { return _mm256_madd_epi16(a, _mm256_set1_epi16(1)); }
 #endif
 
-// One block of I8 codes (kQuantBlock / 2 steps of 2 k) for vector v: dot[r] = sum of w * x.
-template <int MR>
-CORRAL_INLINE void block_dots_i8(VecI (&dot)[MR], const int8_t* w, const char* const (&x)[MR], int v) {
-  for (int r = 0; r < MR; ++r) dot[r] = vi_zero();
+// The integer dot products of one block of kQuantBlock k: MR rows of activation codes x[r] with
+// TVI vectors of columns (panel vectors vec[i]) of the block's weight codes w, into dot[r][i]
+// (int32 lanes, one per column; I4: of the stored codes 0..15, the caller subtracts the offsets).
+// Steps outside, vectors inside: each row's activations are broadcast once per step, and the
+// accumulators stay in registers.
+template <int MR, int TVI>
+CORRAL_INLINE void block_dots_i8(VecI (&dot)[MR][TVI], const int8_t* w, const char* const (&x)[MR], const int* vec) {
+  for (int r = 0; r < MR; ++r)
+    for (int i = 0; i < TVI; ++i) dot[r][i] = vi_zero();
+#pragma GCC unroll 4
   for (int64_t s = 0; s < kQuantBlock / 2; ++s) {
-    const VecI wv = vi_load_i8x2(w + s * kPanelCols * 2 + v * kVecWidth * 2);
-    for (int r = 0; r < MR; ++r) dot[r] = vi_dot_i16(dot[r], wv, vi_set1(load32(x[r] + 4 * s)));
+    VecI xb[MR];
+    for (int r = 0; r < MR; ++r) xb[r] = vi_set1(load32(x[r] + 4 * s));
+    for (int i = 0; i < TVI; ++i) {
+      const VecI wv = vi_load_i8x2(w + s * kPanelCols * 2 + vec[i] * kVecWidth * 2);
+      for (int r = 0; r < MR; ++r) dot[r][i] = vi_dot_i16(dot[r][i], wv, xb[r]);
+    }
   }
 }
 
-// One block of I4 codes (kQuantBlock / 8 steps of 8 k) for vector v: dot[r] = sum of u * x
-// (u = code + 8: the caller subtracts the offsets). Without VNNI the pair sums stay int16:
-// |u0 x0 + u1 x1| <= 2 * 15 * 127 = 3810, and 8 of them fit.
-template <int MR>
-CORRAL_INLINE void block_dots_i4(VecI (&dot)[MR], const uint8_t* w, const char* const (&x)[MR], int v) {
+// Without VNNI the I4 pair sums stay int16 through the block: |u0 x0 + u1 x1| <= 2 * 15 * 127 =
+// 3810, and 8 of them fit.
+template <int MR, int TVI>
+CORRAL_INLINE void block_dots_i4(VecI (&dot)[MR][TVI], const uint8_t* w, const char* const (&x)[MR], const int* vec) {
+  VecI acc[MR][TVI];
+  for (int r = 0; r < MR; ++r)
+    for (int i = 0; i < TVI; ++i) acc[r][i] = vi_zero();
+#pragma GCC unroll 4
+  for (int64_t s = 0; s < kQuantBlock / 8; ++s) {
+    VecI xl[MR], xh[MR];
+    for (int r = 0; r < MR; ++r) {
+      xl[r] = vi_set1(load32(x[r] + 8 * s));
+      xh[r] = vi_set1(load32(x[r] + 8 * s + 4));
+    }
+    for (int i = 0; i < TVI; ++i) {
+      const VecI b = vi_load(w + s * kPanelCols * 4 + vec[i] * kVecWidth * 4);
+      const VecI lo = vi_low_nibbles(b), hi = vi_high_nibbles(b);
+      for (int r = 0; r < MR; ++r) {
 #if defined(CORRAL_VNNI)
-  for (int r = 0; r < MR; ++r) dot[r] = vi_zero();
-  for (int64_t s = 0; s < kQuantBlock / 8; ++s) {
-    const VecI b = vi_load(w + s * kPanelCols * 4 + v * kVecWidth * 4);
-    const VecI lo = vi_low_nibbles(b), hi = vi_high_nibbles(b);
-    for (int r = 0; r < MR; ++r) {
-      dot[r] = vi_dot_u8(dot[r], lo, vi_set1(load32(x[r] + 8 * s)));
-      dot[r] = vi_dot_u8(dot[r], hi, vi_set1(load32(x[r] + 8 * s + 4)));
-    }
-  }
+        acc[r][i] = vi_dot_u8(vi_dot_u8(acc[r][i], lo, xl[r]), hi, xh[r]);
 #else
-  VecI acc[MR];
-  for (int r = 0; r < MR; ++r) acc[r] = vi_zero();
-  for (int64_t s = 0; s < kQuantBlock / 8; ++s) {
-    const VecI b = vi_load(w + s * kPanelCols * 4 + v * kVecWidth * 4);
-    const VecI lo = vi_low_nibbles(b), hi = vi_high_nibbles(b);
-    for (int r = 0; r < MR; ++r) {
-      acc[r] = vi_add16(acc[r], vi_maddubs(lo, vi_set1(load32(x[r] + 8 * s))));
-      acc[r] = vi_add16(acc[r], vi_maddubs(hi, vi_set1(load32(x[r] + 8 * s + 4))));
+        acc[r][i] = vi_add16(acc[r][i], vi_add16(vi_maddubs(lo, xl[r]), vi_maddubs(hi, xh[r])));
+#endif
+      }
     }
   }
-  for (int r = 0; r < MR; ++r) dot[r] = vi_pairs_to32(acc[r]);
+  for (int r = 0; r < MR; ++r)
+    for (int i = 0; i < TVI; ++i)
+#if defined(CORRAL_VNNI)
+      dot[r][i] = acc[r][i];
+#else
+      dot[r][i] = vi_pairs_to32(acc[r][i]);
 #endif
 }
 
-// Vectors per tile of the integer products: one row spans the panel (each panel streamed once at
-// decode); several rows take fewer vectors so that their accumulators stay in registers.
+// Rows per tile of the integer products, and vectors per pass over a block: a tile spans the
+// whole panel (each panel is read from memory once per row tile) and takes a block's vectors in
+// passes of kQuantPassVecs, the block staying in L1 between passes.
+constexpr int kQuantTileRows = kPanelVecs == 4 ? 4 : 3;
 template <int MR>
-constexpr int kQuantTileVecs = MR == 1 ? kPanelVecs : (kPanelVecs >= 8 ? 2 : kPanelVecs);
-constexpr int kQuantTileRows = 4;
+constexpr int kQuantPassVecs = MR == 1 ? 4 : 2;
 
-// y[r, 0:n) (+)= the MR rows of x (records) against tile t of one quantized panel.
-template <int Kind, bool Glu, int MR, int TV>
+// y[r, 0:n) (+)= the MR rows of x (records) against one quantized panel.
+template <int Kind, bool Glu, int MR>
 CORRAL_INLINE void quant_tile(float* y, int64_t ldy, const char* x, int64_t ldx_bytes, const char* panel, int64_t k,
-                              int t, int64_t n, bool accumulate, const QuantInfo& q, bool fetch) {
+                              int64_t n, bool accumulate, const QuantInfo& q, bool fetch) {
+  constexpr int TV = kPanelVecs, TVI = kQuantPassVecs<MR>;
   constexpr int64_t rec = quant_record_bytes(Kind);
   constexpr int64_t block_bytes = Kind == kGemmI8 ? kQuantBlock * kPanelCols : kQuantBlock * kPanelCols / 2;
   const int64_t header = quant_header_bytes(q), group_bytes = header + q.group / kQuantBlock * block_bytes;
   const int64_t nb = (k + kQuantBlock - 1) / kQuantBlock, per_group = q.group / kQuantBlock;
   int vec[TV];
-  for (int v = 0; v < TV; ++v) vec[v] = tile_vector<TV>(Glu, t, v);
+  for (int v = 0; v < TV; ++v) vec[v] = tile_vector<TV>(Glu, 0, v);
   VecF acc[MR][TV];
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < TV; ++v) acc[r][v] = vzero();
@@ -189,29 +206,32 @@ CORRAL_INLINE void quant_tile(float* y, int64_t ldy, const char* x, int64_t ldx_
       for (int64_t i = 0; i < block_bytes; i += 64) __builtin_prefetch(w + kFetchAhead + i, 0, 0);
     const char* xr[MR];
     VecF xd[MR];
-    VecI xsum[MR];
+    VecI xsum[MR];  // the sum of the block's activation codes (I4 symmetric: times the offset 8)
     for (int r = 0; r < MR; ++r) {
       const char* record = x + r * ldx_bytes + b * rec;
       xr[r] = record + 8;
       xd[r] = vset1(reinterpret_cast<const float*>(record)[0]);
-      xsum[r] = vi_set1(load32(record + 4));
+      xsum[r] = vi_set1(load32(record + 4) * (Kind == kGemmI4 && !q.offsets ? 8 : 1));
     }
-    for (int v = 0; v < TV; ++v) {
-      VecI dot[MR];
-      if constexpr (Kind == kGemmI8) block_dots_i8<MR>(dot, reinterpret_cast<const int8_t*>(w), xr, vec[v]);
-      else block_dots_i4<MR>(dot, reinterpret_cast<const uint8_t*>(w), xr, vec[v]);
-      const int64_t c = int64_t(vec[v]) * kVecWidth;
-      const VecF s = vload_scales(g, q.scale_dtype, c);
-      if (q.offsets) {
-        const VecI o = vi_load_i8(g + header - kPanelCols + c);
-        for (int r = 0; r < MR; ++r) dot[r] = vi_sub32(dot[r], vi_mul32(o, xsum[r]));
-      } else if constexpr (Kind == kGemmI4) {
-        for (int r = 0; r < MR; ++r) dot[r] = vi_sub32(dot[r], vi_mul32(vi_set1(8), xsum[r]));
+#pragma GCC unroll 8
+    for (int p = 0; p < TV; p += TVI) {
+      VecI dot[MR][TVI];
+      if constexpr (Kind == kGemmI8) block_dots_i8<MR, TVI>(dot, reinterpret_cast<const int8_t*>(w), xr, vec + p);
+      else block_dots_i4<MR, TVI>(dot, reinterpret_cast<const uint8_t*>(w), xr, vec + p);
+      for (int i = 0; i < TVI; ++i) {
+        const int64_t c = int64_t(vec[p + i]) * kVecWidth;
+        const VecF s = vload_scales(g, q.scale_dtype, c);
+        if (q.offsets) {
+          const VecI o = vi_load_i8(g + header - kPanelCols + c);
+          for (int r = 0; r < MR; ++r) dot[r][i] = vi_sub32(dot[r][i], vi_mul32(o, xsum[r]));
+        } else if constexpr (Kind == kGemmI4) {
+          for (int r = 0; r < MR; ++r) dot[r][i] = vi_sub32(dot[r][i], xsum[r]);
+        }
+        for (int r = 0; r < MR; ++r) acc[r][p + i] = vfma(vmul(vi_to_float(dot[r][i]), xd[r]), s, acc[r][p + i]);
       }
-      for (int r = 0; r < MR; ++r) acc[r][v] = vfma(vmul(vi_to_float(dot[r]), xd[r]), s, acc[r][v]);
     }
   }
-  store_tile<Glu, MR, TV>(y, ldy, acc, t, n, accumulate);
+  store_tile<Glu, MR, TV>(y, ldy, acc, 0, n, accumulate);
 }
 
 #endif  // AVX-512 or AVX2
@@ -270,11 +290,8 @@ void quant_gemm_panel(float* y, int64_t ldy, const void* x, int64_t ldx, int64_t
   const char* p = static_cast<const char*>(panel);
 #if defined(__AVX512F__) || defined(__AVX2__)
   row_tiles<kQuantTileRows>(rows, [&](auto mr, int64_t r) __attribute__((always_inline)) {
-    constexpr int MR = decltype(mr)::value, TV = kQuantTileVecs<MR>;
-    constexpr int outs_per_tile = (Glu ? TV / 2 : TV) * kVecWidth;
-    for (int t = 0; t < kPanelVecs / TV && t * outs_per_tile < n; ++t)
-      quant_tile<Kind, Glu, MR, TV>(y + r * ldy, ldy, xb + r * ldx * 4, ldx * 4, p, k, t, n, accumulate, q,
-                                    r == 0 && t == 0);
+    constexpr int MR = decltype(mr)::value;
+    quant_tile<Kind, Glu, MR>(y + r * ldy, ldy, xb + r * ldx * 4, ldx * 4, p, k, n, accumulate, q, r == 0);
   });
 #else
   quant_panel_scalar<Kind, Glu>(y, ldy, xb, ldx * 4, rows, p, k, n, accumulate, q);
