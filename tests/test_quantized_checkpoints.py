@@ -9,12 +9,13 @@ Fixtures are built offline by quant_fixtures (compressed-tensors' own compressor
   dynamic per-token fp8 rounding; integer weights: the products' documented per-block quantization,
   kernels/linear.h), so what remains is float32 summation order: median relative error per position
   <= 1e-4, and at most one position in 20 above 1e-3 (a near-tie of the top-1 router may pick
-  another expert after a rounding difference: a whole token then differs). Int4 weights multiply
+  another expert after a rounding difference: a whole token then differs). Integer weights multiply
   8-bit activation codes, which flip on last-bit differences of their inputs (1/127 of a block's
-  max each): the reference itself moves by a median 3.7e-3 between float32 and float64 arithmetic
-  on the tiny models, so int4 is held to median <= 1e-2 and at most one position in 20 above 3e-2
-  (a wrong scale, offset or code order gives 1e-1 and more; the kernels are checked tightly in
-  test_quantized_kernels.py);
+  max each): the reference itself moves by a median of about 1.5e-2 between float32 and float64
+  arithmetic on the tiny models. There Corral is compared with the float64 reference and must stay
+  within the float32 reference's own distance from it (median within 1.5x, 90th percentile within
+  2x); a wrong scale, offset or code order gives far more, and the kernels are checked tightly in
+  test_quantized_kernels.py;
 - logits with the default bf16 activations and bf16 KV cache: within 4e-2 (median), the bf16
   noise floor of the tiny models (test_model.py).
 """
@@ -65,26 +66,40 @@ def int_activations(bits):
     return f
 
 
-def reference_logits(path, fmt):
-    act_fn = None
-    if fmt.startswith("int4") and "actorder" not in fmt:
-        act_fn = int_activations(8)
-    elif fmt.startswith("int8"):
-        act_fn = int_activations(16)
-    model = qf.reference_model(path, act_quant=True, act_fn=act_fn)
+def eight_bit(fmt):
+    """Whether Corral's products of this fixture take 8-bit activation codes (integer weights)."""
+    return fmt.startswith("int") and "actorder" not in fmt
+
+
+def reference_logits(path, fmt, dtype=torch.float32):
+    act_fn = int_activations(8) if eight_bit(fmt) else None
+    model = qf.reference_model(path, act_quant=True, act_fn=act_fn).to(dtype)
     with torch.no_grad():
-        return model(torch.tensor([PROMPT])).logits[0].numpy()
+        return model(torch.tensor([PROMPT])).logits[0].double().numpy()
+
+
+def assert_matches_fixture(got, path, fmt):
+    if eight_bit(fmt):
+        assert_matches(got, reference_logits(path, fmt, torch.float64), True, reference_logits(path, fmt))
+    else:
+        assert_matches(got, reference_logits(path, fmt), False)
 
 
 def per_position_error(got, ref):
     return np.linalg.norm(got - ref, axis=1) / np.linalg.norm(ref, axis=1)
 
 
-def assert_matches(got, ref, eight_bit_activations):
-    """The bounds of the module docstring on per-position relative errors."""
+def assert_matches(got, ref, eight_bit_activations, ref32=None):
+    """The bounds of the module docstring on per-position relative errors. With 8-bit activation
+    codes `ref` is the float64 reference and ref32 the same in float32: Corral must stay within
+    the float32 reference's own spread."""
     err = per_position_error(got, ref)
-    median, tail = (1e-2, 3e-2) if eight_bit_activations else (1e-4, 1e-3)
-    assert np.median(err) <= median and np.sum(err > tail) <= len(err) // 20, (np.median(err), np.sort(err)[-3:])
+    if eight_bit_activations:
+        spread = per_position_error(ref32, ref)
+        assert np.median(err) <= 1.5 * np.median(spread) + 2e-4, (np.median(err), np.median(spread))
+        assert np.quantile(err, 0.9) <= 2 * np.quantile(spread, 0.9) + 1e-3, (np.sort(err)[-4:], np.sort(spread)[-4:])
+        return
+    assert np.median(err) <= 1e-4 and np.sum(err > 1e-3) <= len(err) // 20, (np.median(err), np.sort(err)[-3:])
 
 
 def expert_slices(name, w):
@@ -117,9 +132,9 @@ def test_weights_equal_compressed_tensors_decompression(built, fmt):
 @pytest.mark.parametrize("fmt", qf.FORMATS)
 def test_logits_match_transformers(built, fmt):
     path = built(fmt)
-    ref = reference_logits(path, fmt)
     llm = corral.LLM(path, dtype="float32", kv_cache_dtype="float32")
-    assert_matches(llm.logits(PROMPT), ref, fmt.startswith("int4") and "actorder" not in fmt)
+    assert_matches_fixture(llm.logits(PROMPT), path, fmt)
+    ref = reference_logits(path, fmt)
     method = read_config(path)["quantization_config"]["quant_method"]
     assert llm.stats()["weight_format"].startswith(method)
     # Default precision: bf16 activations for the 16-bit modules, bf16 KV cache.
@@ -145,15 +160,14 @@ def test_other_shapes_and_group_sizes(built, fmt, variant, group):
     32-k block: decoded to float32 at load, exactly)."""
     path = built(fmt, variant, group_size=group)
     decoded = group % 32 != 0  # held as float32 weights: float32 activations
-    ref = reference_logits(path, "int4-group-actorder" if decoded else fmt)
     got = corral.LLM(path, dtype="float32", kv_cache_dtype="float32").logits(PROMPT)
-    assert_matches(got, ref, fmt.startswith("int4") and not decoded)
+    assert_matches_fixture(got, path, "int4-group-actorder" if decoded else fmt)
 
 
 def test_multimodal_layout(built):
     path = built("int4-group-sym", multimodal=True)
-    ref = reference_logits(path, "int4-group-sym")
-    assert_matches(corral.LLM(path, dtype="float32", kv_cache_dtype="float32").logits(PROMPT), ref, True)
+    assert_matches_fixture(corral.LLM(path, dtype="float32", kv_cache_dtype="float32").logits(PROMPT), path,
+                           "int4-group-sym")
 
 
 def copy_of(built, fmt, tmp_path):

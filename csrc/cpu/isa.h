@@ -24,8 +24,8 @@ constexpr int kGemmKinds = 7;
 constexpr int64_t kQuantBlock = kernels::kQuantBlock;
 
 // Activations prepared for the integer products: per row, one record per kQuantBlock k: the block's
-// scale (float), the sum of its codes (int32), then its codes (I8: int16, I4: int8), zeros past k.
-constexpr int64_t quant_record_bytes(int kind) { return 8 + kQuantBlock * (kind == kGemmI8 ? 2 : 1); }
+// scale (float), the sum of its codes (int32), then its int8 codes, zeros past k.
+constexpr int64_t quant_record_bytes(int) { return 8 + kQuantBlock; }
 // 4-byte words of one prepared row of k activations for products of `kind`.
 constexpr int64_t prepared_row_words(int kind, int64_t k) {
   return kind == kGemmI8 || kind == kGemmI4 ? (k + kQuantBlock - 1) / kQuantBlock * quant_record_bytes(kind) / 4

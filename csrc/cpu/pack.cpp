@@ -125,7 +125,7 @@ void pack_quantized_panels(void* dst, DType dtype, const QuantInfo& q, int64_t i
         for (int64_t i = 0; i < kn; ++i) {
           const int8_t code = codes[k0 + i];
           if (dtype == DType::I8) {
-            out[(i / 2) * kPanelCols * 2 + c * 2 + i % 2] = code;
+            out[(i / 4) * kPanelCols * 4 + c * 4 + i % 4] = code;
           } else if (dtype == DType::I4) {
             uint8_t& byte = reinterpret_cast<uint8_t&>(out[(i / 8) * kPanelCols * 4 + c * 4 + i % 4]);
             byte |= uint8_t((code + 8) & 15) << (i % 8 < 4 ? 0 : 4);
@@ -325,7 +325,7 @@ void unpack_weights(float* dst, const MatrixRef& w) {
         int offset = w.dtype == DType::I4 ? 8 : 0;
         if (q.offsets) offset = reinterpret_cast<const int8_t*>(codes - kPanelCols)[c];
         if (w.dtype == DType::I8) {
-          out[k] = float(int(codes[(i / 2) * kPanelCols * 2 + c * 2 + i % 2]) - offset) * scale;
+          out[k] = float(int(codes[(i / 4) * kPanelCols * 4 + c * 4 + i % 4]) - offset) * scale;
         } else if (w.dtype == DType::I4) {
           const uint8_t byte = uint8_t(codes[(i / 8) * kPanelCols * 4 + c * 4 + i % 4]);
           out[k] = float(int(i % 8 < 4 ? byte & 15 : byte >> 4) - offset) * scale;

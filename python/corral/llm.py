@@ -73,7 +73,7 @@ class LLM:
             "int8" (every linear int8, one scale per output row) or "int4" (MLPs and experts
             int4 in groups of 32 with searched scales, attention and lm_head int8); the router,
             norms and embedding stay as stored. Integer weights multiply activations quantized
-            per token and block of 32 (16-bit for int8 weights, 8-bit for int4). Quantized
+            to 8 bits per token and block of 32 (as llama.cpp's Q8_0). Quantized
             checkpoints (compressed-tensors FP8/int4/int8, fbgemm_fp8) load as published, from
             their config's quantization_config, with quantization=None.
         enable_prefix_caching: reuse the KV cache of earlier prompts' full blocks (default True).

@@ -1,7 +1,7 @@
 // Inner loops of the products with quantized weights (cpu/pack.cpp packs them), in the panels of
 // simd/gemm.h: per panel, group after group of QuantInfo::group k, each group a header (the scale
 // of every panel column, then its integer offset if the format has them) and the group's codes:
-//   I8: [group / 2][kPanelCols][2] int8   (pairs of k, as vpmaddwd reads them)
+//   I8: [group / 4][kPanelCols][4] int8   (quads of k, as vpmaddubsw / vpdpbusd read them)
 //   I4: [group / 8][kPanelCols][4] bytes  (byte i of a column holds k = 8s + i in its low nibble
 //                                          and k = 8s + 4 + i in its high one, codes 0..15)
 //   F8: [group][kPanelCols] fp8 e4m3
@@ -20,13 +20,13 @@
 namespace corral::cpu::CORRAL_ISA_NS {
 
 
-// Activations for kGemmI8 (16-bit codes, scale max|x| / 32767) or kGemmI4 (8-bit, / 127): per
-// row and block the record of isa.h (scale, code sum, codes), codes = round-half-even(x * (1 /
-// scale)), all in float32; an all-zero block has scale 0.
+// Activations for kGemmI8 and kGemmI4: per row and block the record of isa.h (scale max|x| / 127,
+// code sum, codes), codes = round-half-even(x * (1 / scale)) in [-127, 127], all in float32; an
+// all-zero block has scale 0.
 template <int Kind>
 PreparedX prepare_quant_x(void* buf, const float* x, int64_t ldx, int64_t rows, int64_t k) {
-  using Code = std::conditional_t<Kind == kGemmI8, int16_t, int8_t>;
-  constexpr float kMax = Kind == kGemmI8 ? 32767.f : 127.f;
+  using Code = int8_t;
+  constexpr float kMax = 127.f;
   constexpr int64_t rec = quant_record_bytes(Kind);
   const int64_t nb = (k + kQuantBlock - 1) / kQuantBlock, ld = prepared_row_words(Kind, k);
   for (int64_t r = 0; r < rows; ++r) {
@@ -76,8 +76,10 @@ using VecI = __m512i;
 CORRAL_INLINE VecI vi_zero() { return _mm512_setzero_si512(); }
 CORRAL_INLINE VecI vi_set1(int32_t a) { return _mm512_set1_epi32(a); }
 CORRAL_INLINE VecI vi_load(const void* p) { return _mm512_loadu_si512(p); }
-CORRAL_INLINE VecI vi_load_i8x2(const void* p) {  // kVecWidth columns x 2 k of int8, widened to int16
-  return _mm512_cvtepi8_epi16(_mm256_loadu_si256(static_cast<const __m256i*>(p)));
+CORRAL_INLINE VecI vi_abs8(VecI a) { return _mm512_abs_epi8(a); }
+// x negated where w is negative (AVX-512 has no vpsignb; where w is 0 the product is 0 anyway).
+CORRAL_INLINE VecI vi_sign8(VecI x, VecI w) {
+  return _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
 }
 CORRAL_INLINE VecI vi_load_i8(const void* p) {  // kVecWidth int8 -> int32
   return _mm512_cvtepi8_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p)));
@@ -89,10 +91,7 @@ CORRAL_INLINE VecI vi_low_nibbles(VecI b) { return _mm512_and_si512(b, _mm512_se
 CORRAL_INLINE VecI vi_high_nibbles(VecI b) { return _mm512_and_si512(_mm512_srli_epi16(b, 4), _mm512_set1_epi8(0x0f)); }
 CORRAL_INLINE VecF vi_to_float(VecI a) { return {_mm512_cvtepi32_ps(a)}; }
 #if defined(__AVX512VNNI__)
-CORRAL_INLINE VecI vi_dot_i16(VecI acc, VecI w, VecI x) { return _mm512_dpwssd_epi32(acc, w, x); }
 #define CORRAL_VNNI 1
-#else
-CORRAL_INLINE VecI vi_dot_i16(VecI acc, VecI w, VecI x) { return _mm512_add_epi32(acc, _mm512_madd_epi16(w, x)); }
 #endif
 CORRAL_INLINE VecI vi_add16(VecI a, VecI b) { return _mm512_add_epi16(a, b); }
 CORRAL_INLINE VecI vi_maddubs(VecI u, VecI s) { return _mm512_maddubs_epi16(u, s); }
@@ -105,9 +104,8 @@ using VecI = __m256i;
 CORRAL_INLINE VecI vi_zero() { return _mm256_setzero_si256(); }
 CORRAL_INLINE VecI vi_set1(int32_t a) { return _mm256_set1_epi32(a); }
 CORRAL_INLINE VecI vi_load(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
-CORRAL_INLINE VecI vi_load_i8x2(const void* p) {
-  return _mm256_cvtepi8_epi16(_mm_loadu_si128(static_cast<const __m128i*>(p)));
-}
+CORRAL_INLINE VecI vi_abs8(VecI a) { return _mm256_abs_epi8(a); }
+CORRAL_INLINE VecI vi_sign8(VecI x, VecI w) { return _mm256_sign_epi8(x, w); }
 CORRAL_INLINE VecI vi_load_i8(const void* p) {
   return _mm256_cvtepi8_epi32(_mm_loadl_epi64(static_cast<const __m128i*>(p)));
 }
@@ -117,7 +115,6 @@ CORRAL_INLINE VecI vi_mul32(VecI a, VecI b) { return _mm256_mullo_epi32(a, b); }
 CORRAL_INLINE VecI vi_low_nibbles(VecI b) { return _mm256_and_si256(b, _mm256_set1_epi8(0x0f)); }
 CORRAL_INLINE VecI vi_high_nibbles(VecI b) { return _mm256_and_si256(_mm256_srli_epi16(b, 4), _mm256_set1_epi8(0x0f)); }
 CORRAL_INLINE VecF vi_to_float(VecI a) { return {_mm256_cvtepi32_ps(a)}; }
-CORRAL_INLINE VecI vi_dot_i16(VecI acc, VecI w, VecI x) { return _mm256_add_epi32(acc, _mm256_madd_epi16(w, x)); }
 CORRAL_INLINE VecI vi_add16(VecI a, VecI b) { return _mm256_add_epi16(a, b); }
 CORRAL_INLINE VecI vi_maddubs(VecI u, VecI s) { return _mm256_maddubs_epi16(u, s); }
 CORRAL_INLINE VecI vi_pairs_to32(VecI a) { return _mm256_madd_epi16(a, _mm256_set1_epi16(1)); }
@@ -133,12 +130,20 @@ CORRAL_INLINE void block_dots_i8(VecI (&dot)[MR][TVI], const int8_t* w, const ch
   for (int r = 0; r < MR; ++r)
     for (int i = 0; i < TVI; ++i) dot[r][i] = vi_zero();
 #pragma GCC unroll 4
-  for (int64_t s = 0; s < kQuantBlock / 2; ++s) {
+  for (int64_t s = 0; s < kQuantBlock / 4; ++s) {
     VecI xb[MR];
     for (int r = 0; r < MR; ++r) xb[r] = vi_set1(load32(x[r] + 4 * s));
     for (int i = 0; i < TVI; ++i) {
-      const VecI wv = vi_load_i8x2(w + s * kPanelCols * 2 + vec[i] * kVecWidth * 2);
-      for (int r = 0; r < MR; ++r) dot[r][i] = vi_dot_i16(dot[r][i], wv, xb[r]);
+      // |w| (0..128 as unsigned bytes, -128 included) times x with w's sign (-127..127): the
+      // pair sums of vpmaddubsw stay within int16 (2 * 128 * 127).
+      const VecI wv = vi_load(w + s * kPanelCols * 4 + vec[i] * kVecWidth * 4), aw = vi_abs8(wv);
+      for (int r = 0; r < MR; ++r) {
+#if defined(CORRAL_VNNI)
+        dot[r][i] = vi_dot_u8(dot[r][i], aw, vi_sign8(xb[r], wv));
+#else
+        dot[r][i] = vi_add32(dot[r][i], vi_pairs_to32(vi_maddubs(aw, vi_sign8(xb[r], wv))));
+#endif
+      }
     }
   }
 }
@@ -254,8 +259,8 @@ void quant_panel_scalar(float* y, int64_t ldy, const char* x, int64_t ldx_bytes,
       int32_t dot = 0;
       for (int64_t i = 0; i < kQuantBlock; ++i) {
         if constexpr (Kind == kGemmI8) {
-          dot += int32_t(reinterpret_cast<const int8_t*>(w)[(i / 2) * kPanelCols * 2 + c * 2 + i % 2]) *
-                 int32_t(reinterpret_cast<const int16_t*>(record + 8)[i]);
+          dot += int32_t(reinterpret_cast<const int8_t*>(w)[(i / 4) * kPanelCols * 4 + c * 4 + i % 4]) *
+                 int32_t(reinterpret_cast<const int8_t*>(record + 8)[i]);
         } else {
           const uint8_t byte = reinterpret_cast<const uint8_t*>(w)[(i / 8) * kPanelCols * 4 + c * 4 + i % 4];
           dot += int32_t(i % 8 < 4 ? byte & 15 : byte >> 4) * int32_t(reinterpret_cast<const int8_t*>(record + 8)[i]);

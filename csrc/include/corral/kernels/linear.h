@@ -103,7 +103,10 @@ void unpack_weights(float* dst, const MatrixRef& packed);
 // What the products multiply bfloat16 weights with: activations rounded to bfloat16 (Native:
 // vdpbf16ps, twice the float32 rate, as llama.cpp and vLLM compute bf16 models) or float32 ones
 // (exact products at float32 speed). Float32 and float16 weights always take float32 activations.
-// Sums are float32 either way.
+// Sums are float32 either way. Integer weights (I8, I4) always multiply activations quantized per
+// token and per kQuantBlock k to 8-bit integers (scale max |x| / 127, as llama.cpp's Q8_0), whose
+// block dot products are exact integers; FP8 weights multiply float32 activations (or fp8-rounded
+// ones, see QuantInfo::act_group).
 enum class Activations : uint8_t { Native, Float32 };
 
 // y[r, 0:out] = x[r, 0:in] . W for r < rows (y += ... when accumulate). x and y are float32 with
