@@ -109,3 +109,56 @@ def synthetic_llama4(path: Path, *, vocab: int, hidden: int, layers: int, heads:
                                      seed=seed)
     write_safetensors(Path(path) / "model.safetensors", t)
     return dict(config=config, decode_bytes=decode_bytes, params=sum(int(np.prod(a.shape)) for a in t.values()))
+
+
+def _packed_int8(out: int, k: int) -> int:
+    """Corral's int8 panel layout: panels of 64 output columns, K padded to a multiple of 32, one
+    group spanning the whole (padded) K with a float32 scale per output column."""
+    kp = -(-k // 32) * 32
+    return -(-out // 64) * 64 * (kp + 4)
+
+
+def _packed_int4(out: int, k: int) -> int:
+    """Corral's int4 panel layout: panels of 64 output columns, K padded to a multiple of 32, two
+    weights a byte and a bfloat16 scale per output column per group of 32."""
+    kp = -(-k // 32) * 32
+    return -(-out // 64) * 64 * (kp // 2 + 2 * (kp // 32))
+
+
+def decode_bytes(p, weights: str = "bf16") -> int:
+    """Bytes of weights one decoded token reads in Corral's packed format `weights` (bf16, int8 or
+    int4), from the shapes llama4_tensors takes (vocab, hidden, layers, heads, kv_heads, head_dim,
+    experts, inter, inter_mlp, top_k and either moe_layers or moe_step, interleaved as Llama 4 does).
+    Counts what llama4_tensors counts: an embedding row and the norms (bf16 in every format: the
+    row is negligible), attention q/k/v/o, per layer the dense MLP or the router (bf16 in every
+    format), the shared expert and top_k routed experts, and lm_head. bf16: 2 bytes a weight, the
+    figure llama4_tensors returns. int8: every linear but the router int8, one float32 scale per
+    output column (see _packed_int8). int4: the MLP matrices (dense, shared and routed experts)
+    int4 with group 32 (see _packed_int4), attention and lm_head int8, the router bf16."""
+    if weights not in ("bf16", "int8", "int4"):
+        raise ValueError(f"weights: {weights!r} is not bf16, int8 or int4")
+    H, L, V = p["hidden"], p["layers"], p["vocab"]
+    nh, nkv, hd, E, top_k = p["heads"], p["kv_heads"], p["head_dim"], p["experts"], p.get("top_k", 1)
+    I, D = p["inter"], p.get("inter_mlp", 0)
+    if "moe_layers" in p:
+        moe_layers = set(p["moe_layers"])
+    else:
+        moe_layers = set(range(p["moe_step"] - 1, L, p["moe_step"]))
+
+    def linear(out, k, mlp=False):
+        if weights == "bf16":
+            return 2 * out * k
+        return _packed_int4(out, k) if weights == "int4" and mlp else _packed_int8(out, k)
+
+    def swiglu(width, copies=1):  # gate, up: width x H; down: H x width
+        return copies * (2 * linear(width, H, mlp=True) + linear(H, width, mlp=True))
+
+    total = 2 * (2 * H) + linear(V, H)  # an embedding row and the final norm, lm_head
+    for i in range(L):
+        total += 2 * (2 * H)  # the two norms
+        total += linear(nh * hd, H) + 2 * linear(nkv * hd, H) + linear(H, nh * hd)
+        if i in moe_layers:
+            total += 2 * E * H + swiglu(I, top_k + 1)  # the router (bf16), top_k routed experts and the shared one
+        else:
+            total += swiglu(D)
+    return total

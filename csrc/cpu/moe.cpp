@@ -111,8 +111,8 @@ void moe(float* out, const float* x, int64_t tokens, const MoeWeights& w, int to
   }
   const int ke = gemm_kind(w.experts_dtype, act), ks = gemm_kind(w.shared_gate.dtype, act),
             kd = gemm_kind(w.shared_down.dtype, act);
-
-  const PreparedX xs_p = prepare(2, xs, H, R, H, ke, w.gate_up_quant.act_group), x_p = prepare(3, x, H, T, H, ks, w.shared_gate.quant.act_group);
+  const PreparedX xs_p = prepare(2, xs, H, R, H, ke, w.gate_up_quant.act_group);
+  const PreparedX x_p = prepare(3, x, H, T, H, ks, w.shared_gate.quant.act_group);
   float* h = static_cast<float*>(scratch(4, (R * I + T * Is) * 4));
   float* y = static_cast<float*>(scratch(5, R * H * 4));
   const int64_t hr_words = R * prepared_row_words(ke, I);

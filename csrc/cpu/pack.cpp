@@ -80,7 +80,7 @@ void check_quantized(const QuantizedRows& w, DType scale_dtype, const char* what
     throw DTypeError(name + ": scales are stored as float32 or bfloat16");
 }
 
-// The stored offset of code q's column in a group (see QuantInfo), and the stored code.
+// The offset stored for row `row` in group g (see QuantInfo).
 int offset_of(const QuantizedRows& w, int64_t row, int64_t g) {
   const int z = w.zero_points ? w.zero_points[row * group_count(w.in, w.group) + g] : 0;
   return w.dtype == DType::I4 ? z + 8 : z;
