@@ -143,6 +143,16 @@ def test_cli_main_in_process(model_dir, llm, capsys):
     assert capsys.readouterr().out == expected + "\n"
 
 
+def test_quantization_flag(model_dir, capsys):
+    from corral import cli
+
+    assert cli.main(["generate", str(model_dir), "Hello", "--max-tokens", "4", "-q", "--quantization", "int4"]) == 0
+    llm = corral.LLM(model_dir, quantization="int4")
+    assert capsys.readouterr().out == llm.generate("Hello", corral.SamplingParams(max_tokens=4))[0].outputs[0].text + "\n"
+    dtype = corral.LLM(model_dir).stats()["weight_format"]
+    assert cli.weights_format(model_dir, "int4") == f"{dtype} -> int4 at load"
+
+
 @pytest.mark.parametrize("quiet", [False, True])
 def test_progress_bar_on_a_terminal(model_dir, quiet):
     """Loading shows a progress bar on stderr when it is a terminal, unless --quiet."""
@@ -184,5 +194,6 @@ def test_progress_bar_on_a_terminal(model_dir, quiet):
     if quiet:
         assert err == b""
     else:
-        assert b"loading " + model_dir.name.encode() in err and b"100%" in err
+        dtype = corral.LLM(model_dir).stats()["weight_format"]  # the checkpoint's dtype, as the engine saw it
+        assert f"loading {model_dir.name} ({dtype})".encode() in err and b"100%" in err
         assert f"{size / 2**20:.2f}M".encode() in err  # the bar counts the weights' bytes

@@ -223,6 +223,13 @@ def test_unsupported_quantization_config_is_named(built, tmp_path, edit, match):
         corral.LLM(path)
 
 
+def test_progress_bar_names_the_format(built):
+    from corral import cli
+
+    assert cli.weights_format(built("int4-group-sym"), None) == "compressed-tensors int4 group 32"
+    assert cli.weights_format(built("fp8-block"), None) == "compressed-tensors fp8 block"
+
+
 def test_quantization_at_load_is_refused_for_quantized_checkpoints(built):
     with pytest.raises(corral.InvalidInputError, match="already quantized"):
         corral.LLM(built("fp8-tensor"), quantization="int4")
