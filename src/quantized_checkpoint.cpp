@@ -122,24 +122,22 @@ QuantScheme compressed_tensors_scheme(const json& group, const std::string& wher
 
 int64_t bits_of(DType t) { return t == DType::I4 ? 4 : 8; }
 
-const json& read_json(const std::string& path) {
-  static thread_local json doc;
+json read_json(const std::string& path) {
   std::ifstream f(path);
   if (!f) throw FileMissingError("config.json not found: " + path);
   std::stringstream ss;
   ss << f.rdbuf();
   try {
-    doc = json::parse(ss.str(), nullptr, true, false);
+    return json::parse(ss.str(), nullptr, true, false);
   } catch (const json::exception& e) {
     throw ConfigError(path + " is not valid JSON: " + e.what());
   }
-  return doc;
 }
 
 }  // namespace
 
 CheckpointQuantization load_quantization(const std::string& config_path) {
-  const json& doc = read_json(config_path);
+  const json doc = read_json(config_path);
   CheckpointQuantization q;
   q.source = config_path;
   if (!doc.is_object()) return q;
