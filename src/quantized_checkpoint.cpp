@@ -15,12 +15,6 @@ namespace {
 
 using json = nlohmann::json;
 
-std::string shape_str(const std::vector<int64_t>& s) {
-  std::string out = "[";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + "]";
-}
-
 // A regex entry ("re:<pattern>") matches from the start of the name, as Python's re.match.
 bool pattern_matches(const std::string& pattern, const std::string& name) {
   if (pattern.rfind("re:", 0) != 0) return false;
@@ -232,8 +226,8 @@ TensorRecord expect_tensor(const Checkpoint& ckpt, const std::string& name, cons
   const TensorRecord r = ckpt.get(name);
   if (std::find(shapes.begin(), shapes.end(), r.entry->shape) == shapes.end()) {
     std::string want;
-    for (const auto& s : shapes) want += (want.empty() ? "" : " or ") + shape_str(s);
-    throw ShapeError("tensor '" + name + "' in " + r.file->path() + " has shape " + shape_str(r.entry->shape) +
+    for (const auto& s : shapes) want += (want.empty() ? "" : " or ") + shape_string(s);
+    throw ShapeError("tensor '" + name + "' in " + r.file->path() + " has shape " + shape_string(r.entry->shape) +
                      ", expected " + want);
   }
   if (!r.entry->dtype || std::find(dtypes.begin(), dtypes.end(), *r.entry->dtype) == dtypes.end()) {
@@ -291,7 +285,7 @@ QuantPlan plan_quantized(const Checkpoint& ckpt, const QuantizedSource& src) {
       if (w.entry->shape.size() != 3 || w.entry->shape[1] != in || w.entry->shape[0] <= src.expert ||
           w.entry->shape[2] != src.width)
         throw ShapeError("tensor '" + src.module + "' in " + w.file->path() + " has shape " +
-                         shape_str(w.entry->shape) + ", expected [experts, " + std::to_string(in) + ", " +
+                         shape_string(w.entry->shape) + ", expected [experts, " + std::to_string(in) + ", " +
                          std::to_string(src.width) + "]");
       expect_tensor(ckpt, src.module, {w.entry->shape}, {DType::F8_E4M3});
       const int64_t E = w.entry->shape[0];

@@ -10,12 +10,6 @@ namespace corral {
 
 namespace {
 
-std::string shape_str(const std::vector<int64_t>& s) {
-  std::string out = "[";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + "]";
-}
-
 // What a matrix does in the model: decides its quantization at load.
 enum class Role { Attention, Mlp, Head, Router };
 
@@ -61,8 +55,8 @@ struct Binder {
   const void* tensor(const std::string& name, const std::vector<int64_t>& shape, DType* dtype) const {
     const TensorRecord r = ckpt.get(name);
     if (r.entry->shape != shape)
-      throw ShapeError("tensor '" + name + "' in " + r.file->path() + " has shape " + shape_str(r.entry->shape) +
-                       ", expected " + shape_str(shape));
+      throw ShapeError("tensor '" + name + "' in " + r.file->path() + " has shape " + shape_string(r.entry->shape) +
+                       ", expected " + shape_string(shape));
     const auto t = r.entry->dtype;
     if (!t || (*t != DType::F32 && *t != DType::BF16 && *t != DType::F16))
       throw DTypeError("tensor '" + name + "' in " + r.file->path() + " has dtype " + r.entry->dtype_name +
@@ -287,12 +281,8 @@ ModelWeights load_weights(const Checkpoint& ckpt, const ModelConfig& c, const Lo
     l.q = pk.one(r.q);
     l.k = pk.one(r.k);
     l.v = pk.one(r.v);
-    const auto same = [](const MatrixRef& a, const MatrixRef& b) {
-      return a.dtype == b.dtype && a.quant.group == b.quant.group && a.quant.scale_dtype == b.quant.scale_dtype &&
-             a.quant.offsets == b.quant.offsets && a.quant.act_group == b.quant.act_group;
-    };
-    if (l.q.out % kernels::kPackedPanelCols == 0 && l.k.out % kernels::kPackedPanelCols == 0 && same(l.q, l.k) &&
-        same(l.q, l.v)) {
+    if (l.q.out % kernels::kPackedPanelCols == 0 && l.k.out % kernels::kPackedPanelCols == 0 && same_plan(r.q, r.k) &&
+        same_plan(r.q, r.v)) {
       l.qkv = l.q;
       l.qkv.out = l.q.out + l.k.out + l.v.out;
     }

@@ -23,6 +23,20 @@ enum GemmKind : int { kGemmF32 = 0, kGemmBf16 = 1, kGemmF16 = 2, kGemmBf16Exact 
 constexpr int kGemmKinds = 7;
 constexpr int64_t kQuantBlock = kernels::kQuantBlock;
 
+// Where code i (of a group) of panel column c lies in a quantized group's codes (simd/qgemm.h):
+// I8 quads and I4 nibble words of 8 k per column, fp8 one k per panel row. The stored code: an
+// int8, an I4 nibble 0..15 (low nibble for i % 8 < 4), or fp8 bits.
+CORRAL_INLINE int64_t quant_code_byte(DType dtype, int64_t i, int64_t c) {
+  if (dtype == DType::F8_E4M3) return i * kPanelCols + c;
+  return (dtype == DType::I4 ? i / 8 : i / 4) * kPanelCols * 4 + c * 4 + i % 4;
+}
+CORRAL_INLINE bool quant_high_nibble(int64_t i) { return i % 8 >= 4; }
+CORRAL_INLINE int quant_code(DType dtype, const char* codes, int64_t i, int64_t c) {
+  const char b = codes[quant_code_byte(dtype, i, c)];
+  if (dtype == DType::I4) return quant_high_nibble(i) ? uint8_t(b) >> 4 : uint8_t(b) & 15;
+  return dtype == DType::I8 ? int(int8_t(b)) : int(uint8_t(b));
+}
+
 // Activations prepared for the integer products: per row, one record per kQuantBlock k: the block's
 // scale (float), the sum of its codes (int32), then its int8 codes, zeros past k.
 constexpr int64_t quant_record_bytes(int) { return 8 + kQuantBlock; }

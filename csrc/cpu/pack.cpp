@@ -123,15 +123,9 @@ void pack_quantized_panels(void* dst, DType dtype, const QuantInfo& q, int64_t i
         char* out = grp + header;
         const int64_t k0 = g * q.group, kn = std::min(q.group, in - k0);
         for (int64_t i = 0; i < kn; ++i) {
-          const int8_t code = codes[k0 + i];
-          if (dtype == DType::I8) {
-            out[(i / 4) * kPanelCols * 4 + c * 4 + i % 4] = code;
-          } else if (dtype == DType::I4) {
-            uint8_t& byte = reinterpret_cast<uint8_t&>(out[(i / 8) * kPanelCols * 4 + c * 4 + i % 4]);
-            byte |= uint8_t((code + 8) & 15) << (i % 8 < 4 ? 0 : 4);
-          } else {
-            out[i * kPanelCols + c] = code;
-          }
+          char& byte = out[quant_code_byte(dtype, i, c)];
+          if (dtype == DType::I4) byte = char(uint8_t(byte) | uint8_t((codes[k0 + i] + 8) & 15) << (quant_high_nibble(i) ? 4 : 0));
+          else byte = codes[k0 + i];
         }
       }
     }
@@ -324,14 +318,8 @@ void unpack_weights(float* dst, const MatrixRef& w) {
                                                          : reinterpret_cast<const float*>(grp)[c];
         int offset = w.dtype == DType::I4 ? 8 : 0;
         if (q.offsets) offset = reinterpret_cast<const int8_t*>(codes - kPanelCols)[c];
-        if (w.dtype == DType::I8) {
-          out[k] = float(int(codes[(i / 4) * kPanelCols * 4 + c * 4 + i % 4]) - offset) * scale;
-        } else if (w.dtype == DType::I4) {
-          const uint8_t byte = uint8_t(codes[(i / 8) * kPanelCols * 4 + c * 4 + i % 4]);
-          out[k] = float(int(i % 8 < 4 ? byte & 15 : byte >> 4) - offset) * scale;
-        } else {
-          out[k] = to_float(fp8_e4m3{uint8_t(codes[i * kPanelCols + c])}) * scale;
-        }
+        const int code = cpu::quant_code(w.dtype, codes, i, c);
+        out[k] = w.dtype == DType::F8_E4M3 ? to_float(fp8_e4m3{uint8_t(code)}) * scale : float(code - offset) * scale;
       }
     }
   }

@@ -299,6 +299,18 @@ QuantArrays quant_arrays(const py::array& codes, const py::array& scales, const 
   return a;
 }
 
+// The SwiGLU MLP of every row of x on packed weights (the GIL released while it runs).
+F32 swiglu_rows(const F32& x, const MatrixRef& gate_up, const MatrixRef& down, kernels::Activations act) {
+  F32 out({x.shape(0), x.shape(1)});
+  float* op = out.mutable_data();
+  std::fill(op, op + out.size(), 0.f);
+  const float* xp = x.data();
+  const int64_t rows = x.shape(0);
+  py::gil_scoped_release release;
+  kernels::swiglu_mlp(kCpu, op, xp, rows, gate_up, down, act);
+  return out;
+}
+
 // Weights packed once and kept between calls, as a model keeps them (for benchmarks).
 struct PackedMatrix {
   kernels::PackedStorage storage;
@@ -404,14 +416,7 @@ void register_ops(py::module_& m) {
       "swiglu_packed",
       [](F32 x, const PackedMatrix& gate_up, const PackedMatrix& down) {
         expect(x.ndim() == 2 && x.shape(1) == gate_up.w.in, "x must be (rows, " + std::to_string(gate_up.w.in) + ")");
-        F32 out({x.shape(0), x.shape(1)});
-        float* op = out.mutable_data();
-        std::fill(op, op + out.size(), 0.f);
-        const float* xp = x.data();
-        const int64_t rows = x.shape(0);
-        py::gil_scoped_release release;
-        kernels::swiglu_mlp(kCpu, op, xp, rows, gate_up.w, down.w, kernels::Activations::Native);
-        return out;
+        return swiglu_rows(x, gate_up.w, down.w, kernels::Activations::Native);
       },
       py::arg("x"), py::arg("gate_up"), py::arg("down"));
   m.def(
@@ -829,17 +834,9 @@ void register_ops(py::module_& m) {
         expect(x.ndim() == 2 && x.shape(1) == mg.in && mu.in == mg.in && mu.out == mg.out && md.in == mg.out &&
                    md.out == mg.in,
                "expected x (rows, H), gate and up (I, H), down (H, I)");
-        F32 out({x.shape(0), x.shape(1)});
-        float* op = out.mutable_data();
-        std::fill(op, op + out.size(), 0.f);
-        const float* xp = x.data();
-        const int64_t rows = x.shape(0);
-        py::gil_scoped_release release;
         const kernels::PackedStorage gu = kernels::allocate_packed(kernels::packed_glu_bytes(mg));
         const kernels::PackedStorage dn = kernels::allocate_packed(kernels::packed_bytes(md));
-        kernels::swiglu_mlp(kCpu, op, xp, rows, kernels::pack_glu(gu.get(), mg, mu), kernels::pack_weights(dn.get(), md),
-                            a);
-        return out;
+        return swiglu_rows(x, kernels::pack_glu(gu.get(), mg, mu), kernels::pack_weights(dn.get(), md), a);
       },
       py::arg("x"), py::arg("gate"), py::arg("up"), py::arg("down"), py::arg("dtype") = "float32",
       py::arg("activations") = "native");

@@ -257,15 +257,8 @@ void quant_panel_scalar(float* y, int64_t ldy, const char* x, int64_t ldx_bytes,
       const char* w = g + header + (b % per_group) * block_bytes;
       const char* record = xrow + b * rec;
       int32_t dot = 0;
-      for (int64_t i = 0; i < kQuantBlock; ++i) {
-        if constexpr (Kind == kGemmI8) {
-          dot += int32_t(reinterpret_cast<const int8_t*>(w)[(i / 4) * kPanelCols * 4 + c * 4 + i % 4]) *
-                 int32_t(reinterpret_cast<const int8_t*>(record + 8)[i]);
-        } else {
-          const uint8_t byte = reinterpret_cast<const uint8_t*>(w)[(i / 8) * kPanelCols * 4 + c * 4 + i % 4];
-          dot += int32_t(i % 8 < 4 ? byte & 15 : byte >> 4) * int32_t(reinterpret_cast<const int8_t*>(record + 8)[i]);
-        }
-      }
+      for (int64_t i = 0; i < kQuantBlock; ++i)
+        dot += quant_code(Kind == kGemmI8 ? DType::I8 : DType::I4, w, i, c) * int32_t(int8_t(record[8 + i]));
       const int32_t offset = q.offsets ? int32_t(reinterpret_cast<const int8_t*>(g + header - kPanelCols)[c])
                                        : Kind == kGemmI4 ? 8 : 0;
       dot -= offset * load32(record + 4);

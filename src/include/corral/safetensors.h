@@ -13,6 +13,9 @@
 
 namespace corral {
 
+// A shape as messages print it, e.g. "[64, 3]".
+std::string shape_string(const std::vector<int64_t>& shape);
+
 struct SafetensorsEntry {
   std::string dtype_name;      // as written in the header, e.g. "BF16"
   std::optional<DType> dtype;  // empty when Corral has no kernel type for it
