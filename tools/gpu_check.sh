@@ -2,6 +2,8 @@
 # On a machine with an NVIDIA GPU and no internet: build Corral with the CUDA backend, run the
 # CUDA tests (pytest -m cuda) and the GPU benchmarks in bench/ (files named *_gpu.py), keep logs
 # under $OUT (or ./gpu-check-logs), and print a short summary last. Budget: under 8 minutes.
+# The host's CPU usually has AVX-512 (VNNI), which the development machine lacks: the quantized
+# CPU kernel tests and bench/dot_ceiling.c run on it too.
 #
 # The machine's python3 must have numpy, pytest, pybind11, scikit-build-core, torch, transformers.
 # nlohmann/json headers come from the nlohmann-json package if installed, else from
@@ -37,6 +39,9 @@ if step build 420 python3 -m pip install --no-build-isolation --no-deps -v . \
     -C cmake.define.CORRAL_CUDA=ON -C "cmake.define.CMAKE_CUDA_ARCHITECTURES=$arch" "${json_flag[@]}"; then
   step info 30 python3 -c "import corral._core as c; print('backend', c.cuda_backend_built(), '|', c.cuda_status())"
   step cuda-tests 240 python3 -m pytest -m cuda tests -q -rs -p no:cacheprovider
+  step cpu-isa 10 python3 -c "import corral._core as c; print('cpu', c.ops.cpu_isas())"
+  step quant-cpu 60 python3 -m pytest tests/test_quantized_kernels.py -q -p no:cacheprovider
+  step dot-ceiling 30 bash -c "cc -O2 -march=native bench/dot_ceiling.c -o /tmp/dot_ceiling && /tmp/dot_ceiling"
   for b in bench/*_gpu.py; do
     [ -e "$b" ] || continue
     step "$(basename "$b" .py)" 120 python3 "$b"
