@@ -51,6 +51,15 @@ BlockManager::Seq& BlockManager::seq(SeqId id) {
 
 const BlockManager::Seq& BlockManager::seq(SeqId id) const { return const_cast<BlockManager*>(this)->seq(id); }
 
+int32_t BlockManager::refcount(int32_t page) const { return refs_[checked_page(page)]; }
+bool BlockManager::is_cached(int32_t page) const { return page_hash_[checked_page(page)] != 0; }
+
+int64_t BlockManager::checked_page(int32_t page) const {
+  if (page < 0 || size_t(page) >= refs_.size())
+    throw InvalidInputError("page " + std::to_string(page) + " is outside [0, " + std::to_string(refs_.size()) + ")");
+  return page;
+}
+
 int64_t BlockManager::num_tokens(SeqId id) const { return seq(id).appended; }
 int64_t BlockManager::num_computed(SeqId id) const { return int64_t(seq(id).tokens.size()); }
 const std::vector<int32_t>& BlockManager::table(SeqId id, int64_t group) const { return seq(id).tables.at(group); }

@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "corral/error.h"
+#include "json_text.h"
 
 namespace corral {
 
@@ -36,17 +37,13 @@ Checkpoint::Checkpoint(const std::string& dir) : dir_(dir) {
   std::ifstream in(index, std::ios::binary);
   std::stringstream ss;
   ss << in.rdbuf();
-  nlohmann::json root;
-  try {
-    root = nlohmann::json::parse(ss.str());
-  } catch (const nlohmann::json::parse_error& e) {
-    throw CorruptCheckpointError("index " + index + " is not valid JSON: " + e.what());
-  }
+  const std::string text = ss.str();
+  const nlohmann::json root = parse_json<CorruptCheckpointError>(text.data(), text.data() + text.size(), "index " + index);
   if (!root.is_object() || !root.contains("weight_map") || !root.at("weight_map").is_object())
     throw CorruptCheckpointError("index " + index + " has no 'weight_map' object");
   for (auto it = root.at("weight_map").begin(); it != root.at("weight_map").end(); ++it) {
     if (!it.value().is_string() || it.value().get<std::string>().find('/') != std::string::npos)
-      throw CorruptCheckpointError("index " + index + " maps tensor '" + it.key() + "' to " + it.value().dump() +
+      throw CorruptCheckpointError("index " + index + " maps tensor '" + it.key() + "' to " + describe_json(it.value()) +
                                    ", not a file name in the folder");
     weight_map_[it.key()] = it.value().get<std::string>();
   }

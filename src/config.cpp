@@ -2,18 +2,23 @@
 
 #include <sys/stat.h>
 
+#include <cmath>
+
 #include <fstream>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
 
 #include "corral/error.h"
+#include "json_text.h"
 
 namespace corral {
 
 namespace {
 
 using json = nlohmann::json;
+
+constexpr int64_t kMaxSize = (int64_t(1) << 31) - 1;
 
 // Reads fields of one JSON object; every error names the source file and the field's full path.
 struct Fields {
@@ -32,15 +37,16 @@ struct Fields {
   int64_t integer(const std::string& key) const {
     if (!obj.contains(key)) fail(key, "is missing");
     const json& v = obj.at(key);
-    if (!v.is_number_integer()) fail(key, "must be an integer, got " + v.dump());
+    if (!v.is_number_integer()) fail(key, "must be an integer, got " + describe_json(v));
     return v.get<int64_t>();
   }
   int64_t integer(const std::string& key, int64_t fallback) const {
     return has(key) ? integer(key) : fallback;
   }
+  // Sizes and counts: positive, and below 2^31 so that products of two stay far from overflow.
   int64_t positive(const std::string& key) const {
     const int64_t v = integer(key);
-    if (v <= 0) fail(key, "must be positive, got " + std::to_string(v));
+    if (v <= 0 || v > kMaxSize) fail(key, "must be positive and below 2^31, got " + std::to_string(v));
     return v;
   }
   int64_t positive(const std::string& key, int64_t fallback) const {
@@ -49,7 +55,7 @@ struct Fields {
   double number(const std::string& key, double fallback) const {
     if (!has(key)) return fallback;
     const json& v = obj.at(key);
-    if (!v.is_number()) fail(key, "must be a number, got " + v.dump());
+    if (!v.is_number() || !std::isfinite(v.get<double>())) fail(key, "must be a finite number, got " + describe_json(v));
     return v.get<double>();
   }
   // transformers treats any truthy value as on (4.51-era files carry the integer 4).
@@ -58,16 +64,16 @@ struct Fields {
     const json& v = obj.at(key);
     if (v.is_boolean()) return v.get<bool>();
     if (v.is_number()) return v.get<double>() != 0.0;
-    fail(key, "must be a boolean, got " + v.dump());
+    fail(key, "must be a boolean, got " + describe_json(v));
   }
   // A list of integers (empty when absent, null or []).
   std::vector<int64_t> integers(const std::string& key) const {
     std::vector<int64_t> out;
     if (!has(key)) return out;
     const json& v = obj.at(key);
-    if (!v.is_array()) fail(key, "must be a list of integers, got " + v.dump());
+    if (!v.is_array()) fail(key, "must be a list of integers, got " + describe_json(v));
     for (const json& e : v) {
-      if (!e.is_number_integer()) fail(key, "must be a list of integers, got element " + e.dump());
+      if (!e.is_number_integer()) fail(key, "must be a list of integers, got element " + describe_json(e));
       out.push_back(e.get<int64_t>());
     }
     return out;
@@ -80,16 +86,18 @@ RopeParams read_rope(const Fields& f, int64_t max_position_embeddings) {
   RopeParams p;
   const double theta = f.number("rope_theta", 500000.0);
   const char* key = f.has("rope_parameters") ? "rope_parameters" : f.has("rope_scaling") ? "rope_scaling" : nullptr;
+  if (!(theta > 0)) f.fail("rope_theta", "must be positive");
   p.theta = theta;
   if (!key) return p;
   const json& r = f.obj.at(key);
-  if (!r.is_object()) f.fail(key, "must be an object, got " + r.dump());
+  if (!r.is_object()) f.fail(key, "must be an object, got " + describe_json(r));
   const Fields rf{r, f.source, f.prefix + key + "."};
   p.theta = rf.number("rope_theta", theta);
+  if (!(p.theta > 0)) rf.fail("rope_theta", "must be positive");
   std::string type = "default";
   const char* type_key = rf.has("rope_type") ? "rope_type" : "type";  // older files write "type"
   if (rf.has(type_key)) {
-    if (!r.at(type_key).is_string()) rf.fail(type_key, "must be a string, got " + r.at(type_key).dump());
+    if (!r.at(type_key).is_string()) rf.fail(type_key, "must be a string, got " + describe_json(r.at(type_key)));
     type = r.at(type_key).get<std::string>();
   }
   if (type == "default") return p;
@@ -122,10 +130,14 @@ ModelConfig read_text_config(const Fields& f, const Fields& top) {
   c.head_dim = f.obj.contains("head_dim") && f.obj.at("head_dim").is_null()
                    ? c.hidden_size / c.num_heads
                    : f.positive("head_dim", 128);
+  if (c.head_dim <= 0)
+    f.fail("head_dim", "is null and hidden_size (" + std::to_string(c.hidden_size) +
+                           ") / num_attention_heads (" + std::to_string(c.num_heads) + ") is 0");
   c.intermediate_size_mlp = f.positive("intermediate_size_mlp", 16384);
   c.num_experts = f.positive("num_local_experts", 16);
   c.top_k = f.positive("num_experts_per_tok", 1);
   c.rms_norm_eps = float(f.number("rms_norm_eps", 1e-5));
+  if (!(c.rms_norm_eps > 0)) f.fail("rms_norm_eps", "must be positive");
   c.max_position_embeddings = f.positive("max_position_embeddings", 131072);
   c.attention_chunk_size = f.obj.contains("attention_chunk_size") ? (f.has("attention_chunk_size") ? f.positive("attention_chunk_size") : 0) : 8192;
   c.floor_scale = float(f.number("floor_scale", 8192.0));
@@ -137,6 +149,13 @@ ModelConfig read_text_config(const Fields& f, const Fields& top) {
     const json& e = f.obj.at("eos_token_id");
     c.eos_token_ids = e.is_array() ? f.integers("eos_token_id") : std::vector<int64_t>{f.integer("eos_token_id")};
   }
+  // Token ids index logits rows: one outside the vocabulary would write outside them.
+  const auto in_vocab = [&](const char* key, int64_t id) {
+    if (id < 0 || id >= c.vocab_size)
+      f.fail(key, "holds " + std::to_string(id) + ", outside the vocabulary [0, " + std::to_string(c.vocab_size) + ")");
+  };
+  for (int64_t id : c.eos_token_ids) in_vocab("eos_token_id", id);
+  if (c.bos_token_id != -1) in_vocab("bos_token_id", c.bos_token_id);
 
   if (c.num_heads % c.num_kv_heads != 0)
     f.fail("num_attention_heads", "(" + std::to_string(c.num_heads) + ") must be a multiple of num_key_value_heads (" +
@@ -173,7 +192,7 @@ ModelConfig read_text_config(const Fields& f, const Fields& top) {
     if (!v.is_array() || int64_t(v.size()) < L) f.fail("layer_types", "must list a type for each of the " + std::to_string(L) + " layers");
     for (const json& t : v) {
       if (!t.is_string() || (t != "chunked_attention" && t != "full_attention"))
-        f.fail("layer_types", "has " + t.dump() + " (chunked_attention or full_attention expected)");
+        f.fail("layer_types", "has " + describe_json(t) + " (chunked_attention or full_attention expected)");
       layer_types.push_back(t.get<std::string>());
     }
   }
@@ -197,17 +216,12 @@ ModelConfig read_text_config(const Fields& f, const Fields& top) {
 }  // namespace
 
 ModelConfig parse_config(const std::string& json_text, const std::string& source) {
-  json root;
-  try {
-    root = json::parse(json_text);
-  } catch (const json::parse_error& e) {
-    throw ConfigError(source + " is not valid JSON: " + e.what());
-  }
+  const json root = parse_json<ConfigError>(json_text.data(), json_text.data() + json_text.size(), source);
   if (!root.is_object()) throw ConfigError(source + " must hold a JSON object");
   const Fields top{root, source, ""};
   const bool nested = root.contains("text_config");
   if (nested && !root.at("text_config").is_object())
-    top.fail("text_config", "must be an object, got " + root.at("text_config").dump());
+    top.fail("text_config", "must be an object, got " + describe_json(root.at("text_config")));
   const Fields text = nested ? Fields{root.at("text_config"), source, "text_config."} : top;
   ModelConfig c = read_text_config(text, top);
   c.source = source;

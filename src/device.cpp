@@ -15,7 +15,9 @@ namespace corral {
 
 namespace {
 
+#if !CORRAL_WITH_CUDA
 [[noreturn]] void no_backend() { throw DeviceError("this build of Corral has no CUDA backend"); }
+#endif
 
 void use_cuda_device(Device d) {
 #if CORRAL_WITH_CUDA

@@ -69,7 +69,7 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options)
   if (options_.max_num_batched_tokens < 1) throw InvalidInputError("max_num_batched_tokens must be >= 1");
   if (options_.max_model_len < 0) throw InvalidInputError("max_model_len must be >= 0");
   if (!(options_.kv_watermark >= 0 && options_.kv_watermark < 1)) throw InvalidInputError("kv_watermark must be in [0, 1)");
-  if (options_.num_threads > 0) omp_set_num_threads(options_.num_threads);
+  use_threads();
   if (options_.dtype != "auto" && options_.dtype != "float32")
     throw InvalidInputError("dtype '" + options_.dtype + "' is not supported (auto, float32)");
   model_ = std::make_unique<Llama4Model>(
@@ -83,6 +83,16 @@ Engine::Engine(const std::string& model_dir, const EngineOptions& options)
 
 Engine::~Engine() = default;
 
+bool Engine::has_unfinished() const {
+  const std::lock_guard<std::mutex> lock(mutex_);
+  return !requests_.empty();
+}
+
+// omp_set_num_threads sets the calling thread's team size: set it on whichever thread steps.
+void Engine::use_threads() const {
+  if (options_.num_threads > 0) omp_set_num_threads(options_.num_threads);
+}
+
 void Engine::validate_tokens(const std::vector<int32_t>& tokens, const char* what) const {
   if (tokens.empty()) throw InvalidInputError(std::string(what) + " is empty");
   const int64_t vocab = config().vocab_size;
@@ -93,6 +103,7 @@ void Engine::validate_tokens(const std::vector<int32_t>& tokens, const char* wha
 }
 
 int64_t Engine::add_request(const std::vector<int32_t>& prompt, const SamplingParams& params) {
+  const std::lock_guard<std::mutex> lock(mutex_);
   validate_tokens(prompt, "prompt");
   const int64_t n = int64_t(prompt.size()), vocab = config().vocab_size;
   if (n >= max_model_len_)
@@ -102,7 +113,8 @@ int64_t Engine::add_request(const std::vector<int32_t>& prompt, const SamplingPa
   const auto check = [](bool ok, const std::string& what) {
     if (!ok) throw InvalidInputError(what);
   };
-  check(p.n >= 1, "n must be >= 1, got " + std::to_string(p.n));
+  check(p.n >= 1 && p.n <= options_.max_num_seqs,
+        "n must be in [1, max_num_seqs = " + std::to_string(options_.max_num_seqs) + "], got " + std::to_string(p.n));
   check(p.max_tokens >= 1, "max_tokens must be >= 1, got " + std::to_string(p.max_tokens));
   check(p.min_tokens >= 0 && p.min_tokens <= p.max_tokens,
         "min_tokens must be in [0, max_tokens], got " + std::to_string(p.min_tokens));
@@ -119,7 +131,7 @@ int64_t Engine::add_request(const std::vector<int32_t>& prompt, const SamplingPa
   // Every sample must fit in the cache alone at its longest, counting the blocks a step's prompt
   // piece holds besides in chunked layers; then preempting the others always lets it finish.
   const KvLayout& layout = cache_->layout();
-  const int64_t longest = std::min(n + p.max_tokens, max_model_len_);
+  const int64_t longest = std::min(n + std::min(p.max_tokens, max_model_len_), max_model_len_);
   const int64_t piece_blocks = (std::min(longest, options_.max_num_batched_tokens) + layout.block_size - 1) /
                                    layout.block_size + 1;
   const int64_t peak =
@@ -191,6 +203,8 @@ void Engine::finish(Sequence& s, FinishReason why, RequestUpdate* update) {
 }
 
 std::vector<RequestUpdate> Engine::step() {
+  const std::lock_guard<std::mutex> lock(mutex_);
+  use_threads();
   BlockManager& blocks = cache_->blocks();
   ForwardBatch batch(blocks.num_groups());
   std::vector<std::pair<Sequence*, int64_t>> scheduled;  // with the number of tokens each computes
@@ -352,6 +366,7 @@ void Engine::sample(const std::vector<Sequence*>& seqs, const std::vector<int64_
 }
 
 void Engine::abort(int64_t request_id) {
+  const std::lock_guard<std::mutex> lock(mutex_);
   auto it = requests_.find(request_id);
   if (it == requests_.end()) return;
   for (const auto& s : it->second->samples) finish(*s, FinishReason::Abort, nullptr);
@@ -359,6 +374,7 @@ void Engine::abort(int64_t request_id) {
 }
 
 void Engine::finish_sample(int64_t request_id, int32_t index) {
+  const std::lock_guard<std::mutex> lock(mutex_);
   auto it = requests_.find(request_id);
   if (it == requests_.end() || index < 0 || index >= int32_t(it->second->samples.size())) return;
   finish(*it->second->samples[size_t(index)], FinishReason::Abort, nullptr);
@@ -366,6 +382,45 @@ void Engine::finish_sample(int64_t request_id, int32_t index) {
 }
 
 void Engine::prompt_logits(const std::vector<std::vector<int32_t>>& prompts, float* out) {
+  const std::lock_guard<std::mutex> lock(mutex_);
+  const int64_t vocab = config().vocab_size;
+  run_prompts(prompts, [&](int64_t first, int64_t) { return out + first * vocab; }, [](int64_t, int64_t) {});
+}
+
+void Engine::prompt_logprobs(const std::vector<std::vector<int32_t>>& prompts, double* out) {
+  const std::lock_guard<std::mutex> lock(mutex_);
+  const int64_t vocab = config().vocab_size;
+  std::vector<int64_t> next;  // per token over all prompts: the token after it, -1 at a prompt's end
+  for (const auto& p : prompts)
+    for (size_t i = 0; i < p.size(); ++i) next.push_back(i + 1 < p.size() ? p[i + 1] : -1);
+  std::vector<float> pass;
+  run_prompts(
+      prompts,
+      [&](int64_t, int64_t n) {
+        pass.resize(size_t(n * vocab));
+        return pass.data();
+      },
+      [&](int64_t first, int64_t n) {
+#pragma omp parallel for schedule(static)
+        for (int64_t r = 0; r < n; ++r) {
+          const float* z = pass.data() + r * vocab;
+          const int64_t target = next[size_t(first + r)];
+          if (target < 0) {
+            out[first + r] = std::nan("");
+            continue;
+          }
+          const double top = *std::max_element(z, z + vocab);
+          double total = 0;
+          for (int64_t v = 0; v < vocab; ++v) total += std::exp(double(z[v]) - top);
+          out[first + r] = double(z[target]) - top - std::log(total);
+        }
+      });
+}
+
+void Engine::run_prompts(const std::vector<std::vector<int32_t>>& prompts,
+                         const std::function<float*(int64_t, int64_t)>& rows,
+                         const std::function<void(int64_t, int64_t)>& done) {
+  use_threads();
   int64_t total = 0;
   for (size_t i = 0; i < prompts.size(); ++i) {
     const std::string what = "prompts[" + std::to_string(i) + "]";
@@ -390,8 +445,8 @@ void Engine::prompt_logits(const std::vector<std::vector<int32_t>>& prompts, flo
     blocks.add(ids.back(), prompt, /*reuse=*/false);
   }
 
-  // Fill each pass with the next tokens in prompt order, so its logits land contiguously in out.
-  const int64_t vocab = config().vocab_size;
+  // Fill each pass with the next tokens in prompt order: its rows are consecutive tokens.
+  int64_t first = 0;  // tokens of all prompts computed so far
   size_t p = 0;
   int64_t offset = 0;  // tokens of prompt p already computed
   while (p < prompts.size()) {
@@ -416,8 +471,9 @@ void Engine::prompt_logits(const std::vector<std::vector<int32_t>>& prompts, flo
       ++q;
     }
     for (int64_t r = 0; r < batch.num_tokens(); ++r) batch.logit_rows.push_back(int32_t(r));
-    model_->forward(batch, *cache_, out);
-    out += batch.num_tokens() * vocab;
+    model_->forward(batch, *cache_, rows(first, batch.num_tokens()));
+    done(first, batch.num_tokens());
+    first += batch.num_tokens();
     prefill_tokens_ += batch.num_tokens();
     for (const Piece& c : pieces) blocks.commit(ids[c.prompt], prompts[c.prompt].data() + c.start, c.n);
     const Piece& last = pieces.back();
@@ -428,6 +484,7 @@ void Engine::prompt_logits(const std::vector<std::vector<int32_t>>& prompts, flo
 }
 
 EngineStats Engine::stats() const {
+  const std::lock_guard<std::mutex> lock(mutex_);
   EngineStats s;
   const KvLayout& layout = cache_->layout();
   s.kv = cache_->blocks().stats();

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <fstream>
 #include <string>
 
@@ -13,13 +14,51 @@ namespace corral {
 
 namespace {
 
-// Bytes of memory available now (MemAvailable, which counts reclaimable page cache).
+// A number read from a file (cgroup memory files), or -1 when absent or not a number ("max").
+int64_t read_number(const std::string& path) {
+  std::ifstream in(path);
+  long long v = -1;
+  if (!(in >> v) || v < 0) return -1;
+  return int64_t(v);
+}
+
+// What a memory cgroup lets this process still take: the least of limit - usage over its cgroup
+// and each ancestor (v2: memory.max / memory.current; v1: memory.limit_in_bytes /
+// memory.usage_in_bytes). CORRAL_CGROUP_ROOT moves the cgroup mount (/sys/fs/cgroup), for tests.
+size_t cgroup_headroom(size_t fallback) {
+  const char* env = std::getenv("CORRAL_CGROUP_ROOT");
+  const std::string root = env && *env ? env : "/sys/fs/cgroup";
+  size_t room = fallback;
+  std::ifstream self("/proc/self/cgroup");
+  std::string line;
+  while (std::getline(self, line)) {  // hierarchy-id:controllers:path
+    const size_t a = line.find(':'), b = line.find(':', a + 1);
+    if (a == std::string::npos || b == std::string::npos) continue;
+    const std::string controllers = line.substr(a + 1, b - a - 1), path = line.substr(b + 1);
+    const bool v2 = line.compare(0, a, "0") == 0 && controllers.empty();
+    if (!v2 && ("," + controllers + ",").find(",memory,") == std::string::npos) continue;
+    const std::string base = v2 ? root : root + "/memory";
+    const char* limit_file = v2 ? "/memory.max" : "/memory.limit_in_bytes";
+    const char* usage_file = v2 ? "/memory.current" : "/memory.usage_in_bytes";
+    for (std::string dir = path;; dir = dir.substr(0, dir.rfind('/'))) {
+      const int64_t limit = read_number(base + dir + limit_file), usage = read_number(base + dir + usage_file);
+      if (limit >= 0 && limit < (int64_t(1) << 60))  // v1 writes "no limit" as a huge number
+        room = std::min(room, size_t(std::max<int64_t>(limit - std::max<int64_t>(usage, 0), 0)));
+      if (dir.empty() || dir == "/") break;
+    }
+  }
+  return room;
+}
+
+// Bytes of memory this process may still use: MemAvailable (which counts reclaimable page
+// cache), within its cgroup's limit. Measured after the weights are loaded, so they count.
 size_t available_memory() {
+  size_t avail = size_t(sysconf(_SC_AVPHYS_PAGES)) * size_t(sysconf(_SC_PAGESIZE));
   std::ifstream meminfo("/proc/meminfo");
   std::string line;
   while (std::getline(meminfo, line))
-    if (line.rfind("MemAvailable:", 0) == 0) return size_t(std::stoull(line.substr(13))) * 1024;  // in kB
-  return size_t(sysconf(_SC_AVPHYS_PAGES)) * size_t(sysconf(_SC_PAGESIZE));
+    if (line.rfind("MemAvailable:", 0) == 0) avail = size_t(std::stoull(line.substr(13))) * 1024;  // in kB
+  return cgroup_headroom(avail);
 }
 
 int64_t scale_bytes(DType dtype, int64_t kv_heads) { return dtype == DType::F8_E4M3 ? 2 * kv_heads * 4 : 0; }
@@ -76,8 +115,18 @@ KvLayout make_kv_layout(const ModelConfig& c, int32_t block_size, DType dtype) {
 }
 
 int64_t KvCache::pages_for(const KvLayout& layout, size_t bytes) {
-  if (bytes == 0) bytes = available_memory() / 2;
-  const int64_t pages = std::min<int64_t>(int64_t(bytes / size_t(layout.page_bytes)), 0x7fffffff);
+  // Pages are committed as they are first written: a budget beyond the memory this process may
+  // use would end with the kernel killing it mid-request rather than an OutOfKVCacheError now.
+  const size_t available = available_memory();
+  if (bytes > available)
+    throw OutOfKVCacheError("kv_cache_bytes=" + std::to_string(bytes) + " is more than the " + std::to_string(available) +
+                            " bytes this process may still use (MemAvailable within its cgroup's limit)");
+  const size_t budget = bytes == 0 ? available / 2 : bytes;
+  const int64_t pages = std::min<int64_t>(int64_t(budget / size_t(layout.page_bytes)), 0x7fffffff);
+  if (pages < 1 && bytes == 0)
+    throw OutOfKVCacheError("no memory for a KV cache: the default budget, half of the " + std::to_string(available) +
+                            " bytes this process may still use (MemAvailable within its cgroup's limit), is less "
+                            "than one block of " + std::to_string(layout.page_bytes) + " bytes");
   if (pages < 1)
     throw InvalidInputError("kv_cache_bytes=" + std::to_string(bytes) + " cannot hold one KV block of " +
                             std::to_string(layout.page_bytes) + " bytes (block_size " +

@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "corral/error.h"
+#include "json_text.h"
 
 namespace corral {
 
@@ -50,19 +51,19 @@ struct Args {
   std::string str(const std::string& key, const std::string& fallback) const {
     const json* v = get(key);
     if (!v) return fallback;
-    if (!v->is_string()) fail(key, "must be a string, got " + v->dump(-1).substr(0, 80));
+    if (!v->is_string()) fail(key, "must be a string, got " + describe_json(*v));
     return v->get<std::string>();
   }
   int64_t integer(const std::string& key, int64_t fallback) const {
     const json* v = get(key);
     if (!v) return fallback;
-    if (!v->is_number_integer()) fail(key, "must be an integer, got " + v->dump(-1).substr(0, 80));
+    if (!v->is_number_integer()) fail(key, "must be an integer, got " + describe_json(*v));
     return v->get<int64_t>();
   }
   bool flag(const std::string& key, bool fallback) const {
     const json* v = get(key);
     if (!v) return fallback;
-    if (!v->is_boolean()) fail(key, "must be true or false, got " + v->dump(-1).substr(0, 80));
+    if (!v->is_boolean()) fail(key, "must be true or false, got " + describe_json(*v));
     return v->get<bool>();
   }
 };
@@ -121,11 +122,8 @@ json read_json(const std::string& path) {
   if (!f) throw FileMissingError("config.json not found: " + path);
   std::stringstream ss;
   ss << f.rdbuf();
-  try {
-    return json::parse(ss.str(), nullptr, true, false);
-  } catch (const json::exception& e) {
-    throw ConfigError(path + " is not valid JSON: " + e.what());
-  }
+  const std::string text = ss.str();
+  return parse_json<ConfigError>(text.data(), text.data() + text.size(), path);
 }
 
 }  // namespace

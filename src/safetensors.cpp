@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "corral/error.h"
+#include "json_text.h"
 
 namespace corral {
 
@@ -120,12 +121,7 @@ std::shared_ptr<const SafetensorsFile> SafetensorsFile::open(const std::string& 
   if (8 + header > f->size_)
     corrupt(path, "is truncated: the header needs " + std::to_string(header) + " bytes but the file has only " +
                       std::to_string(f->size_ - 8) + " after the length field");
-  json root;
-  try {
-    root = json::parse(f->base_ + 8, f->base_ + 8 + header);
-  } catch (const json::parse_error& e) {
-    corrupt(path, std::string("has a corrupt header (not valid JSON): ") + e.what());
-  }
+  const json root = parse_json<CorruptCheckpointError>(f->base_ + 8, f->base_ + 8 + header, "safetensors file " + path + " (its header)");
   if (!root.is_object()) corrupt(path, "has a corrupt header (not a JSON object)");
   f->data_offset_ = 8 + header;
   const uint64_t data_bytes = f->size_ - f->data_offset_;

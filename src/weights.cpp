@@ -246,8 +246,8 @@ ModelWeights load_weights(const Checkpoint& ckpt, const ModelConfig& c, const Lo
       r.router = b.linear(p + "feed_forward.router", E, H, Role::Router);
       // Experts fused as transformers saves them, or one Linear each (compressed-tensors).
       const bool fused = ckpt.contains(p + "feed_forward.experts.gate_up_proj") ||
-                         !ckpt.contains(p + "feed_forward.experts.0.gate_proj.weight") &&
-                             !ckpt.contains(p + "feed_forward.experts.0.gate_proj.weight_packed");
+                         (!ckpt.contains(p + "feed_forward.experts.0.gate_proj.weight") &&
+                          !ckpt.contains(p + "feed_forward.experts.0.gate_proj.weight_packed"));
       for (int64_t e = 0; e < E; ++e) {
         const std::string x = p + "feed_forward.experts." + std::to_string(e) + ".";
         r.gate.push_back(fused ? b.fused_expert(p, e, 0, E, H, I) : b.linear(x + "gate_proj", I, H, Role::Mlp));

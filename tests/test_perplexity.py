@@ -11,7 +11,7 @@ import torch
 
 import corral
 import tiny_tokenizer as tt
-from corral.perplexity import token_nll, windows
+from corral.perplexity import windows
 from test_cli import corral_cli
 from tiny_models import build, load_reference
 
@@ -28,6 +28,14 @@ def reference_perplexity(model_dir, text, window):
     """transformers' model over the same windows; log-softmax in float64."""
     ids = corral.Tokenizer(model_dir).encode(text)
     return transformers_perplexity(load_reference(model_dir, "causal"), ids, window)
+
+
+def token_nll(logits, targets):
+    """-log softmax(logits[i])[targets[i]] per row, in float64."""
+    z = logits.astype(np.float64)
+    top = z.max(axis=1, keepdims=True)
+    log_total = np.log(np.exp(z - top).sum(axis=1)) + top[:, 0]
+    return log_total - z[np.arange(len(targets)), np.asarray(targets)]
 
 
 def transformers_perplexity(model, ids, window):

@@ -209,35 +209,40 @@ void paged_attention(float* out, const float* q, int64_t heads, const PagedKv& c
     }
   }
   std::vector<Partial> split_results(partials);
+  RegionErrors errors;  // the buffers below grow inside the region
 #pragma omp parallel
   {
     Partial run, part;
     std::vector<float> scores, corr;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < int64_t(items.size()); ++i) {
-      const Item& it = items[i];
-      const TileWork& t = tiles[it.tile];
-      if (it.split >= 0) {
-        t.attend_split(it.split, split_results[it.partial], scores, corr);
-        continue;
-      }
-      run.reset(t.rows, t.d);
-      for (int64_t sp = t.first_split(); sp <= t.last_split(); ++sp) {
-        t.attend_split(sp, part, scores, corr);
-        t.merge(run, part);
-      }
-      t.write(out, run);
-    }
+    for (int64_t i = 0; i < int64_t(items.size()); ++i)
+      errors.run([&] {
+        const Item& it = items[i];
+        const TileWork& t = tiles[it.tile];
+        if (it.split >= 0) {
+          t.attend_split(it.split, split_results[it.partial], scores, corr);
+          return;
+        }
+        run.reset(t.rows, t.d);
+        for (int64_t sp = t.first_split(); sp <= t.last_split(); ++sp) {
+          t.attend_split(sp, part, scores, corr);
+          t.merge(run, part);
+        }
+        t.write(out, run);
+      });
     // Merge the split tiles' partials, split by split in order.
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < int64_t(tiles.size()); ++i) {
-      if (first_partial[i] < 0) continue;
-      const TileWork& t = tiles[i];
-      run.reset(t.rows, t.d);
-      for (int64_t sp = 0; sp <= t.last_split() - t.first_split(); ++sp) t.merge(run, split_results[first_partial[i] + sp]);
-      t.write(out, run);
-    }
+    for (int64_t i = 0; i < int64_t(tiles.size()); ++i)
+      errors.run([&] {
+        if (first_partial[i] < 0) return;
+        const TileWork& t = tiles[i];
+        run.reset(t.rows, t.d);
+        for (int64_t sp = 0; sp <= t.last_split() - t.first_split(); ++sp)
+          t.merge(run, split_results[first_partial[i] + sp]);
+        t.write(out, run);
+      });
   }
+  errors.rethrow();
 }
 
 void attn_temperature_scale(float* q, int64_t ld, int64_t rows, int64_t width,

@@ -82,8 +82,10 @@ void write_fp8(const PagedKv& c, const float* k, const float* v, int64_t ld, int
       const float need = fp8_scale_for(x, d);
       // K is [d, bs] (a token is a column), V [bs, d] (a row): element (token j, dim i).
       const int64_t tok_step = is_v ? d : 1, dim_step = is_v ? 1 : bs;
-      if (off == 0) {
-        scale = need;  // the block's first token sets the scale
+      // The block's first token sets the scale; so does any token of a block whose scale was
+      // never set (written from a later slot first: the pool's memory holds no valid scale).
+      if (off == 0 || !(scale >= FLT_MIN && scale <= FLT_MAX)) {
+        scale = need;
       } else if (need > scale) {
         // More range needed: re-quantize the block's earlier tokens with the grown scale.
         const float grown = grown_scale(scale, need), ratio = scale / grown;

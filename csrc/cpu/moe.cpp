@@ -42,15 +42,15 @@ void add_items(std::vector<Item>& items, int32_t mlp, const Mlp& m, const Matrix
 
 // Runs f on every item, within a parallel region: in Shares (given) or one by one.
 template <class F>
-void for_items(const std::vector<Item>& items, Shares* shares, const F& f) {
+void for_items(const std::vector<Item>& items, Shares* shares, RegionErrors& errors, const F& f) {
   if (shares) {
-    shares->run([&](int64_t i) { f(items[i]); });
+    shares->run([&](int64_t i) { errors.run([&] { f(items[i]); }); });
 #pragma omp barrier
     return;
   }
   const int64_t n = int64_t(items.size());
 #pragma omp for schedule(dynamic, 1)
-  for (int64_t i = 0; i < n; ++i) f(items[i]);
+  for (int64_t i = 0; i < n; ++i) errors.run([&] { f(items[i]); });
 }
 
 // Rows per MLP up to which a phase's items go out in static shares.
@@ -162,15 +162,16 @@ void moe(float* out, const float* x, int64_t tokens, const MoeWeights& w, int to
     down_shares.emplace(int64_t(down_items.size()), threads);
   }
 
+  RegionErrors errors;
 #pragma omp parallel
   {
-    for_items(up_items, up_shares ? &*up_shares : nullptr, up);
+    for_items(up_items, up_shares ? &*up_shares : nullptr, errors, up);
 #pragma omp single
-    {
+    errors.run([&] {
       hr_p = prepare_in(h_buf, h, I, R, I, ke, w.down_quant.act_group);
       hs_p = prepare_in(h_buf + hr_words * 4, h + R * I, Is, T, Is, kd, w.shared_down.quant.act_group);
-    }
-    for_items(down_items, down_shares ? &*down_shares : nullptr, down);
+    });
+    for_items(down_items, down_shares ? &*down_shares : nullptr, errors, down);
     // Back to token order: out (+ the shared expert, already added) += the routed outputs, in k order.
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < T; ++t) {
@@ -181,6 +182,7 @@ void moe(float* out, const float* x, int64_t tokens, const MoeWeights& w, int to
       }
     }
   }
+  errors.rethrow();
 }
 
 }  // namespace corral::cpu

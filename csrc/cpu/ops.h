@@ -11,6 +11,8 @@
 #include <omp.h>
 
 #include <atomic>
+#include <exception>
+#include <mutex>
 #include <vector>
 
 #include "isa.h"
@@ -77,12 +79,41 @@ void product(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, c
 // on every call); slots 0..5 are independent.
 void* scratch(int slot, int64_t bytes);
 
+// An exception must not leave an OpenMP region (the runtime would call std::terminate): work in
+// a region runs through run(), which keeps the first exception any thread throws and skips the
+// work after it (whose inputs may be missing; barriers stay matched), and rethrow() raises it on
+// the calling thread after the region.
+class RegionErrors {
+ public:
+  template <class F>
+  void run(F&& f) noexcept {
+    if (failed_.load(std::memory_order_relaxed)) return;
+    try {
+      f();
+    } catch (...) {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      if (!first_) first_ = std::current_exception();
+      failed_ = true;
+    }
+  }
+  void rethrow() const {
+    if (first_) std::rethrow_exception(first_);
+  }
+
+ private:
+  std::atomic<bool> failed_{false};
+  std::mutex mutex_;
+  std::exception_ptr first_;
+};
+
 // Calls f(item) for item < items on the CPU threads (OpenMP); inline when the work is small.
 template <class F>
 void parallel_for(int64_t items, int64_t work_per_item, F&& f) {
   const bool parallel = items > 1 && items * work_per_item > (1 << 15);
+  RegionErrors errors;
 #pragma omp parallel for schedule(static) if (parallel)
-  for (int64_t i = 0; i < items; ++i) f(i);
+  for (int64_t i = 0; i < items; ++i) errors.run([&] { f(i); });
+  errors.rethrow();
 }
 
 // Items in one contiguous share per thread, which its owner runs front to back; a thread done
@@ -129,8 +160,10 @@ void parallel_shares(int64_t items, int64_t work_per_item, F&& f) {
     return;
   }
   Shares shares(items, omp_get_max_threads());
+  RegionErrors errors;
 #pragma omp parallel
-  shares.run(f);
+  shares.run([&](int64_t i) { errors.run([&] { f(i); }); });
+  errors.rethrow();
 }
 
 }  // namespace corral::cpu

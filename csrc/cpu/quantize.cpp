@@ -1,5 +1,7 @@
 #include "corral/kernels/quantize.h"
 
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -113,9 +115,12 @@ QuantizedBuffer quantize_weights(const MatrixRef& w, DType dtype, int64_t group,
   b.group = group;
   b.codes.resize(size_t(N * K));
   b.scales.resize(size_t(N * groups));
+  // One row buffer per thread, allocated here: an allocation failing inside the parallel region
+  // could not be reported (an exception may not leave it).
+  std::vector<float> rows(size_t(omp_get_max_threads()) * size_t(K));
 #pragma omp parallel
   {
-    std::vector<float> row(static_cast<size_t>(K));
+    float* row = rows.data() + size_t(omp_get_thread_num()) * size_t(K);
 #pragma omp for schedule(dynamic, 16)
     for (int64_t r = 0; r < N; ++r) {
       for (int64_t k = 0; k < K; ++k) row[k] = element(w, r, k);
@@ -124,12 +129,12 @@ QuantizedBuffer quantize_weights(const MatrixRef& w, DType dtype, int64_t group,
         int8_t* q = b.codes.data() + r * K + k0;
         float& s = b.scales[r * groups + g];
         if (dtype == DType::I4) {
-          s = search_int4(row.data() + k0, n, scale_dtype, q);
+          s = search_int4(row + k0, n, scale_dtype, q);
         } else {
           float amax = 0.f;
           for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(row[k0 + i]));
           s = rounded_scale(amax / 127.f, scale_dtype);
-          fit(row.data() + k0, n, s, -127, 127, q);
+          fit(row + k0, n, s, -127, 127, q);
         }
       }
     }

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import threading
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -15,6 +15,7 @@ import numpy as np
 from corral import _core
 from corral.chat_template import is_conversation_list
 from corral.detokenize import IncrementalDetokenizer
+from corral.json_file import read_json_object
 from corral.outputs import CompletionOutput, RequestOutput
 from corral.sampling_params import SamplingParams
 from corral.tokenizer import NoTokenizerError, Tokenizer, has_tokenizer
@@ -86,8 +87,9 @@ class LLM:
         seed: seed of the samplers of requests that bring none (default 0).
         device: "cpu" (the only device that runs whole models so far).
 
-    One LLM is not safe to use from several threads at once. Requests of generate(), chat() and
-    stream() calls made while a stream is open advance together in the same engine steps.
+    Any number of threads may call one LLM at once: every call's requests join the same engine
+    and advance together in its steps (whichever waiting thread runs a step runs it for all), as
+    do those of calls made while a stream is open.
     """
 
     def __init__(
@@ -145,9 +147,11 @@ class LLM:
         self.model_path = os.fspath(demo_model_path() if model_path is None else model_path)
         self._engine = _core.Engine(self.model_path, options)
         self._requests: dict[int, _Request] = {}
+        self._lock = threading.Lock()  # over the engine's requests and self._requests
         self._tokenizer = self._load_tokenizer(tokenizer, skip_tokenizer_init)
         self.generation_config = _read_generation_config(Path(self.model_path))
         self._extra_stop_token_ids = self._end_token_ids()
+        self.get_default_sampling_params()  # a bad default is the file's error, raised here
         stats = self._engine.stats()
         # Say which code paths run: the CPU ISA level picked at run time, and CUDA's state.
         logger.info(
@@ -183,7 +187,13 @@ class LLM:
         """Tokens that end generation besides the config's eos ids (which the engine applies): the
         tokenizer's end-of-turn tokens and generation_config.json's eos_token_id."""
         eos = self.generation_config.get("eos_token_id")
-        ids = set([eos] if isinstance(eos, int) else eos or [])
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else eos
+        if not isinstance(eos, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in eos):
+            raise _core.ConfigError(
+                f"generation_config.json field 'eos_token_id' in {self.model_path} must be a token id or a list of "
+                f"them, got {str(eos)[:80]}"
+            )
+        ids = set(eos)
         if self._tokenizer is not None:
             ids.update(self._tokenizer.stop_token_ids)
         vocab = self.config["vocab_size"]
@@ -216,7 +226,12 @@ class LLM:
         """SamplingParams with the defaults of the model's generation_config.json (temperature,
         top_k, top_p, min_p, repetition_penalty, max_new_tokens), as vLLM uses them."""
         config = self.generation_config
-        return SamplingParams(**{name: config[key] for key, name in _GENERATION_DEFAULTS.items() if key in config})
+        try:
+            return SamplingParams(**{name: config[key] for key, name in _GENERATION_DEFAULTS.items() if key in config})
+        except (TypeError, ValueError) as e:
+            raise _core.ConfigError(
+                f"generation_config.json in {self.model_path} has a bad sampling default: {str(e)[:200]}"
+            ) from None
 
     def logits(self, token_ids: Sequence[int] | Sequence[Sequence[int]]) -> np.ndarray | list[np.ndarray]:
         """Logits at every position of a prompt: a float32 array of shape (len(token_ids), vocab_size).
@@ -254,13 +269,15 @@ class LLM:
 
         requests: list[_Request] = []
         try:
-            for (text, ids), p, core in zip(prepared, params, cores, strict=True):
-                requests.append(self._add(text, ids, p, core))
+            with self._lock:
+                for (text, ids), p, core in zip(prepared, params, cores, strict=True):
+                    requests.append(self._add(text, ids, p, core))
             while not all(r.finished for r in requests):
-                self._step()
+                self._step_unless(lambda: all(r.finished for r in requests))
         except BaseException:
-            for r in requests:  # leave the engine as it was: no request of this call stays queued
-                self._abort(r)
+            with self._lock:
+                for r in requests:  # leave the engine as it was: no request of this call stays queued
+                    self._abort(r)
             raise
         return [r.output() for r in requests]
 
@@ -382,8 +399,15 @@ class LLM:
         if self._requests.pop(request.request_id, None) is not None:
             self._engine.abort(request.request_id)
 
+    def _step_unless(self, done) -> None:
+        """One engine step unless done() became true while waiting for another thread's step."""
+        with self._lock:
+            if not done():
+                self._step()
+
     def _step(self) -> None:
-        """One engine step; each update goes to its request, whichever call started it."""
+        """One engine step (under self._lock); each update goes to its request, whichever call or
+        thread started it."""
         for update in self._engine.step():
             request = self._requests.get(update.request_id)
             if request is None:
@@ -397,7 +421,8 @@ class LLM:
                 del self._requests[request.request_id]
 
     def _stream(self, text, ids, params, core) -> Iterator[str]:
-        request = self._add(text, ids, params, core)
+        with self._lock:
+            request = self._add(text, ids, params, core)
         sample = request.samples[0]
         try:
             while True:
@@ -405,10 +430,11 @@ class LLM:
                     yield sample.deltas.popleft()
                 if sample.finish_reason is not None:
                     return request.output()
-                self._step()
+                self._step_unless(lambda: sample.deltas or sample.finish_reason is not None)
         finally:
             if not request.finished:
-                self._abort(request)
+                with self._lock:
+                    self._abort(request)
 
 
 class _Sample:
@@ -506,12 +532,7 @@ def _prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
 
 def _read_generation_config(folder: Path) -> dict:
     path = folder / "generation_config.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise _core.ConfigError(f"{path} is not valid JSON: {e}") from None
+    return read_json_object(path) if path.is_file() else {}
 
 
 def _token_list(tokens: Sequence[int], what: str) -> list[int]:

@@ -2,7 +2,7 @@
 
 The tokens (with the tokenizer's BOS) are cut into windows of at most `window` tokens that overlap
 by one, so every token after the first is predicted exactly once, from the tokens before it in
-its window; windows run through the engine as batches of prompts (all positions' logits).
+its window; windows run through the engine as batches of prompts.
 """
 
 from __future__ import annotations
@@ -28,14 +28,6 @@ def windows(token_ids: Sequence[int], window: int) -> list[list[int]]:
     return [ids[start : start + window] for start in range(0, max(len(ids) - 1, 1), window - 1)]
 
 
-def token_nll(logits: np.ndarray, targets: Sequence[int]) -> np.ndarray:
-    """-log softmax(logits[i])[targets[i]] per row, in float64."""
-    z = logits.astype(np.float64)
-    top = z.max(axis=1, keepdims=True)
-    log_total = np.log(np.exp(z - top).sum(axis=1)) + top[:, 0]
-    return log_total - z[np.arange(len(targets)), np.asarray(targets)]
-
-
 def perplexity(llm, text: str, window: int | None = None, windows_per_batch: int = 8) -> Perplexity:
     """The perplexity of `text` under `llm` (a corral.LLM with a tokenizer); window defaults to
     the model's max_model_len."""
@@ -47,8 +39,10 @@ def perplexity(llm, text: str, window: int | None = None, windows_per_batch: int
     total, count = 0.0, 0
     for b in range(0, len(pieces), windows_per_batch):
         batch = pieces[b : b + windows_per_batch]
-        for piece, logits in zip(batch, llm.logits(batch), strict=True):
-            total += float(token_nll(logits[:-1], piece[1:]).sum())
+        # The engine keeps only each position's log-probability of the next token: one pass of
+        # logits at a time, however long the windows.
+        for piece, logprobs in zip(batch, llm._engine.prompt_logprobs(batch), strict=True):
+            total -= float(logprobs[:-1].sum())
             count += len(piece) - 1
     mean = total / count
     return Perplexity(float(np.exp(mean)), count, mean)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from corral import _core
 
@@ -59,26 +62,28 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0  # vLLM's spelling of "all"
+        # Each check runs only when the ones before it held (a type before a comparison).
         checks = (
-            ("n", isinstance(self.n, int) and self.n >= 1, "an integer >= 1"),
-            ("temperature", self.temperature >= 0, ">= 0"),
-            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 1, or 0 or -1 (all)"),
-            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
-            ("min_p", 0 <= self.min_p <= 1, "in [0, 1]"),
-            ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
-            ("presence_penalty", -2 <= self.presence_penalty <= 2, "in [-2, 2]"),
-            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "in [-2, 2]"),
-            ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "an integer >= 1"),
-            ("min_tokens", isinstance(self.min_tokens, int) and 0 <= self.min_tokens, "an integer >= 0"),
-            ("min_tokens", self.min_tokens <= self.max_tokens, f"<= max_tokens ({self.max_tokens})"),
-            ("seed", self.seed is None or self.seed >= 0, ">= 0"),
-            ("logprobs", self.logprobs is None or self.logprobs >= 0, ">= 0"),
-            ("stop", all(isinstance(s, str) and s for s in self.stop), "non-empty strings"),
-            ("stop", not self.stop or self.detokenize, "empty when detokenize=False (stop strings match text)"),
+            ("n", lambda: _integer(self.n) and 1 <= self.n < 2**31, "an integer >= 1"),
+            ("temperature", lambda: _real(self.temperature) and self.temperature >= 0, ">= 0"),
+            ("top_k", lambda: _integer(self.top_k) and 0 <= self.top_k < 2**62, "an integer >= 1, or 0 or -1 (all)"),
+            ("top_p", lambda: _real(self.top_p) and 0 < self.top_p <= 1, "in (0, 1]"),
+            ("min_p", lambda: _real(self.min_p) and 0 <= self.min_p <= 1, "in [0, 1]"),
+            ("repetition_penalty", lambda: _real(self.repetition_penalty) and self.repetition_penalty > 0, "> 0"),
+            ("presence_penalty", lambda: _real(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "in [-2, 2]"),
+            ("frequency_penalty", lambda: _real(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "in [-2, 2]"),
+            ("max_tokens", lambda: _integer(self.max_tokens) and 1 <= self.max_tokens < 2**62, "an integer >= 1"),
+            ("min_tokens", lambda: _integer(self.min_tokens) and 0 <= self.min_tokens, "an integer >= 0"),
+            ("min_tokens", lambda: self.min_tokens <= self.max_tokens, f"<= max_tokens ({self.max_tokens})"),
+            ("seed", lambda: self.seed is None or (_integer(self.seed) and 0 <= self.seed < 2**63), "an integer >= 0"),
+            ("logprobs", lambda: self.logprobs is None or (_integer(self.logprobs) and 0 <= self.logprobs < 2**31), ">= 0"),
+            ("stop", lambda: all(isinstance(s, str) and s for s in self.stop), "non-empty strings"),
+            ("stop", lambda: not self.stop or self.detokenize, "empty when detokenize=False (stop strings match text)"),
+            ("stop_token_ids", lambda: all(_integer(t) and 0 <= t < 2**31 for t in self.stop_token_ids), "token ids"),
         )
         for name, ok, requirement in checks:
-            if not ok:
-                raise ValueError(f"{name} must be {requirement}, got {getattr(self, name)!r}")
+            if not ok():
+                raise _core.InvalidInputError(f"{name} must be {requirement}, got {str(getattr(self, name))[:80]}")
 
     def _to_core(self, extra_stop_token_ids: list[int] = ()) -> _core.SamplingParams:
         """The engine's SamplingParams; extra_stop_token_ids (the model's end-of-turn tokens) are
@@ -102,3 +107,11 @@ class SamplingParams:
         p.seed = -1 if self.seed is None else int(self.seed)
         p.logprobs = -1 if self.logprobs is None else int(self.logprobs)
         return p
+
+
+def _integer(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _real(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(value)

@@ -3,7 +3,6 @@ tokens of tokenizer_config.json, and the chat template, loaded the way transform
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -13,6 +12,7 @@ from tokenizers import AddedToken
 from tokenizers import Tokenizer as _Backend
 
 from corral import _core
+from corral.json_file import read_json_object
 from corral.chat_template import is_conversation_list, render
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -58,13 +58,6 @@ def _is_added_token(value: Any) -> bool:
     return isinstance(value, Mapping) and value.get("__type") == "AddedToken" and isinstance(value.get("content"), str)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise _core.ConfigError(f"{path} is not valid JSON: {e}") from None
-
 
 def has_tokenizer(path: str | os.PathLike) -> bool:
     """Whether the folder holds a tokenizer (tokenizer.json)."""
@@ -95,9 +88,9 @@ class Tokenizer:
         except Exception as e:  # the tokenizers library raises a bare Exception on bad files
             raise _core.ConfigError(f"{file} cannot be read as a tokenizer: {e}") from None
 
-        config = _read_json(folder / TOKENIZER_CONFIG_FILE) if (folder / TOKENIZER_CONFIG_FILE).is_file() else {}
+        config = read_json_object(folder / TOKENIZER_CONFIG_FILE) if (folder / TOKENIZER_CONFIG_FILE).is_file() else {}
         if "added_tokens_decoder" not in config and (folder / SPECIAL_TOKENS_MAP_FILE).is_file():
-            config = _read_json(folder / SPECIAL_TOKENS_MAP_FILE) | config  # the legacy file
+            config = read_json_object(folder / SPECIAL_TOKENS_MAP_FILE) | config  # the legacy file
         self.config = config
         self._special = _named_special_tokens(config)
         extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
@@ -288,7 +281,7 @@ def _load_chat_templates(folder: Path, config: Mapping[str, Any]) -> str | dict[
     if not templates:
         value = config.get("chat_template")
         if value is None and (folder / PROCESSOR_CHAT_TEMPLATE_FILE).is_file():
-            value = _read_json(folder / PROCESSOR_CHAT_TEMPLATE_FILE).get("chat_template")
+            value = read_json_object(folder / PROCESSOR_CHAT_TEMPLATE_FILE).get("chat_template")
         if isinstance(value, str):
             return value
         if isinstance(value, list):

@@ -93,11 +93,14 @@ void register_engine(py::module_& m) {
            py::arg("model_dir"), py::arg("options"))
       .def_property_readonly("config", [](const Engine& e) { return config_dict(e.config()); })
       .def_property_readonly("max_model_len", &Engine::max_model_len)
-      .def("add_request", &Engine::add_request, py::arg("prompt_token_ids"), py::arg("params"))
+      // Calls that may wait for another thread's step release the GIL meanwhile.
+      .def("add_request", &Engine::add_request, py::arg("prompt_token_ids"), py::arg("params"),
+           py::call_guard<py::gil_scoped_release>())
       .def("step", &Engine::step, py::call_guard<py::gil_scoped_release>())
-      .def("abort", &Engine::abort, py::arg("request_id"))
-      .def("finish_sample", &Engine::finish_sample, py::arg("request_id"), py::arg("index"))
-      .def("has_unfinished", &Engine::has_unfinished)
+      .def("abort", &Engine::abort, py::arg("request_id"), py::call_guard<py::gil_scoped_release>())
+      .def("finish_sample", &Engine::finish_sample, py::arg("request_id"), py::arg("index"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("has_unfinished", &Engine::has_unfinished, py::call_guard<py::gil_scoped_release>())
       .def(
           "prompt_logits",
           [](Engine& e, const std::vector<std::vector<int32_t>>& prompts) {
@@ -121,8 +124,32 @@ void register_engine(py::module_& m) {
             return out;
           },
           py::arg("prompts"))
+      .def(
+          "prompt_logprobs",
+          [](Engine& e, const std::vector<std::vector<int32_t>>& prompts) {
+            int64_t total = 0;
+            for (const auto& p : prompts) total += int64_t(p.size());
+            py::array_t<double> all(py::ssize_t{total});
+            double* data = all.mutable_data();
+            {
+              py::gil_scoped_release release;
+              e.prompt_logprobs(prompts, data);
+            }
+            py::list out;
+            py::ssize_t row = 0;
+            for (const auto& p : prompts) {
+              out.append(all[py::slice(row, row + py::ssize_t(p.size()), 1)]);
+              row += py::ssize_t(p.size());
+            }
+            return out;
+          },
+          py::arg("prompts"))
       .def("stats", [](const Engine& e) {
-        const EngineStats s = e.stats();
+        EngineStats s;
+        {
+          py::gil_scoped_release release;
+          s = e.stats();
+        }
         py::dict d;
         d["weight_bytes"] = s.weight_bytes;
         d["weight_format"] = s.weight_format;

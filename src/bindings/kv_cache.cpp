@@ -132,7 +132,13 @@ void register_kv_cache(py::module_& m) {
             std::vector<std::vector<int64_t>> slots(kv.blocks().num_groups());
             for (int64_t g = 0; g < kv.blocks().num_groups(); ++g) {
               const auto& table = kv.blocks().table(id, g);
-              for (int64_t p = start; p < start + n; ++p) slots[g].push_back(int64_t(table[p / bs]) * bs + p % bs);
+              for (int64_t p = start; p < start + n; ++p) {
+                if (table[size_t(p / bs)] < 0)
+                  throw InvalidInputError("position " + std::to_string(p) + " of sequence " + std::to_string(id) +
+                                          " lies in a block its local layer group " + std::to_string(g) +
+                                          " has released");
+                slots[g].push_back(int64_t(table[size_t(p / bs)]) * bs + p % bs);
+              }
             }
             for (int64_t layer = 0; layer < l.num_layers(); ++layer)
               kernels::kv_cache_write(Stream{}, kv.layer(layer), k.data(), v.data(), width, n,

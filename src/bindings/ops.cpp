@@ -727,8 +727,16 @@ void register_ops(py::module_& m) {
         const int64_t S = seq_starts.shape(0) - 1;
         expect(S >= 0 && block_tables.ndim() == 2 && block_tables.shape(0) == S,
                "block_tables must be (num_seqs, max_blocks) with num_seqs = len(seq_starts) - 1");
-        expect(positions.shape(0) == rows && seq_starts.data()[S] == rows && seq_starts.data()[0] == 0,
+        expect(heads > 0 && heads % c.kv_heads == 0,
+               "q's heads (" + std::to_string(heads) + ") must be a multiple of the cache's KV heads (" +
+                   std::to_string(c.kv_heads) + ")");
+        expect(seq_starts.ndim() == 1 && positions.ndim() == 1 && positions.shape(0) == rows &&
+                   seq_starts.data()[S] == rows && seq_starts.data()[0] == 0,
                "positions must have one entry per row, and seq_starts must run from 0 to rows");
+        for (int64_t s = 0; s < S; ++s)
+          expect(seq_starts.data()[s] <= seq_starts.data()[s + 1],
+                 "seq_starts must not decrease: seq_starts[" + std::to_string(s) + "] = " +
+                     std::to_string(seq_starts.data()[s]) + " > seq_starts[" + std::to_string(s + 1) + "]");
         if (repeat < 0) throw InvalidInputError("repeat must be >= 0");
         const int32_t mb = int32_t(block_tables.shape(1));
         for (int64_t s = 0; s < S; ++s)

@@ -85,8 +85,9 @@ class BlockManager {
   int32_t block_size() const { return o_.block_size; }
 
   int64_t available_pages() const { return int64_t(free_.size() + evictable_.size()); }
-  int32_t refcount(int32_t page) const { return refs_[page]; }
-  bool is_cached(int32_t page) const { return page_hash_[page] != 0; }
+  // Of a page in [0, num_pages): InvalidInputError otherwise.
+  int32_t refcount(int32_t page) const;
+  bool is_cached(int32_t page) const;
   Stats stats() const;
   std::vector<SeqId> sequences() const;
 
@@ -106,6 +107,7 @@ class BlockManager {
   Seq& seq(SeqId id);
   const Seq& seq(SeqId id) const;
   int32_t take_page(int64_t group);  // a free or evicted page, held once by `group`; -1 if none
+  int64_t checked_page(int32_t page) const;  // page as an index; InvalidInputError outside the pool
   void acquire(int32_t page, int64_t group);
   void release(int32_t page);
   int32_t cached_page(int64_t group, uint64_t hash, uint64_t parent, const int32_t* tokens) const;

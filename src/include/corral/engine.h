@@ -3,8 +3,10 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <random>
 #include <string>
 #include <vector>
@@ -83,6 +85,11 @@ struct EngineStats {
   std::vector<std::vector<int64_t>> expert_tokens;  // [layer][expert], cumulative; empty: dense layer
 };
 
+// Thread safety: any thread may call any member function at any time. Calls are serialized by
+// the engine's lock (step() and prompt_logits() hold it for their whole forward pass), so
+// requests added from several threads are batched into the same steps; one thread (or several
+// taking turns) must keep calling step() while requests are unfinished. The OpenMP team of a
+// step has EngineOptions::num_threads threads whichever thread calls it.
 class Engine {
  public:
   Engine(const std::string& model_dir, const EngineOptions& options);
@@ -109,13 +116,17 @@ class Engine {
   // Ends one sample of a request (e.g. on a stop string seen in its text) and frees its blocks;
   // the request ends when its last sample does. Unknown ids are ignored.
   void finish_sample(int64_t request_id, int32_t index);
-  bool has_unfinished() const { return !requests_.empty(); }
+  bool has_unfinished() const;
 
   // Logits at every position of each prompt, all prompts batched together in forward passes of
   // up to max_num_batched_tokens tokens. out is [total tokens, vocab] float32, the prompts' rows
   // one after another. Every position is computed (no prefix reuse); the prompts' full blocks
   // join the prefix cache and their pages are released afterwards.
   void prompt_logits(const std::vector<std::vector<int32_t>>& prompts, float* out);
+  // The same passes, keeping of each position only the log-probability of the prompt's next
+  // token: out is [total tokens] float64, the last position of each prompt NaN. Logits are held
+  // for one pass at a time (max_num_batched_tokens x vocab), whatever the prompts' length.
+  void prompt_logprobs(const std::vector<std::vector<int32_t>>& prompts, double* out);
 
   EngineStats stats() const;
 
@@ -126,6 +137,12 @@ class Engine {
   using Queue = std::map<std::pair<int64_t, int32_t>, Sequence*>;
 
   void validate_tokens(const std::vector<int32_t>& tokens, const char* what) const;
+  // prompt_logits' passes: each pass's logits go to rows(first, n) ([n, vocab] floats for the
+  // prompts' tokens first .. first + n - 1, counted over all prompts), then to done(first, n).
+  void run_prompts(const std::vector<std::vector<int32_t>>& prompts,
+                   const std::function<float*(int64_t first, int64_t n)>& rows,
+                   const std::function<void(int64_t first, int64_t n)>& done);
+  void use_threads() const;
   void preempt(Sequence& s);
   void fork_samples(Request& r);
   void finish(Sequence& s, FinishReason why, RequestUpdate* update);
@@ -133,6 +150,7 @@ class Engine {
   void sample(const std::vector<Sequence*>& seqs, const std::vector<int64_t>& rows,
               std::vector<RequestUpdate>& updates);
 
+  mutable std::mutex mutex_;  // held by every public member function but the immutable accessors
   EngineOptions options_;
   std::unique_ptr<Llama4Model> model_;
   std::unique_ptr<KvCache> cache_;

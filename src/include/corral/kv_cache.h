@@ -42,7 +42,8 @@ KvLayout make_kv_layout(const ModelConfig& config, int32_t block_size, DType dty
 
 class KvCache {
  public:
-  // `bytes` of memory (0: half of what is available now; pages are committed as first written).
+  // `bytes` of memory (0: half of what this process may still use now, MemAvailable within its
+  // cgroup's memory limit; pages are committed as first written).
   KvCache(const KvLayout& layout, size_t bytes, bool prefix_caching);
   ~KvCache();
   KvCache(const KvCache&) = delete;

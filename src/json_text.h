@@ -1,0 +1,40 @@
+// JSON read from checkpoint files (config.json, the shard index, safetensors headers), with
+// bounds: a hostile or corrupt file may nest without end or hold megabytes in one value, and
+// neither may exhaust the stack of whatever walks the document nor flood an error message.
+#pragma once
+
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+namespace corral {
+
+// Deeper than any real checkpoint file nests (config.json: 3 levels).
+constexpr int kMaxJsonDepth = 64;
+
+// The text between begin and end parsed, or Error("<source> is not valid JSON: ...") for bad
+// syntax and Error("<source> nests JSON deeper than 64 levels") past the depth limit.
+template <class Error>
+nlohmann::json parse_json(const char* begin, const char* end, const std::string& source) {
+  const auto limit = [&](int depth, nlohmann::json::parse_event_t, nlohmann::json&) {
+    if (depth > kMaxJsonDepth) throw Error(source + " nests JSON deeper than " + std::to_string(kMaxJsonDepth) + " levels");
+    return true;
+  };
+  try {
+    return nlohmann::json::parse(begin, end, limit);
+  } catch (const nlohmann::json::exception& e) {
+    const std::string what = e.what();
+    throw Error(source + " is not valid JSON: " + (what.size() > 200 ? what.substr(0, 200) + "..." : what));
+  }
+}
+
+// A value for an error message: as written, cut after 80 characters; a list or object of more
+// than 16 elements by its size (not written out at all). parse_json bounds the depth.
+inline std::string describe_json(const nlohmann::json& v) {
+  if (v.is_array() && v.size() > 16) return "a list of " + std::to_string(v.size()) + " items";
+  if (v.is_object() && v.size() > 16) return "an object with " + std::to_string(v.size()) + " fields";
+  const std::string text = v.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+  return text.size() > 80 ? text.substr(0, 80) + "..." : text;
+}
+
+}  // namespace corral
