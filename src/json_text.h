@@ -23,7 +23,11 @@ nlohmann::json parse_json(const char* begin, const char* end, const std::string&
   try {
     return nlohmann::json::parse(begin, end, limit);
   } catch (const nlohmann::json::exception& e) {
-    const std::string what = e.what();
+    std::string what = e.what();
+    // It quotes the last bytes read, which need not be UTF-8, and messages must be (Python decodes
+    // them as UTF-8): non-ASCII bytes become '?', which also makes any cut below safe.
+    for (char& ch : what)
+      if (static_cast<unsigned char>(ch) >= 0x80) ch = '?';
     throw Error(source + " is not valid JSON: " + (what.size() > 200 ? what.substr(0, 200) + "..." : what));
   }
 }
@@ -33,7 +37,8 @@ nlohmann::json parse_json(const char* begin, const char* end, const std::string&
 inline std::string describe_json(const nlohmann::json& v) {
   if (v.is_array() && v.size() > 16) return "a list of " + std::to_string(v.size()) + " items";
   if (v.is_object() && v.size() > 16) return "an object with " + std::to_string(v.size()) + " fields";
-  const std::string text = v.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+  // ASCII (\uXXXX escapes): a cut inside a UTF-8 character would make the message invalid UTF-8.
+  const std::string text = v.dump(-1, ' ', true, nlohmann::json::error_handler_t::replace);
   return text.size() > 80 ? text.substr(0, 80) + "..." : text;
 }
 

@@ -11,7 +11,7 @@ template <class T>
 void gather_rows(float* out, const T* table, int64_t dim, const int32_t* ids, int64_t tokens) {
   parallel_for(tokens, dim, [&](int64_t t) {
     const T* row = table + int64_t(ids[t]) * dim;
-    for (int64_t i = 0; i < dim; ++i) out[t * dim + i] = to_float(row[i]);
+    for (int64_t i = 0; i < dim; ++i) out[t * dim + i] = to_float_unaligned(row + i);
   });
 }
 }  // namespace

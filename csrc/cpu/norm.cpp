@@ -16,7 +16,7 @@ void rms_norm_rows(float* y, const float* x, const W* w, int64_t rows, int64_t d
     for (int64_t i = 0; i < dim; ++i) ss += xr[i] * xr[i];
     const float inv = 1.0f / std::sqrt(ss / float(dim) + eps);
     if (w) {
-      for (int64_t i = 0; i < dim; ++i) yr[i] = (xr[i] * inv) * to_float(w[i]);
+      for (int64_t i = 0; i < dim; ++i) yr[i] = (xr[i] * inv) * to_float_unaligned(w + i);
     } else {
       for (int64_t i = 0; i < dim; ++i) yr[i] = xr[i] * inv;
     }

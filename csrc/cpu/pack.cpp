@@ -35,8 +35,10 @@ void check_source(const MatrixRef& w, const char* what) {
 // Element (k, col) of a source matrix, as raw bits of E bytes.
 template <class E>
 E element(const MatrixRef& w, int64_t k, int64_t col) {
-  const E* d = static_cast<const E*>(w.data);
-  return w.layout == WeightLayout::OutIn ? d[col * w.row_stride() + k] : d[k * w.row_stride() + col];
+  const int64_t i = w.layout == WeightLayout::OutIn ? col * w.row_stride() + k : k * w.row_stride() + col;
+  E e;  // copied: a checkpoint's data section need not be aligned to E
+  std::memcpy(&e, static_cast<const char*>(w.data) + i * int64_t(sizeof(E)), sizeof(E));
+  return e;
 }
 
 // Writes panels [0, panels): lane c of panel p holds column col_of(p, c) of source_of(c), or

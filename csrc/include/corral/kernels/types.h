@@ -112,6 +112,15 @@ CORRAL_INLINE float to_float(fp8_e4m3 x) {
   return bits_to_float(float_to_bits(mag) | (nan & 0x7fc00000u) | (uint32_t(x.bits & 0x80u) << 24));
 }
 
+// *p as float, where p may be misaligned for T: tensors read in place from a checkpoint's mapping
+// (safetensors offsets are byte offsets).
+template <class T>
+CORRAL_INLINE float to_float_unaligned(const T* p) {
+  T x;
+  std::memcpy(&x, p, sizeof(T));
+  return to_float(x);
+}
+
 // Round to nearest even, as torch does when casting float32 to bfloat16.
 CORRAL_INLINE bf16 to_bf16(float f) {
   uint32_t u = float_to_bits(f);
