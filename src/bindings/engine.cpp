@@ -40,6 +40,27 @@ py::dict config_dict(const ModelConfig& c) {
   return d;
 }
 
+// An engine pass over whole prompts: run(data) fills one array of [total tokens] rows (of `width`
+// values each; 0: one value) with the GIL released, and each prompt gets a view of its rows.
+template <class T, class Run>
+py::list per_prompt(const std::vector<std::vector<int32_t>>& prompts, py::ssize_t width, const Run& run) {
+  py::ssize_t total = 0;
+  for (const auto& p : prompts) total += py::ssize_t(p.size());
+  py::array_t<T> all = width > 0 ? py::array_t<T>({total, width}) : py::array_t<T>(total);
+  T* data = all.mutable_data();
+  {
+    py::gil_scoped_release release;
+    run(data);
+  }
+  py::list out;
+  py::ssize_t row = 0;
+  for (const auto& p : prompts) {
+    out.append(all[py::make_tuple(py::slice(row, row + py::ssize_t(p.size()), 1), py::ellipsis())]);
+    row += py::ssize_t(p.size());
+  }
+  return out;
+}
+
 }  // namespace
 
 void register_engine(py::module_& m) {
@@ -104,44 +125,14 @@ void register_engine(py::module_& m) {
       .def(
           "prompt_logits",
           [](Engine& e, const std::vector<std::vector<int32_t>>& prompts) {
-            int64_t total = 0;
-            for (const auto& p : prompts) total += int64_t(p.size());
-            const py::ssize_t vocab = py::ssize_t(e.config().vocab_size);
-            py::array_t<float> all({py::ssize_t(total), vocab});
-            float* data = all.mutable_data();
-            {
-              py::gil_scoped_release release;
-              e.prompt_logits(prompts, data);
-            }
-            // One view per prompt into the single array the batch wrote.
-            py::list out;
-            py::ssize_t row = 0;
-            for (const auto& p : prompts) {
-              py::slice rows(row, row + py::ssize_t(p.size()), 1);
-              out.append(all[py::make_tuple(rows, py::ellipsis())]);
-              row += py::ssize_t(p.size());
-            }
-            return out;
+            return per_prompt<float>(prompts, py::ssize_t(e.config().vocab_size),
+                                     [&](float* data) { e.prompt_logits(prompts, data); });
           },
           py::arg("prompts"))
       .def(
           "prompt_logprobs",
           [](Engine& e, const std::vector<std::vector<int32_t>>& prompts) {
-            int64_t total = 0;
-            for (const auto& p : prompts) total += int64_t(p.size());
-            py::array_t<double> all(py::ssize_t{total});
-            double* data = all.mutable_data();
-            {
-              py::gil_scoped_release release;
-              e.prompt_logprobs(prompts, data);
-            }
-            py::list out;
-            py::ssize_t row = 0;
-            for (const auto& p : prompts) {
-              out.append(all[py::slice(row, row + py::ssize_t(p.size()), 1)]);
-              row += py::ssize_t(p.size());
-            }
-            return out;
+            return per_prompt<double>(prompts, 0, [&](double* data) { e.prompt_logprobs(prompts, data); });
           },
           py::arg("prompts"))
       .def("stats", [](const Engine& e) {
