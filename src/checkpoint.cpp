@@ -2,8 +2,6 @@
 
 #include <sys/stat.h>
 
-#include <fstream>
-#include <sstream>
 
 #include <nlohmann/json.hpp>
 
@@ -34,10 +32,7 @@ Checkpoint::Checkpoint(const std::string& dir) : dir_(dir) {
   if (!is_file(index))
     throw FileMissingError("model folder " + dir + " has neither model.safetensors nor model.safetensors.index.json");
   index_path_ = index;
-  std::ifstream in(index, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  const std::string text = ss.str();
+  const std::string text = read_text_file(index, "index");
   const nlohmann::json root = parse_json<CorruptCheckpointError>(text.data(), text.data() + text.size(), "index " + index);
   if (!root.is_object() || !root.contains("weight_map") || !root.at("weight_map").is_object())
     throw CorruptCheckpointError("index " + index + " has no 'weight_map' object");

@@ -1,11 +1,6 @@
 #include "corral/config.h"
 
-#include <sys/stat.h>
-
 #include <cmath>
-
-#include <fstream>
-#include <sstream>
 
 #include <nlohmann/json.hpp>
 
@@ -229,15 +224,6 @@ ModelConfig parse_config(const std::string& json_text, const std::string& source
   return c;
 }
 
-ModelConfig load_config(const std::string& path) {
-  struct stat st {};
-  if (stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode))
-    throw FileMissingError("model config " + path + " does not exist or is not a file");
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw FileMissingError("model config " + path + " cannot be read");
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return parse_config(ss.str(), path);
-}
+ModelConfig load_config(const std::string& path) { return parse_config(read_text_file(path, "model config"), path); }
 
 }  // namespace corral

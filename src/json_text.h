@@ -3,9 +3,15 @@
 // neither may exhaust the stack of whatever walks the document nor flood an error message.
 #pragma once
 
+#include <sys/stat.h>
+
+#include <fstream>
+#include <sstream>
 #include <string>
 
 #include <nlohmann/json.hpp>
+
+#include "corral/error.h"
 
 namespace corral {
 
@@ -40,6 +46,26 @@ inline std::string describe_json(const nlohmann::json& v) {
   // ASCII (\uXXXX escapes): a cut inside a UTF-8 character would make the message invalid UTF-8.
   const std::string text = v.dump(-1, ' ', true, nlohmann::json::error_handler_t::replace);
   return text.size() > 80 ? text.substr(0, 80) + "..." : text;
+}
+
+// The bytes of the file at `path`; FileMissingError("<what> <path> does not exist ...") when it
+// is not a readable regular file.
+inline std::string read_text_file(const std::string& path, const std::string& what) {
+  struct stat st {};
+  if (stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode))
+    throw FileMissingError(what + " " + path + " does not exist or is not a file");
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw FileMissingError(what + " " + path + " cannot be read");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// read_text_file, then parse_json (errors name the file).
+template <class Error>
+nlohmann::json read_json_file(const std::string& path, const std::string& what) {
+  const std::string text = read_text_file(path, what);
+  return parse_json<Error>(text.data(), text.data() + text.size(), path);
 }
 
 }  // namespace corral

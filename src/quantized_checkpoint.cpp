@@ -1,9 +1,7 @@
 #include "corral/quantized_checkpoint.h"
 
 #include <algorithm>
-#include <fstream>
 #include <regex>
-#include <sstream>
 
 #include <nlohmann/json.hpp>
 
@@ -117,19 +115,10 @@ QuantScheme compressed_tensors_scheme(const json& group, const std::string& wher
 
 int64_t bits_of(DType t) { return t == DType::I4 ? 4 : 8; }
 
-json read_json(const std::string& path) {
-  std::ifstream f(path);
-  if (!f) throw FileMissingError("config.json not found: " + path);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  const std::string text = ss.str();
-  return parse_json<ConfigError>(text.data(), text.data() + text.size(), path);
-}
-
 }  // namespace
 
 CheckpointQuantization load_quantization(const std::string& config_path) {
-  const json doc = read_json(config_path);
+  const json doc = read_json_file<ConfigError>(config_path, "model config");
   CheckpointQuantization q;
   q.source = config_path;
   if (!doc.is_object()) return q;

@@ -134,7 +134,6 @@ def test_special_tokens(pair):
     assert ours.special_tokens_map == hf.special_tokens_map
     assert ours.all_special_tokens == hf.all_special_tokens and ours.all_special_ids == hf.all_special_ids
     assert len(ours) == len(hf) == VOCAB
-    assert ours.stop_token_ids == [tt.END_OF_TEXT, tt.EOM, tt.EOT]
     assert ours.convert_ids_to_tokens([tt.HEADER_START, tt.HEADER_END]) == ["<|header_start|>", "<|header_end|>"]
     assert ours.convert_tokens_to_ids("<|python_start|>") == hf.convert_tokens_to_ids("<|python_start|>")
 

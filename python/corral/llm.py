@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -21,15 +20,10 @@ from corral.sampling_params import SamplingParams
 from corral.tokenizer import NoTokenizerError, Tokenizer, has_tokenizer
 
 _KV_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8")
-# generation_config.json fields that become default sampling parameters (as vLLM reads them).
-_GENERATION_DEFAULTS = {
-    "temperature": "temperature",
-    "top_k": "top_k",
-    "top_p": "top_p",
-    "min_p": "min_p",
-    "repetition_penalty": "repetition_penalty",
-    "max_new_tokens": "max_tokens",
-}
+# The sampling defaults the engine reads from generation_config.json.
+_GENERATION_DEFAULTS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_tokens")
+# How long a wait for tokens lasts before Python gets to handle signals (Ctrl-C), in seconds.
+_WAIT_S = 0.1
 logger = logging.getLogger("corral")
 
 # The small trained Llama 4-architecture model shipped in the package (tools/train_demo_model.py).
@@ -87,9 +81,9 @@ class LLM:
         seed: seed of the samplers of requests that bring none (default 0).
         device: "cpu" (the only device that runs whole models so far).
 
-    Any number of threads may call one LLM at once: every call's requests join the same engine
-    and advance together in its steps (whichever waiting thread runs a step runs it for all), as
-    do those of calls made while a stream is open.
+    Any number of threads may call one LLM at once: the engine steps on a thread of its own
+    (corral::AsyncEngine), and every call's requests join it and advance together in its steps,
+    as do those of calls made while a stream is open.
     """
 
     def __init__(
@@ -144,14 +138,14 @@ class LLM:
         options.max_num_batched_tokens = max_num_batched_tokens
         options.num_threads = num_threads or 0
         options.seed = seed
+        options.tokenizer_dir = "" if tokenizer is None else os.fspath(tokenizer)
         self.model_path = os.fspath(demo_model_path() if model_path is None else model_path)
-        self._engine = _core.Engine(self.model_path, options)
-        self._requests: dict[int, _Request] = {}
-        self._lock = threading.Lock()  # over the engine's requests and self._requests
+        # The engine reads the stop tokens and sampling defaults (generation_config.json, the
+        # tokenizer's special tokens) itself, as a C++ service gets them.
+        self._async = _core.AsyncEngine(self.model_path, options)
+        self._engine = self._async.engine
         self._tokenizer = self._load_tokenizer(tokenizer, skip_tokenizer_init)
-        self.generation_config = _read_generation_config(Path(self.model_path))
-        self._extra_stop_token_ids = self._end_token_ids()
-        self.get_default_sampling_params()  # a bad default is the file's error, raised here
+        self.generation_config = _read_generation_config(Path(self.model_path))  # as read, for reference
         stats = self._engine.stats()
         # Say which code paths run: the CPU ISA level picked at run time, and CUDA's state.
         logger.info(
@@ -183,22 +177,6 @@ class LLM:
             )
         return tok
 
-    def _end_token_ids(self) -> list[int]:
-        """Tokens that end generation besides the config's eos ids (which the engine applies): the
-        tokenizer's end-of-turn tokens and generation_config.json's eos_token_id."""
-        eos = self.generation_config.get("eos_token_id")
-        eos = [] if eos is None else [eos] if isinstance(eos, int) else eos
-        if not isinstance(eos, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in eos):
-            raise _core.ConfigError(
-                f"generation_config.json field 'eos_token_id' in {self.model_path} must be a token id or a list of "
-                f"them, got {str(eos)[:80]}"
-            )
-        ids = set(eos)
-        if self._tokenizer is not None:
-            ids.update(self._tokenizer.stop_token_ids)
-        vocab = self.config["vocab_size"]
-        return sorted(i for i in ids if 0 <= i < vocab and i not in self.config["eos_token_ids"])
-
     @property
     def config(self) -> dict:
         """The model's configuration as Corral read it (sizes and the per-layer schedule)."""
@@ -219,19 +197,17 @@ class LLM:
     @property
     def stop_token_ids(self) -> list[int]:
         """Every token id that ends generation unless ignore_eos: the config's eos ids, the
-        tokenizer's end-of-turn tokens and generation_config.json's eos ids."""
-        return sorted(set(self.config["eos_token_ids"]) | set(self._extra_stop_token_ids))
+        tokenizer's eos and end-of-turn tokens and generation_config.json's eos ids."""
+        return list(self._engine.stop_token_ids)
 
     def get_default_sampling_params(self) -> SamplingParams:
         """SamplingParams with the defaults of the model's generation_config.json (temperature,
         top_k, top_p, min_p, repetition_penalty, max_new_tokens), as vLLM uses them."""
-        config = self.generation_config
-        try:
-            return SamplingParams(**{name: config[key] for key, name in _GENERATION_DEFAULTS.items() if key in config})
-        except (TypeError, ValueError) as e:
-            raise _core.ConfigError(
-                f"generation_config.json in {self.model_path} has a bad sampling default: {str(e)[:200]}"
-            ) from None
+        core = self._engine.default_sampling_params
+        # float32 in the engine: its shortest decimal is the value as written in the file.
+        values = {name: getattr(core, name) for name in _GENERATION_DEFAULTS}
+        return SamplingParams(**{k: float(np.format_float_positional(np.float32(v))) if isinstance(v, float) else v
+                                 for k, v in values.items()})
 
     def logits(self, token_ids: Sequence[int] | Sequence[Sequence[int]]) -> np.ndarray | list[np.ndarray]:
         """Logits at every position of a prompt: a float32 array of shape (len(token_ids), vocab_size).
@@ -269,15 +245,14 @@ class LLM:
 
         requests: list[_Request] = []
         try:
-            with self._lock:
-                for (text, ids), p, core in zip(prepared, params, cores, strict=True):
-                    requests.append(self._add(text, ids, p, core))
-            while not all(r.finished for r in requests):
-                self._step_unless(lambda: all(r.finished for r in requests))
+            for (text, ids), p, core in zip(prepared, params, cores, strict=True):
+                requests.append(self._add(text, ids, p, core))
+            for r in requests:
+                while not r.stream.finished:
+                    self._receive(r)
         except BaseException:
-            with self._lock:
-                for r in requests:  # leave the engine as it was: no request of this call stays queued
-                    self._abort(r)
+            for r in requests:  # leave the engine as it was: no request of this call stays queued
+                self._abort(r)
             raise
         return [r.output() for r in requests]
 
@@ -386,55 +361,45 @@ class LLM:
             raise TypeError(f"sampling params must be corral.SamplingParams, got {type(params).__name__}")
         if params.stop and self._tokenizer is None:
             self._require_tokenizer("stop strings")
-        return params._to_core(self._extra_stop_token_ids)
+        return params._to_core()
 
     def _add(self, text: str | None, ids: list[int], params: SamplingParams, core: _core.SamplingParams) -> _Request:
-        rid = self._engine.add_request(ids, core)
+        stream = self._async.add_request(ids, core)
         tokenizer = self._tokenizer if params.detokenize else None
-        request = _Request(rid, text, ids, params, tokenizer)
-        self._requests[rid] = request
-        return request
+        return _Request(stream, text, ids, params, tokenizer)
 
-    def _abort(self, request: _Request) -> None:
-        if self._requests.pop(request.request_id, None) is not None:
-            self._engine.abort(request.request_id)
-
-    def _step_unless(self, done) -> None:
-        """One engine step unless done() became true while waiting for another thread's step."""
-        with self._lock:
-            if not done():
-                self._step()
-
-    def _step(self) -> None:
-        """One engine step (under self._lock); each update goes to its request, whichever call or
-        thread started it."""
-        for update in self._engine.step():
-            request = self._requests.get(update.request_id)
-            if request is None:
-                continue  # a request that ended on our side (a stop string) and the engine's last word on it
+    def _receive(self, request: _Request) -> None:
+        """Applies the updates the engine thread has for the request, waiting up to _WAIT_S."""
+        for update in request.stream.next(_WAIT_S):
             sample = request.samples[update.index]
             if sample.finish_reason is not None:
-                continue
+                continue  # ended on our side (a stop string): the engine's last word on it
             if request.apply(sample, update):  # a stop string ended a sample the engine still runs
-                self._engine.finish_sample(request.request_id, update.index)
-            if request.finished:
-                del self._requests[request.request_id]
+                self._async.finish_sample(request.request_id, update.index)
+
+    def _abort(self, request: _Request) -> None:
+        """Ends the request in the engine and waits until it has let go of it."""
+        if request.stream.finished:
+            return
+        self._async.abort(request.request_id)
+        try:
+            while not request.stream.finished:
+                request.stream.next(_WAIT_S)
+        except _core.CorralError:
+            pass  # a step failed: the request has ended all the same
 
     def _stream(self, text, ids, params, core) -> Iterator[str]:
-        with self._lock:
-            request = self._add(text, ids, params, core)
+        request = self._add(text, ids, params, core)
         sample = request.samples[0]
         try:
             while True:
                 while sample.deltas:
                     yield sample.deltas.popleft()
-                if sample.finish_reason is not None:
+                if request.stream.finished:
                     return request.output()
-                self._step_unless(lambda: sample.deltas or sample.finish_reason is not None)
+                self._receive(request)
         finally:
-            if not request.finished:
-                with self._lock:
-                    self._abort(request)
+            self._abort(request)
 
 
 class _Sample:
@@ -465,10 +430,9 @@ class _Sample:
 
 
 class _Request:
-    def __init__(
-        self, request_id: int, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams, tokenizer
-    ) -> None:
-        self.request_id = request_id
+    def __init__(self, stream, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams, tokenizer) -> None:
+        self.stream = stream  # the engine thread's updates of this request
+        self.request_id = stream.request_id
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.params = params

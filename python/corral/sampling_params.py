@@ -85,9 +85,9 @@ class SamplingParams:
             if not ok():
                 raise _core.InvalidInputError(f"{name} must be {requirement}, got {str(getattr(self, name))[:80]}")
 
-    def _to_core(self, extra_stop_token_ids: list[int] = ()) -> _core.SamplingParams:
-        """The engine's SamplingParams; extra_stop_token_ids (the model's end-of-turn tokens) are
-        added unless ignore_eos."""
+    def _to_core(self) -> _core.SamplingParams:
+        """The engine's SamplingParams (the engine adds the model's eos and end-of-turn tokens
+        unless ignore_eos)."""
         p = _core.SamplingParams()
         p.n = int(self.n)
         p.temperature = float(self.temperature)
@@ -100,10 +100,7 @@ class SamplingParams:
         p.max_tokens = int(self.max_tokens)
         p.min_tokens = int(self.min_tokens)
         p.ignore_eos = bool(self.ignore_eos)
-        stops = [int(t) for t in self.stop_token_ids]
-        if not self.ignore_eos:
-            stops += [int(t) for t in extra_stop_token_ids if t not in stops]
-        p.stop_token_ids = stops
+        p.stop_token_ids = [int(t) for t in self.stop_token_ids]
         p.seed = -1 if self.seed is None else int(self.seed)
         p.logprobs = -1 if self.logprobs is None else int(self.logprobs)
         return p

@@ -24,8 +24,6 @@ PROCESSOR_CHAT_TEMPLATE_FILE = "chat_template.json"
 
 # Named special tokens, as transformers passes them to chat templates.
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-# Tokens that end a turn or a text in Llama 4 (and Llama 3) vocabularies: stop on them when present.
-END_TOKENS = ("<|eot|>", "<|eom|>", "<|end_of_text|>", "<|eot_id|>", "<|eom_id|>")
 
 
 class NoTokenizerError(_core.ModelFileNotFoundError, NotImplementedError):
@@ -163,13 +161,6 @@ class Tokenizer:
     eos_token_id = property(lambda self: self.token_to_id(self.eos_token))
     pad_token_id = property(lambda self: self.token_to_id(self.pad_token))
     unk_token_id = property(lambda self: self.token_to_id(self.unk_token))
-
-    @property
-    def stop_token_ids(self) -> list[int]:
-        """Tokens that end generation: eos_token and the end-of-turn tokens of the vocabulary
-        (<|eot|>, <|eom|>, <|end_of_text|>)."""
-        ids = [self.token_to_id(t) for t in (self.eos_token, *END_TOKENS)]
-        return sorted({i for i in ids if i is not None})
 
     def token_to_id(self, token: str | None) -> int | None:
         return None if token is None else self._backend.token_to_id(token)

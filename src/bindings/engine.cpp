@@ -1,9 +1,13 @@
 // corral._core.Engine: the C++ engine, with the GIL released while it computes.
+#include <chrono>
+
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
 #include "bindings.h"
+#include "corral/async_engine.h"
 #include "corral/engine.h"
+#include "corral/engine_core.h"
 
 namespace py = pybind11;
 
@@ -61,11 +65,39 @@ py::list per_prompt(const std::vector<std::vector<int32_t>>& prompts, py::ssize_
   return out;
 }
 
+py::dict stats_dict(const EngineStats& s) {
+  py::dict d;
+  d["weight_bytes"] = s.weight_bytes;
+  d["weight_format"] = s.weight_format;
+  d["kv_blocks_total"] = s.kv_blocks_total;
+  d["kv_blocks_free"] = s.kv_blocks_free;
+  d["kv_blocks_cached"] = s.kv_blocks_cached;
+  d["kv_global_blocks_used"] = s.kv_global_blocks_used;
+  d["kv_local_blocks_used"] = s.kv_local_blocks_used;
+  d["kv_global_layer_groups"] = s.kv_global_layer_groups;
+  d["kv_local_layer_groups"] = s.kv_local_layer_groups;
+  d["kv_block_size"] = s.kv_block_size;
+  d["kv_block_bytes"] = s.kv_block_bytes;
+  d["kv_bytes_per_token"] = s.kv_bytes_per_token;
+  d["prefix_cache_hit_tokens"] = s.prefix_cache_hit_tokens;
+  d["requests_waiting"] = s.requests_waiting;
+  d["requests_running"] = s.requests_running;
+  d["prefill_tokens_computed"] = s.prefill_tokens_computed;
+  d["decode_tokens_computed"] = s.decode_tokens_computed;
+  d["preemptions"] = s.preemptions;
+  py::dict experts;  // MoE layer -> tokens routed to each expert, cumulative
+  for (size_t l = 0; l < s.expert_tokens.size(); ++l)
+    if (!s.expert_tokens[l].empty()) experts[py::int_(l)] = s.expert_tokens[l];
+  d["moe_expert_tokens"] = experts;
+  return d;
+}
+
 }  // namespace
 
 void register_engine(py::module_& m) {
   py::class_<EngineOptions>(m, "EngineOptions")
       .def(py::init<>())
+      .def_readwrite("tokenizer_dir", &EngineOptions::tokenizer_dir)
       .def_readwrite("block_size", &EngineOptions::block_size)
       .def_readwrite("kv_cache_bytes", &EngineOptions::kv_cache_bytes)
       .def_readwrite("kv_cache_dtype", &EngineOptions::kv_cache_dtype)
@@ -100,6 +132,7 @@ void register_engine(py::module_& m) {
       .def_readonly("index", &RequestUpdate::index)
       .def_readonly("new_token_ids", &RequestUpdate::new_token_ids)
       .def_readonly("logprobs", &RequestUpdate::logprobs)
+      .def_readonly("error", &RequestUpdate::error)
       .def_property_readonly("finished", &RequestUpdate::finished)
       .def_property_readonly("finish_reason", [](const RequestUpdate& u) -> py::object {
         if (!u.finished()) return py::none();
@@ -112,8 +145,10 @@ void register_engine(py::module_& m) {
              return std::make_unique<Engine>(dir, o);
            }),
            py::arg("model_dir"), py::arg("options"))
-      .def_property_readonly("config", [](const Engine& e) { return config_dict(e.config()); })
+      .def_property_readonly("config", [](const Engine& e) { return config_dict(e.core().config()); })
       .def_property_readonly("max_model_len", &Engine::max_model_len)
+      .def_property_readonly("stop_token_ids", &Engine::stop_token_ids)
+      .def_property_readonly("default_sampling_params", &Engine::default_sampling_params)
       // Calls that may wait for another thread's step release the GIL meanwhile.
       .def("add_request", &Engine::add_request, py::arg("prompt_token_ids"), py::arg("params"),
            py::call_guard<py::gil_scoped_release>())
@@ -125,7 +160,7 @@ void register_engine(py::module_& m) {
       .def(
           "prompt_logits",
           [](Engine& e, const std::vector<std::vector<int32_t>>& prompts) {
-            return per_prompt<float>(prompts, py::ssize_t(e.config().vocab_size),
+            return per_prompt<float>(prompts, py::ssize_t(e.vocab_size()),
                                      [&](float* data) { e.prompt_logits(prompts, data); });
           },
           py::arg("prompts"))
@@ -141,30 +176,42 @@ void register_engine(py::module_& m) {
           py::gil_scoped_release release;
           s = e.stats();
         }
-        py::dict d;
-        d["weight_bytes"] = s.weight_bytes;
-        d["weight_format"] = s.weight_format;
-        d["kv_blocks_total"] = s.kv.pages_total;
-        d["kv_blocks_free"] = s.kv.pages_free;
-        d["kv_blocks_cached"] = s.kv.pages_cached;
-        d["kv_global_blocks_used"] = s.kv.pages_used_global;
-        d["kv_local_blocks_used"] = s.kv.pages_used_local;
-        d["kv_global_layer_groups"] = s.kv_global_groups;
-        d["kv_local_layer_groups"] = s.kv_local_groups;
-        d["kv_block_size"] = s.kv_block_size;
-        d["kv_block_bytes"] = s.kv_page_bytes;
-        d["kv_bytes_per_token"] = s.kv_bytes_per_token;
-        d["prefix_cache_hit_tokens"] = s.kv.prefix_hit_tokens;
-        d["requests_waiting"] = s.requests_waiting;
-        d["requests_running"] = s.requests_running;
-        d["prefill_tokens_computed"] = s.prefill_tokens_computed;
-        d["decode_tokens_computed"] = s.decode_tokens_computed;
-        d["preemptions"] = s.preemptions;
-        py::dict experts;  // MoE layer -> tokens routed to each expert, cumulative
-        for (size_t l = 0; l < s.expert_tokens.size(); ++l)
-          if (!s.expert_tokens[l].empty()) experts[py::int_(l)] = s.expert_tokens[l];
-        d["moe_expert_tokens"] = experts;
-        return d;
+        return stats_dict(s);
+      });
+
+  py::class_<RequestStream>(m, "RequestStream")
+      .def_property_readonly("request_id", &RequestStream::request_id)
+      // Waits with the GIL released; a timeout lets Python handle signals (Ctrl-C) between waits.
+      .def(
+          "next",
+          [](RequestStream& s, double timeout_s) {
+            py::gil_scoped_release release;
+            return s.next_for(std::chrono::milliseconds(int64_t(timeout_s * 1000)));
+          },
+          py::arg("timeout_s") = 0.1)
+      .def_property_readonly("finished", &RequestStream::finished);
+
+  // Python callbacks are not offered: the engine thread would need the GIL for every update.
+  py::class_<AsyncEngine>(m, "AsyncEngine")
+      .def(py::init([](const std::string& dir, const EngineOptions& o) {
+             py::gil_scoped_release release;
+             return std::make_unique<AsyncEngine>(dir, o);
+           }),
+           py::arg("model_dir"), py::arg("options"))
+      .def_property_readonly("engine", &AsyncEngine::engine, py::return_value_policy::reference_internal)
+      .def("add_request", py::overload_cast<const std::vector<int32_t>&, const SamplingParams&>(&AsyncEngine::add_request),
+           py::arg("prompt_token_ids"), py::arg("params"), py::call_guard<py::gil_scoped_release>())
+      .def("abort", &AsyncEngine::abort, py::arg("request_id"), py::call_guard<py::gil_scoped_release>())
+      .def("finish_sample", &AsyncEngine::finish_sample, py::arg("request_id"), py::arg("index"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("drain", &AsyncEngine::drain, py::call_guard<py::gil_scoped_release>())
+      .def("stats", [](const AsyncEngine& e) {
+        EngineStats s;
+        {
+          py::gil_scoped_release release;
+          s = e.stats();
+        }
+        return stats_dict(s);
       });
 }
 

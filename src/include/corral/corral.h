@@ -1,9 +1,8 @@
-// Corral's public C++ API in one include: the engine (requests in, tokens out), the model and
-// its configuration, devices, and the error classes every call may throw.
+// Corral's public C++ API in one include: the engine (token ids in, token ids out), the engine
+// thread for services, the error classes every call may throw, and the version.
 #pragma once
 
-#include "corral/config.h"
-#include "corral/device.h"
+#include "corral/async_engine.h"
 #include "corral/engine.h"
 #include "corral/error.h"
-#include "corral/model.h"
+#include "corral/version.h"

@@ -1,19 +1,17 @@
-// The generation engine: requests in, tokens out, one batched forward pass per step().
-// C++ services use it directly; the Python LLM class is a thin layer over it.
+// The generation engine: token ids in, token ids out, one batched forward pass per step().
+// C++ services use it directly or through AsyncEngine (corral/async_engine.h), which steps it on
+// a thread of its own; the Python LLM class is a thin layer over AsyncEngine. Text (tokenizing,
+// chat templates, stop strings) stays in Python.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
-#include <functional>
-#include <map>
 #include <memory>
-#include <mutex>
-#include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "corral/error.h"
-#include "corral/kv_cache.h"
-#include "corral/model.h"
 
 namespace corral {
 
@@ -37,13 +35,14 @@ struct SamplingParams {
 };
 
 struct EngineOptions {
+  std::string tokenizer_dir;                 // "": the model folder (its special tokens end samples)
   int32_t block_size = 16;
-  size_t kv_cache_bytes = 0;                 // 0: see KvCacheOptions
+  size_t kv_cache_bytes = 0;                 // 0: half the memory available after loading
   std::string kv_cache_dtype = "auto";       // auto (the weights' dtype), float32, bfloat16, float16, fp8
   // What the products multiply bf16 weights with: auto (bf16-rounded activations, vdpbf16ps) or
   // float32 (exact products, float32 speed). Other weights always take float32 activations.
   std::string dtype = "auto";
-  std::string quantization;                  // "", "int8", "int4": weights quantized at load (LoadOptions)
+  std::string quantization;                  // "", "int8", "int4": 16/32-bit weights quantized at load
   bool enable_prefix_caching = true;
   int64_t max_model_len = 0;                 // 0: the config's max_position_embeddings
   int64_t max_num_seqs = 256;                // sequences in one step
@@ -53,7 +52,8 @@ struct EngineOptions {
   uint64_t seed = 0;
 };
 
-enum class FinishReason { None, Length, Stop, Abort };
+// Error: the step that computed the request failed (RequestUpdate::error says why).
+enum class FinishReason { None, Length, Stop, Abort, Error };
 const char* finish_reason_name(FinishReason r);
 
 // What one step produced for one sample of one request.
@@ -65,18 +65,24 @@ struct RequestUpdate {
   // token first, then of the top `logprobs` tokens in descending order.
   std::vector<std::vector<std::pair<int32_t, float>>> logprobs;
   FinishReason finish_reason = FinishReason::None;
+  std::string error;  // with FinishReason::Error: the message of the exception that ended it
   bool finished() const { return finish_reason != FinishReason::None; }
 };
 
 struct EngineStats {
-  BlockManager::Stats kv;
-  int64_t weight_bytes = 0;  // bytes of weights held (ModelWeights::bytes)
-  std::string weight_format;
-  int64_t kv_block_size = 0;
-  int64_t kv_page_bytes = 0;
+  int64_t weight_bytes = 0;  // bytes of weights held
+  std::string weight_format;  // e.g. "bf16", "int8 (quantized at load)"
+  int64_t kv_block_size = 0;  // tokens per KV block
+  int64_t kv_blocks_total = 0;
+  int64_t kv_blocks_free = 0;         // takeable now: never used, or cached with no user
+  int64_t kv_blocks_cached = 0;       // in the prefix cache (used or not)
+  int64_t kv_global_blocks_used = 0;  // held by global (NoPE, full attention) layer groups
+  int64_t kv_local_blocks_used = 0;   // held by local (chunked attention) layer groups
+  int64_t kv_block_bytes = 0;
   double kv_bytes_per_token = 0;
-  int64_t kv_global_groups = 0;
-  int64_t kv_local_groups = 0;
+  int64_t kv_global_layer_groups = 0;
+  int64_t kv_local_layer_groups = 0;
+  int64_t prefix_cache_hit_tokens = 0;  // prompt tokens served from the prefix cache, in total
   int64_t requests_waiting = 0;
   int64_t requests_running = 0;
   int64_t prefill_tokens_computed = 0;
@@ -85,24 +91,37 @@ struct EngineStats {
   std::vector<std::vector<int64_t>> expert_tokens;  // [layer][expert], cumulative; empty: dense layer
 };
 
+class EngineCore;  // the scheduler, KV cache and model (internal)
+
 // Thread safety: any thread may call any member function at any time. Calls are serialized by
 // the engine's lock (step() and prompt_logits() hold it for their whole forward pass), so
 // requests added from several threads are batched into the same steps; one thread (or several
-// taking turns) must keep calling step() while requests are unfinished. The OpenMP team of a
-// step has EngineOptions::num_threads threads whichever thread calls it.
+// taking turns) must keep calling step() while requests are unfinished (AsyncEngine does). The
+// OpenMP team of a step has EngineOptions::num_threads threads whichever thread calls it.
 class Engine {
  public:
-  Engine(const std::string& model_dir, const EngineOptions& options);
+  // Loads the Hugging Face checkpoint in model_dir (config.json, safetensors weights, and the
+  // optional generation_config.json and tokenizer files). Throws a corral::Error subclass naming
+  // the file, tensor or field at fault.
+  explicit Engine(const std::string& model_dir, const EngineOptions& options = EngineOptions{});
   ~Engine();
+  Engine(Engine&&) noexcept;
+  Engine& operator=(Engine&&) noexcept;
 
-  const ModelConfig& config() const { return model_->config(); }
-  const EngineOptions& options() const { return options_; }
-  int64_t max_model_len() const { return max_model_len_; }
+  const EngineOptions& options() const;
+  int64_t vocab_size() const;
+  int64_t max_model_len() const;  // prompt plus generated tokens
+  // Tokens that end a sample unless SamplingParams::ignore_eos, sorted: config.json's eos ids,
+  // generation_config.json's eos_token_id, and the tokenizer's eos and end-of-turn tokens.
+  const std::vector<int32_t>& stop_token_ids() const;
+  // SamplingParams{} with generation_config.json's temperature, top_k, top_p, min_p,
+  // repetition_penalty and max_new_tokens: what to use when a request brings none.
+  const SamplingParams& default_sampling_params() const;
 
   // Queues a request (its KV blocks, and any cached prefix, are taken when it is scheduled).
   // Throws InvalidInputError for an empty prompt, an id outside the vocabulary, a prompt that
   // leaves no room to generate within max_model_len, or bad params; OutOfKVCacheError when one
-  // sample of it could outgrow the whole KV cache.
+  // sample of it could outgrow the whole KV cache. Returns the request's id.
   int64_t add_request(const std::vector<int32_t>& prompt, const SamplingParams& params);
   // Schedules sequences first come, first served (running ones first, then waiting ones while
   // blocks, max_num_seqs and the max_num_batched_tokens budget allow; long prompts go in pieces),
@@ -130,38 +149,12 @@ class Engine {
 
   EngineStats stats() const;
 
+  // The internals, for Corral's own bindings and tests (their header is not installed).
+  EngineCore& core() { return *core_; }
+  const EngineCore& core() const { return *core_; }
+
  private:
-  struct Request;
-  struct Sequence;
-  // Sequences in first-come first-served order: by request id, then sample index.
-  using Queue = std::map<std::pair<int64_t, int32_t>, Sequence*>;
-
-  void validate_tokens(const std::vector<int32_t>& tokens, const char* what) const;
-  // prompt_logits' passes: each pass's logits go to rows(first, n) ([n, vocab] floats for the
-  // prompts' tokens first .. first + n - 1, counted over all prompts), then to done(first, n).
-  void run_prompts(const std::vector<std::vector<int32_t>>& prompts,
-                   const std::function<float*(int64_t first, int64_t n)>& rows,
-                   const std::function<void(int64_t first, int64_t n)>& done);
-  void use_threads() const;
-  void preempt(Sequence& s);
-  void fork_samples(Request& r);
-  void finish(Sequence& s, FinishReason why, RequestUpdate* update);
-  // Draws the next token of seqs[d] from logits row rows[d], and ends the samples that stop.
-  void sample(const std::vector<Sequence*>& seqs, const std::vector<int64_t>& rows,
-              std::vector<RequestUpdate>& updates);
-
-  mutable std::mutex mutex_;  // held by every public member function but the immutable accessors
-  EngineOptions options_;
-  std::unique_ptr<Llama4Model> model_;
-  std::unique_ptr<KvCache> cache_;
-  int64_t max_model_len_ = 0;
-  int64_t next_id_ = 0;
-  std::map<int64_t, std::unique_ptr<Request>> requests_;  // by id, which is arrival order
-  Queue waiting_;  // hold no KV blocks: not started yet, or preempted
-  Queue running_;  // hold KV blocks
-  std::mt19937_64 seeder_;
-  std::vector<float> logits_, processed_;  // model logits; their copies for penalties and sampling
-  int64_t prefill_tokens_ = 0, decode_tokens_ = 0, preemptions_ = 0;
+  std::unique_ptr<EngineCore> core_;
 };
 
 }  // namespace corral

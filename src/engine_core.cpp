@@ -1,0 +1,507 @@
+#include "corral/engine_core.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <unordered_map>
+
+#include "corral/error.h"
+#include "corral/kernels/sampling.h"
+
+namespace corral {
+
+struct EngineCore::Request {
+  int64_t id = 0;
+  SamplingParams params;
+  uint64_t seed = 0;                    // sample i draws from a generator seeded with seed + i * golden
+  std::vector<int32_t> stop_ids;        // tokens that end a sample: eos (unless ignored) and stop_token_ids
+  std::vector<std::unique_ptr<Sequence>> samples;  // by index; the first is created with the request
+  int64_t live = 0;                     // samples not finished
+  bool penalized() const {
+    return params.repetition_penalty != 1.f || params.presence_penalty != 0.f || params.frequency_penalty != 0.f;
+  }
+};
+
+// One sample of a request: its own tokens, KV-cache sequence and random generator.
+struct EngineCore::Sequence {
+  Request* request = nullptr;
+  int32_t index = 0;
+  BlockManager::SeqId kv = 0;   // its KV-cache sequence (exists while it is running)
+  std::vector<int32_t> tokens;  // prompt, then generated tokens
+  int64_t prompt_len = 0;
+  int64_t computed = 0;         // tokens whose K/V are in the cache
+  bool running = false;         // holds KV blocks (in running_), else in waiting_ or finished
+  bool finished = false;
+  std::mt19937_64 rng;
+  std::unordered_map<int32_t, int32_t> counts;  // with penalties: prompt and output tokens -> output count
+  int64_t generated() const { return int64_t(tokens.size()) - prompt_len; }
+  std::pair<int64_t, int32_t> key() const { return {request->id, index}; }
+};
+
+namespace {
+
+DType parse_kv_dtype(const std::string& name, DType weights) {
+  if (name == "auto") return weights;
+  if (name == "float32" || name == "fp32") return DType::F32;
+  if (name == "bfloat16" || name == "bf16") return DType::BF16;
+  if (name == "float16" || name == "fp16") return DType::F16;
+  if (name == "fp8" || name == "float8_e4m3" || name == "fp8_e4m3") return DType::F8_E4M3;
+  throw InvalidInputError("kv_cache_dtype '" + name + "' is not supported (auto, float32, bfloat16, float16, fp8)");
+}
+
+}  // namespace
+
+EngineCore::EngineCore(const std::string& model_dir, const EngineOptions& options)
+    : options_(options), seeder_(options.seed) {
+  if (options_.num_threads < 0) throw InvalidInputError("num_threads must be >= 0");
+  if (options_.max_num_seqs < 1) throw InvalidInputError("max_num_seqs must be >= 1");
+  if (options_.max_num_batched_tokens < 1) throw InvalidInputError("max_num_batched_tokens must be >= 1");
+  if (options_.max_model_len < 0) throw InvalidInputError("max_model_len must be >= 0");
+  if (!(options_.kv_watermark >= 0 && options_.kv_watermark < 1)) throw InvalidInputError("kv_watermark must be in [0, 1)");
+  use_threads();
+  if (options_.dtype != "auto" && options_.dtype != "float32")
+    throw InvalidInputError("dtype '" + options_.dtype + "' is not supported (auto, float32)");
+  model_ = std::make_unique<Llama4Model>(
+      model_dir, options_.dtype == "float32" ? kernels::Activations::Float32 : kernels::Activations::Native,
+      LoadOptions{options_.quantization});
+  const ModelConfig& c = model_->config();
+  defaults_ = load_generation_defaults(model_dir, options_.tokenizer_dir.empty() ? model_dir : options_.tokenizer_dir, c);
+  max_model_len_ = options_.max_model_len > 0 ? options_.max_model_len : c.max_position_embeddings;
+  const KvLayout layout = make_kv_layout(c, options_.block_size, parse_kv_dtype(options_.kv_cache_dtype, model_->weights_dtype()));
+  cache_ = std::make_unique<KvCache>(layout, options_.kv_cache_bytes, options_.enable_prefix_caching);
+}
+
+EngineCore::~EngineCore() = default;
+
+bool EngineCore::has_unfinished() const {
+  const std::lock_guard<std::mutex> lock(mutex_);
+  return !requests_.empty();
+}
+
+// omp_set_num_threads sets the calling thread's team size: set it on whichever thread steps.
+void EngineCore::use_threads() const {
+  if (options_.num_threads > 0) omp_set_num_threads(options_.num_threads);
+}
+
+void EngineCore::validate_tokens(const std::vector<int32_t>& tokens, const char* what) const {
+  if (tokens.empty()) throw InvalidInputError(std::string(what) + " is empty");
+  const int64_t vocab = config().vocab_size;
+  for (size_t i = 0; i < tokens.size(); ++i)
+    if (tokens[i] < 0 || tokens[i] >= vocab)
+      throw InvalidInputError(std::string(what) + ": token id " + std::to_string(tokens[i]) + " at index " +
+                              std::to_string(i) + " is outside the vocabulary [0, " + std::to_string(vocab) + ")");
+}
+
+int64_t EngineCore::add_request(const std::vector<int32_t>& prompt, const SamplingParams& params) {
+  const std::lock_guard<std::mutex> lock(mutex_);
+  validate_tokens(prompt, "prompt");
+  const int64_t n = int64_t(prompt.size()), vocab = config().vocab_size;
+  if (n >= max_model_len_)
+    throw InvalidInputError("prompt of " + std::to_string(n) + " tokens leaves no room to generate within max_model_len " +
+                            std::to_string(max_model_len_));
+  const SamplingParams& p = params;
+  const auto check = [](bool ok, const std::string& what) {
+    if (!ok) throw InvalidInputError(what);
+  };
+  check(p.n >= 1 && p.n <= options_.max_num_seqs,
+        "n must be in [1, max_num_seqs = " + std::to_string(options_.max_num_seqs) + "], got " + std::to_string(p.n));
+  check(p.max_tokens >= 1, "max_tokens must be >= 1, got " + std::to_string(p.max_tokens));
+  check(p.min_tokens >= 0 && p.min_tokens <= p.max_tokens,
+        "min_tokens must be in [0, max_tokens], got " + std::to_string(p.min_tokens));
+  check(p.temperature >= 0.f, "temperature must be >= 0");
+  check(p.top_k >= 0, "top_k must be >= 0 (0: all tokens), got " + std::to_string(p.top_k));
+  check(p.top_p > 0.f && p.top_p <= 1.f, "top_p must be in (0, 1]");
+  check(p.min_p >= 0.f && p.min_p <= 1.f, "min_p must be in [0, 1]");
+  check(p.repetition_penalty > 0.f, "repetition_penalty must be > 0");
+  check(std::isfinite(p.presence_penalty) && std::isfinite(p.frequency_penalty),
+        "presence_penalty and frequency_penalty must be finite");
+  for (int64_t t : p.stop_token_ids)
+    check(t >= 0 && t < vocab, "stop_token_ids: " + std::to_string(t) + " is outside the vocabulary [0, " +
+                                   std::to_string(vocab) + ")");
+  // Every sample must fit in the cache alone at its longest, counting the blocks a step's prompt
+  // piece holds besides in chunked layers; then preempting the others always lets it finish.
+  const KvLayout& layout = cache_->layout();
+  const int64_t longest = std::min(n + std::min(p.max_tokens, max_model_len_), max_model_len_);
+  const int64_t piece_blocks = (std::min(longest, options_.max_num_batched_tokens) + layout.block_size - 1) /
+                                   layout.block_size + 1;
+  const int64_t peak =
+      std::min(layout.sequence_bytes(longest, true) +
+                   layout.num_groups(AttentionKind::Local) * piece_blocks * layout.page_bytes,
+               layout.sequence_bytes(longest, false));
+  if (peak > cache_->num_pages() * layout.page_bytes)
+    throw OutOfKVCacheError("a sample of " + std::to_string(longest) + " tokens (prompt " + std::to_string(n) +
+                            " + max_tokens " + std::to_string(p.max_tokens) +
+                            ") needs more KV blocks than the whole cache has (" +
+                            std::to_string(cache_->num_pages()) + " blocks of " + std::to_string(layout.block_size) +
+                            " tokens); raise kv_cache_bytes or lower max_tokens");
+
+  auto r = std::make_unique<Request>();
+  r->id = next_id_++;
+  r->params = params;
+  r->seed = p.seed >= 0 ? uint64_t(p.seed) : seeder_();
+  if (!p.ignore_eos) r->stop_ids = defaults_.stop_token_ids;
+  r->stop_ids.insert(r->stop_ids.end(), p.stop_token_ids.begin(), p.stop_token_ids.end());
+  auto s = std::make_unique<Sequence>();
+  s->request = r.get();
+  s->kv = next_id_++;
+  s->tokens = prompt;
+  s->prompt_len = n;
+  s->rng.seed(r->seed);
+  if (r->penalized())
+    for (int32_t t : prompt) s->counts.emplace(t, 0);
+  waiting_[s->key()] = s.get();
+  r->samples.push_back(std::move(s));
+  r->live = 1;
+  const int64_t id = r->id;
+  requests_[id] = std::move(r);
+  return id;
+}
+
+void EngineCore::preempt(Sequence& s) {
+  // Recompute later: its tokens stay, its K/V go (prefix caching may give some back).
+  cache_->blocks().free(s.kv);
+  s.computed = 0;
+  s.running = false;
+  running_.erase(s.key());
+  waiting_[s.key()] = &s;
+  ++preemptions_;
+}
+
+void EngineCore::fork_samples(Request& r) {
+  // The other n - 1 samples share the first one's blocks (copy-on-write) and its logits row.
+  Sequence& first = *r.samples.front();
+  for (int32_t i = 1; i < int32_t(r.params.n); ++i) {
+    auto s = std::make_unique<Sequence>(first);
+    s->index = i;
+    s->kv = next_id_++;
+    s->rng.seed(r.seed + uint64_t(i) * 0x9E3779B97F4A7C15ull);
+    cache_->blocks().fork(first.kv, s->kv);
+    running_[s->key()] = s.get();
+    r.samples.push_back(std::move(s));
+    ++r.live;
+  }
+}
+
+void EngineCore::finish(Sequence& s, FinishReason why, RequestUpdate* update) {
+  if (s.finished) return;
+  if (update) update->finish_reason = why;
+  cache_->blocks().free(s.kv);
+  (s.running ? running_ : waiting_).erase(s.key());
+  s.running = false;
+  s.finished = true;
+  --s.request->live;
+}
+
+std::vector<RequestUpdate> EngineCore::step() {
+  const std::lock_guard<std::mutex> lock(mutex_);
+  use_threads();
+  BlockManager& blocks = cache_->blocks();
+  ForwardBatch batch(blocks.num_groups());
+  std::vector<std::pair<Sequence*, int64_t>> scheduled;  // with the number of tokens each computes
+  std::vector<Sequence*> sampled;  // sequences whose logits this step yields, in logit-row order
+  int64_t budget = options_.max_num_batched_tokens;
+  const auto schedule = [&](Sequence& s, int64_t n) {
+    const bool completes = s.computed + n == int64_t(s.tokens.size());
+    batch.add_sequence(s.tokens.data() + s.computed, n, s.computed, blocks, s.kv, completes);
+    scheduled.emplace_back(&s, n);
+    if (completes) sampled.push_back(&s);
+    budget -= n;
+  };
+
+  // Running sequences, oldest first; one that cannot get blocks preempts the youngest (itself last).
+  bool preempted = false;
+  for (auto it = running_.begin(); it != running_.end() && budget > 0;) {
+    Sequence& s = *it->second;
+    const int64_t n = std::min(int64_t(s.tokens.size()) - s.computed, budget);
+    bool self = false;
+    while (!cache_->append(s.kv, n)) {
+      Sequence& youngest = *std::prev(running_.end())->second;
+      self = &youngest == &s;
+      preempt(youngest);
+      preempted = true;
+      if (self) break;
+    }
+    if (self) break;
+    schedule(s, n);
+    ++it;
+  }
+  // Then waiting ones in arrival order while they leave the watermark free for the running ones
+  // to grow into (not right after a preemption, which would only thrash).
+  const int64_t watermark = int64_t(options_.kv_watermark * double(cache_->num_pages()));
+  while (budget > 0 && !waiting_.empty() && int64_t(running_.size()) < options_.max_num_seqs &&
+         (!preempted || scheduled.empty())) {
+    Sequence& s = *waiting_.begin()->second;
+    s.computed = blocks.add(s.kv, s.tokens);
+    const int64_t n = std::min(int64_t(s.tokens.size()) - s.computed, budget);
+    if (!blocks.can_append(s.kv, n, running_.empty() ? 0 : watermark)) {
+      blocks.free(s.kv);
+      s.computed = 0;
+      break;  // first come, first served: the later ones wait too
+    }
+    cache_->append(s.kv, n);
+    waiting_.erase(waiting_.begin());
+    running_[s.key()] = &s;
+    s.running = true;
+    schedule(s, n);
+  }
+  if (batch.num_tokens() == 0) {
+    if (requests_.empty()) return {};
+    throw OutOfKVCacheError("KV cache is full: no sequence can get a block among the " +
+                            std::to_string(cache_->num_pages()) + " blocks of " + std::to_string(blocks.block_size()) +
+                            " tokens; raise kv_cache_bytes");
+  }
+
+  logits_.resize(size_t(std::max<size_t>(sampled.size(), 1)) * size_t(config().vocab_size));
+  model_->forward(batch, *cache_, logits_.data());
+  for (auto& [s, n] : scheduled) {
+    (s->computed >= s->prompt_len ? decode_tokens_ : prefill_tokens_) += n;
+    blocks.commit(s->kv, s->tokens.data() + s->computed, n);
+    s->computed += n;
+  }
+
+  // Each logits row is drawn from once, or n times when it ends a prompt of n > 1 samples.
+  std::vector<Sequence*> draws;
+  std::vector<int64_t> rows;
+  for (size_t i = 0; i < sampled.size(); ++i) {
+    Request& r = *sampled[i]->request;
+    if (r.params.n > 1 && r.samples.size() == 1) fork_samples(r);
+    const bool all = r.samples.size() > 1 && sampled[i]->generated() == 0;
+    for (const auto& s : r.samples)
+      if (all ? !s->finished : s.get() == sampled[i]) {
+        draws.push_back(s.get());
+        rows.push_back(int64_t(i));
+      }
+  }
+  std::vector<RequestUpdate> updates;
+  sample(draws, rows, updates);
+  for (auto it = requests_.begin(); it != requests_.end();)
+    it = it->second->live == 0 ? requests_.erase(it) : std::next(it);
+  return updates;
+}
+
+void EngineCore::sample(const std::vector<Sequence*>& seqs, const std::vector<int64_t>& rows,
+                    std::vector<RequestUpdate>& updates) {
+  const int64_t D = int64_t(seqs.size()), vocab = config().vocab_size;
+  // Rows are adjusted in a copy, one per draw, when a penalty or ban changes them or a row is
+  // drawn from more than once; otherwise the draws read the model's logits as they are.
+  bool copy = D != (D ? rows.back() + 1 : 0);  // rows rise from 0: equal counts mean draw d reads row d
+  for (const Sequence* s : seqs)
+    copy = copy || s->request->penalized() || s->generated() < s->request->params.min_tokens;
+  const auto gather = [&] {
+    processed_.resize(size_t(D * vocab));
+    for (int64_t d = 0; d < D; ++d)
+      std::copy_n(logits_.data() + rows[d] * vocab, vocab, processed_.data() + d * vocab);
+    return processed_.data();
+  };
+  float* logits = copy ? gather() : logits_.data();
+
+  // Penalties from each sequence's token counts, then min_tokens' bans, then the draw.
+  std::vector<int64_t> offsets{0};
+  std::vector<int32_t> ids, counts;
+  std::vector<PenaltyRow> penalties(static_cast<size_t>(D));
+  std::vector<SamplerRow> settings(static_cast<size_t>(D));
+  std::vector<float> uniform(static_cast<size_t>(D));
+  for (int64_t d = 0; d < D; ++d) {
+    const Sequence& s = *seqs[d];
+    const SamplingParams& p = s.request->params;
+    for (const auto& [token, count] : s.counts) {
+      ids.push_back(token);
+      counts.push_back(count);
+    }
+    offsets.push_back(int64_t(ids.size()));
+    penalties[d] = {p.repetition_penalty, p.presence_penalty, p.frequency_penalty};
+    if (s.generated() < p.min_tokens)
+      for (int32_t t : s.request->stop_ids) logits[d * vocab + t] = -INFINITY;
+    settings[d] = {p.temperature, int32_t(std::min<int64_t>(p.top_k, vocab)), p.top_p, p.min_p};
+    uniform[d] = std::uniform_real_distribution<float>(0.f, 1.f)(seqs[d]->rng);
+  }
+  if (!ids.empty())
+    kernels::apply_penalties(Stream{}, logits, D, vocab, offsets.data(), ids.data(), counts.data(),
+                             penalties.data());
+  std::vector<int32_t> next(static_cast<size_t>(D));
+  kernels::sample(Stream{}, next.data(), logits, D, vocab, settings.data(), uniform.data());
+
+  // Log-probabilities of the model's own distribution (before penalties and temperature), as vLLM.
+  int64_t top_n = -1;
+  for (const Sequence* s : seqs) top_n = std::max(top_n, std::min(s->request->params.logprobs, vocab));
+  std::vector<float> chosen_lp(static_cast<size_t>(D)), top_lp(size_t(D * std::max<int64_t>(top_n, 0)));
+  std::vector<int32_t> top_ids(top_lp.size());
+  if (top_n >= 0)
+    kernels::logprobs(Stream{}, copy ? gather() : logits_.data(), D, vocab, next.data(), chosen_lp.data(), top_n,
+                      top_ids.data(), top_lp.data());
+
+  for (int64_t d = 0; d < D; ++d) {
+    Sequence& s = *seqs[d];
+    const SamplingParams& p = s.request->params;
+    const int32_t tok = next[d];
+    s.tokens.push_back(tok);
+    if (s.request->penalized()) ++s.counts[tok];
+    RequestUpdate u;
+    u.request_id = s.request->id;
+    u.index = s.index;
+    u.new_token_ids.push_back(tok);
+    if (p.logprobs >= 0) {
+      std::vector<std::pair<int32_t, float>> entry{{tok, chosen_lp[d]}};
+      for (int64_t k = 0; k < std::min(p.logprobs, top_n); ++k)
+        entry.emplace_back(top_ids[d * top_n + k], top_lp[d * top_n + k]);
+      u.logprobs.push_back(std::move(entry));
+    }
+    const auto& stops = s.request->stop_ids;
+    if (std::find(stops.begin(), stops.end(), tok) != stops.end() && s.generated() > p.min_tokens)
+      finish(s, FinishReason::Stop, &u);
+    else if (s.generated() >= p.max_tokens || int64_t(s.tokens.size()) >= max_model_len_)
+      finish(s, FinishReason::Length, &u);
+    updates.push_back(std::move(u));
+  }
+}
+
+void EngineCore::abort(int64_t request_id) {
+  const std::lock_guard<std::mutex> lock(mutex_);
+  auto it = requests_.find(request_id);
+  if (it == requests_.end()) return;
+  for (const auto& s : it->second->samples) finish(*s, FinishReason::Abort, nullptr);
+  requests_.erase(it);
+}
+
+void EngineCore::finish_sample(int64_t request_id, int32_t index) {
+  const std::lock_guard<std::mutex> lock(mutex_);
+  auto it = requests_.find(request_id);
+  if (it == requests_.end() || index < 0 || index >= int32_t(it->second->samples.size())) return;
+  finish(*it->second->samples[size_t(index)], FinishReason::Abort, nullptr);
+  if (it->second->live == 0) requests_.erase(it);
+}
+
+void EngineCore::prompt_logits(const std::vector<std::vector<int32_t>>& prompts, float* out) {
+  const std::lock_guard<std::mutex> lock(mutex_);
+  const int64_t vocab = config().vocab_size;
+  run_prompts(prompts, [&](int64_t first, int64_t) { return out + first * vocab; }, [](int64_t, int64_t) {});
+}
+
+void EngineCore::prompt_logprobs(const std::vector<std::vector<int32_t>>& prompts, double* out) {
+  const std::lock_guard<std::mutex> lock(mutex_);
+  const int64_t vocab = config().vocab_size;
+  std::vector<int64_t> next;  // per token over all prompts: the token after it, -1 at a prompt's end
+  for (const auto& p : prompts)
+    for (size_t i = 0; i < p.size(); ++i) next.push_back(i + 1 < p.size() ? p[i + 1] : -1);
+  std::vector<float> pass;
+  run_prompts(
+      prompts,
+      [&](int64_t, int64_t n) {
+        pass.resize(size_t(n * vocab));
+        return pass.data();
+      },
+      [&](int64_t first, int64_t n) {
+#pragma omp parallel for schedule(static)
+        for (int64_t r = 0; r < n; ++r) {
+          const float* z = pass.data() + r * vocab;
+          const int64_t target = next[size_t(first + r)];
+          if (target < 0) {
+            out[first + r] = std::nan("");
+            continue;
+          }
+          const double top = *std::max_element(z, z + vocab);
+          double total = 0;
+          for (int64_t v = 0; v < vocab; ++v) total += std::exp(double(z[v]) - top);
+          out[first + r] = double(z[target]) - top - std::log(total);
+        }
+      });
+}
+
+void EngineCore::run_prompts(const std::vector<std::vector<int32_t>>& prompts,
+                         const std::function<float*(int64_t, int64_t)>& rows,
+                         const std::function<void(int64_t, int64_t)>& done) {
+  use_threads();
+  int64_t total = 0;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    const std::string what = "prompts[" + std::to_string(i) + "]";
+    validate_tokens(prompts[i], what.c_str());
+    if (int64_t(prompts[i].size()) > max_model_len_)
+      throw InvalidInputError(what + " has " + std::to_string(prompts[i].size()) + " tokens, over max_model_len " +
+                              std::to_string(max_model_len_));
+    total += int64_t(prompts[i].size());
+  }
+  // Each prompt is a KV-cache sequence of its own for the duration of the call.
+  BlockManager& blocks = cache_->blocks();
+  std::vector<BlockManager::SeqId> ids;
+  struct Release {  // the pages go back to the pool however this function exits
+    BlockManager& blocks;
+    std::vector<BlockManager::SeqId>& ids;
+    ~Release() {
+      for (BlockManager::SeqId id : ids) blocks.free(id);
+    }
+  } release{blocks, ids};
+  for (const auto& prompt : prompts) {
+    ids.push_back(next_id_++);
+    blocks.add(ids.back(), prompt, /*reuse=*/false);
+  }
+
+  // Fill each pass with the next tokens in prompt order: its rows are consecutive tokens.
+  int64_t first = 0;  // tokens of all prompts computed so far
+  size_t p = 0;
+  int64_t offset = 0;  // tokens of prompt p already computed
+  while (p < prompts.size()) {
+    ForwardBatch batch(blocks.num_groups());
+    struct Piece {
+      size_t prompt;
+      int64_t start, n;
+    };
+    std::vector<Piece> pieces;
+    int64_t budget = options_.max_num_batched_tokens;
+    for (size_t q = p; q < prompts.size() && budget > 0;) {
+      const int64_t start = q == p ? offset : 0;
+      const int64_t n = std::min(int64_t(prompts[q].size()) - start, budget);
+      if (!cache_->append(ids[q], n))
+        throw OutOfKVCacheError(std::to_string(total) + " prompt tokens need more KV blocks than the " +
+                                std::to_string(blocks.available_pages()) + " of " + std::to_string(cache_->num_pages()) +
+                                " the cache has free; raise kv_cache_bytes");
+      batch.add_sequence(prompts[q].data() + start, n, start, blocks, ids[q], false);
+      pieces.push_back({q, start, n});
+      budget -= n;
+      if (start + n < int64_t(prompts[q].size())) break;
+      ++q;
+    }
+    for (int64_t r = 0; r < batch.num_tokens(); ++r) batch.logit_rows.push_back(int32_t(r));
+    model_->forward(batch, *cache_, rows(first, batch.num_tokens()));
+    done(first, batch.num_tokens());
+    first += batch.num_tokens();
+    prefill_tokens_ += batch.num_tokens();
+    for (const Piece& c : pieces) blocks.commit(ids[c.prompt], prompts[c.prompt].data() + c.start, c.n);
+    const Piece& last = pieces.back();
+    const bool done = last.start + last.n == int64_t(prompts[last.prompt].size());
+    p = done ? last.prompt + 1 : last.prompt;
+    offset = done ? 0 : last.start + last.n;
+  }
+}
+
+EngineStats EngineCore::stats() const {
+  const std::lock_guard<std::mutex> lock(mutex_);
+  EngineStats s;
+  const KvLayout& layout = cache_->layout();
+  const BlockManager::Stats kv = cache_->blocks().stats();
+  s.kv_blocks_total = kv.pages_total;
+  s.kv_blocks_free = kv.pages_free;
+  s.kv_blocks_cached = kv.pages_cached;
+  s.kv_global_blocks_used = kv.pages_used_global;
+  s.kv_local_blocks_used = kv.pages_used_local;
+  s.prefix_cache_hit_tokens = kv.prefix_hit_tokens;
+  s.kv_block_size = layout.block_size;
+  s.weight_bytes = model_->weights().bytes;
+  s.weight_format = model_->weights().format;
+  s.kv_block_bytes = layout.page_bytes;
+  s.kv_bytes_per_token = layout.bytes_per_token();
+  s.kv_global_layer_groups = layout.num_groups(AttentionKind::Global);
+  s.kv_local_layer_groups = layout.num_groups(AttentionKind::Local);
+  for (const auto& [id, r] : requests_) {
+    const bool running = std::any_of(r->samples.begin(), r->samples.end(), [](const auto& q) { return q->running; });
+    (running ? s.requests_running : s.requests_waiting) += 1;
+  }
+  s.prefill_tokens_computed = prefill_tokens_;
+  s.decode_tokens_computed = decode_tokens_;
+  s.preemptions = preemptions_;
+  s.expert_tokens = model_->expert_tokens();
+  return s;
+}
+
+}  // namespace corral

@@ -1,0 +1,77 @@
+// corral::Engine's state: the request queues, the scheduler, the KV cache and the model. The
+// public class (corral/engine.h) forwards to it; its members are documented there.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "corral/engine.h"
+#include "corral/generation_config.h"
+#include "corral/kv_cache.h"
+#include "corral/model.h"
+
+namespace corral {
+
+class EngineCore {
+ public:
+  EngineCore(const std::string& model_dir, const EngineOptions& options);
+  ~EngineCore();
+
+  const ModelConfig& config() const { return model_->config(); }
+  const EngineOptions& options() const { return options_; }
+  int64_t max_model_len() const { return max_model_len_; }
+  const GenerationDefaults& defaults() const { return defaults_; }
+
+  int64_t add_request(const std::vector<int32_t>& prompt, const SamplingParams& params);
+  std::vector<RequestUpdate> step();
+  void abort(int64_t request_id);
+  void finish_sample(int64_t request_id, int32_t index);
+  bool has_unfinished() const;
+
+  void prompt_logits(const std::vector<std::vector<int32_t>>& prompts, float* out);
+  void prompt_logprobs(const std::vector<std::vector<int32_t>>& prompts, double* out);
+
+  EngineStats stats() const;
+
+ private:
+  struct Request;
+  struct Sequence;
+  // Sequences in first-come first-served order: by request id, then sample index.
+  using Queue = std::map<std::pair<int64_t, int32_t>, Sequence*>;
+
+  void validate_tokens(const std::vector<int32_t>& tokens, const char* what) const;
+  // prompt_logits' passes: each pass's logits go to rows(first, n) ([n, vocab] floats for the
+  // prompts' tokens first .. first + n - 1, counted over all prompts), then to done(first, n).
+  void run_prompts(const std::vector<std::vector<int32_t>>& prompts,
+                   const std::function<float*(int64_t first, int64_t n)>& rows,
+                   const std::function<void(int64_t first, int64_t n)>& done);
+  void use_threads() const;
+  void preempt(Sequence& s);
+  void fork_samples(Request& r);
+  void finish(Sequence& s, FinishReason why, RequestUpdate* update);
+  // Draws the next token of seqs[d] from logits row rows[d], and ends the samples that stop.
+  void sample(const std::vector<Sequence*>& seqs, const std::vector<int64_t>& rows,
+              std::vector<RequestUpdate>& updates);
+
+  mutable std::mutex mutex_;  // held by every public member function but the immutable accessors
+  EngineOptions options_;
+  std::unique_ptr<Llama4Model> model_;
+  GenerationDefaults defaults_;
+  std::unique_ptr<KvCache> cache_;
+  int64_t max_model_len_ = 0;
+  int64_t next_id_ = 0;
+  std::map<int64_t, std::unique_ptr<Request>> requests_;  // by id, which is arrival order
+  Queue waiting_;  // hold no KV blocks: not started yet, or preempted
+  Queue running_;  // hold KV blocks
+  std::mt19937_64 seeder_;
+  std::vector<float> logits_, processed_;  // model logits; their copies for penalties and sampling
+  int64_t prefill_tokens_ = 0, decode_tokens_ = 0, preemptions_ = 0;
+};
+
+}  // namespace corral
