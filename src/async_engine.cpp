@@ -78,16 +78,30 @@ struct AsyncEngine::Loop {
 
   Loop(const std::string& model_dir, const EngineOptions& options) : engine(model_dir, options) {}
 
-  int64_t add(const std::vector<int32_t>& prompt, const SamplingParams& params, std::shared_ptr<Sink> sink) {
-    // Under the lock from add_request to the sink's registration, so that the engine thread (which
-    // looks sinks up under it) cannot see an update of the request before its sink.
+  // Queues prompts[i] with params[i], its updates going to sinks[i]: all or none. Under the lock
+  // from the first add_request to the sinks' registration, so that the engine thread, which
+  // starts a step and looks sinks up only under it, neither steps a request it may have to drop
+  // nor sees an update before its sink.
+  std::vector<int64_t> add(const std::vector<std::vector<int32_t>>& prompts, const std::vector<SamplingParams>& params,
+                           std::vector<std::shared_ptr<Sink>> new_sinks) {
+    if (params.size() != prompts.size())
+      throw InvalidInputError(std::to_string(params.size()) + " sampling params for " + std::to_string(prompts.size()) +
+                              " prompts");
     const std::lock_guard<std::mutex> lock(mutex);
-    const int64_t id = engine.add_request(prompt, params);
-    sink->live.assign(size_t(params.n), true);
-    sink->remaining = params.n;
-    sinks[id] = std::move(sink);
+    std::vector<int64_t> ids;
+    try {
+      for (size_t i = 0; i < prompts.size(); ++i) ids.push_back(engine.add_request(prompts[i], params[i]));
+    } catch (...) {
+      for (int64_t id : ids) engine.abort(id);
+      throw;
+    }
+    for (size_t i = 0; i < ids.size(); ++i) {
+      new_sinks[i]->live.assign(size_t(params[i].n), true);
+      new_sinks[i]->remaining = params[i].n;
+      sinks[ids[i]] = std::move(new_sinks[i]);
+    }
     wake.notify_one();
-    return id;
+    return ids;
   }
 
   void command(int64_t id, int32_t index) {
@@ -266,12 +280,25 @@ AsyncEngine::~AsyncEngine() {
   loop_->thread.join();
 }
 
+std::vector<RequestStream> AsyncEngine::add_requests(const std::vector<std::vector<int32_t>>& prompts,
+                                                     const std::vector<SamplingParams>& params) {
+  std::vector<std::shared_ptr<Loop::Sink>> sinks(prompts.size());
+  std::vector<std::shared_ptr<RequestStream::State>> states(prompts.size());
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    sinks[i] = std::make_shared<Loop::Sink>();
+    sinks[i]->stream = states[i] = std::make_shared<RequestStream::State>();
+  }
+  const std::vector<int64_t> ids = loop_->add(prompts, params, std::move(sinks));
+  std::vector<RequestStream> streams;
+  for (size_t i = 0; i < ids.size(); ++i) {
+    states[i]->id = ids[i];
+    streams.emplace_back(std::move(states[i]));
+  }
+  return streams;
+}
+
 RequestStream AsyncEngine::add_request(const std::vector<int32_t>& prompt, const SamplingParams& params) {
-  auto sink = std::make_shared<Loop::Sink>();
-  sink->stream = std::make_shared<RequestStream::State>();
-  auto state = sink->stream;
-  state->id = loop_->add(prompt, params, std::move(sink));
-  return RequestStream(std::move(state));
+  return add_requests({prompt}, {params}).front();
 }
 
 int64_t AsyncEngine::add_request(const std::vector<int32_t>& prompt, const SamplingParams& params,
@@ -279,7 +306,7 @@ int64_t AsyncEngine::add_request(const std::vector<int32_t>& prompt, const Sampl
   if (!on_update) throw InvalidInputError("add_request: on_update is empty");
   auto sink = std::make_shared<Loop::Sink>();
   sink->callback = std::move(on_update);
-  return loop_->add(prompt, params, std::move(sink));
+  return loop_->add({prompt}, {params}, {std::move(sink)}).front();
 }
 
 void AsyncEngine::abort(int64_t request_id) { loop_->command(request_id, -1); }

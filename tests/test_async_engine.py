@@ -127,6 +127,15 @@ def test_errors_reach_the_caller_and_unknown_ids_are_ignored(async_engine):
     assert finish == {0: "length"} and len(tokens[0]) == 3
 
 
+def test_add_requests_is_all_or_none(async_engine):
+    before = async_engine.stats()
+    with pytest.raises(corral.InvalidInputError, match="outside the vocabulary"):
+        async_engine.add_requests([[1, 2, 3] * 20, [1, 10**6]], [params(max_tokens=50)] * 2)
+    assert async_engine.stats() == before  # the valid one was never stepped
+    streams = async_engine.add_requests([[1, 2], [1, 3, 4]], [params(max_tokens=3, ignore_eos=True)] * 2)
+    assert [len(read(s)[0][0]) for s in streams] == [3, 3]
+
+
 def test_destruction_aborts_requests_in_flight():
     engine = _core.AsyncEngine(str(DEMO), options())
     streams = [engine.add_request([1, 7 + i], params(max_tokens=2000, ignore_eos=True)) for i in range(3)]

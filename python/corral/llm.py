@@ -243,10 +243,10 @@ class LLM:
         prepared = [self._prepare(p, f"prompts[{i}]") for i, p in enumerate(prompt_list)]
         cores = [self._core_params(p) for p in params]
 
-        requests: list[_Request] = []
+        # All in one go: they share the first step, and a refused one leaves none queued.
+        streams = self._async.add_requests([ids for _, ids in prepared], cores)
+        requests = [self._request(s, text, ids, p) for s, (text, ids), p in zip(streams, prepared, params, strict=True)]
         try:
-            for (text, ids), p, core in zip(prepared, params, cores, strict=True):
-                requests.append(self._add(text, ids, p, core))
             for r in requests:
                 while not r.stream.finished:
                     self._receive(r)
@@ -363,10 +363,8 @@ class LLM:
             self._require_tokenizer("stop strings")
         return params._to_core()
 
-    def _add(self, text: str | None, ids: list[int], params: SamplingParams, core: _core.SamplingParams) -> _Request:
-        stream = self._async.add_request(ids, core)
-        tokenizer = self._tokenizer if params.detokenize else None
-        return _Request(stream, text, ids, params, tokenizer)
+    def _request(self, stream, text: str | None, ids: list[int], params: SamplingParams) -> _Request:
+        return _Request(stream, text, ids, params, self._tokenizer if params.detokenize else None)
 
     def _receive(self, request: _Request) -> None:
         """Applies the updates the engine thread has for the request, waiting up to _WAIT_S."""
@@ -389,7 +387,7 @@ class LLM:
             pass  # a step failed: the request has ended all the same
 
     def _stream(self, text, ids, params, core) -> Iterator[str]:
-        request = self._add(text, ids, params, core)
+        request = self._request(self._async.add_request(ids, core), text, ids, params)
         sample = request.samples[0]
         try:
             while True:

@@ -201,6 +201,8 @@ void register_engine(py::module_& m) {
       .def_property_readonly("engine", &AsyncEngine::engine, py::return_value_policy::reference_internal)
       .def("add_request", py::overload_cast<const std::vector<int32_t>&, const SamplingParams&>(&AsyncEngine::add_request),
            py::arg("prompt_token_ids"), py::arg("params"), py::call_guard<py::gil_scoped_release>())
+      .def("add_requests", &AsyncEngine::add_requests, py::arg("prompts"), py::arg("params"),
+           py::call_guard<py::gil_scoped_release>())
       .def("abort", &AsyncEngine::abort, py::arg("request_id"), py::call_guard<py::gil_scoped_release>())
       .def("finish_sample", &AsyncEngine::finish_sample, py::arg("request_id"), py::arg("index"),
            py::call_guard<py::gil_scoped_release>())

@@ -57,6 +57,10 @@ class AsyncEngine {
   RequestStream add_request(const std::vector<int32_t>& prompt, const SamplingParams& params);
   // The same, its updates going to on_update. Returns the request's id.
   int64_t add_request(const std::vector<int32_t>& prompt, const SamplingParams& params, Callback on_update);
+  // Several requests at once, params[i] for prompts[i]: all join the same next step, or, if one
+  // is refused, none is queued (its exception is thrown; no step has seen the others).
+  std::vector<RequestStream> add_requests(const std::vector<std::vector<int32_t>>& prompts,
+                                          const std::vector<SamplingParams>& params);
   // Ends a request between two steps: each live sample gets a last update with
   // FinishReason::Abort. Unknown or finished ids are ignored.
   void abort(int64_t request_id);

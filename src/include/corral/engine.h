@@ -71,7 +71,7 @@ struct RequestUpdate {
 
 struct EngineStats {
   int64_t weight_bytes = 0;  // bytes of weights held
-  std::string weight_format;  // e.g. "bf16", "int8 (quantized at load)"
+  std::string weight_format;  // e.g. "bfloat16", "int8 (quantized at load from bfloat16)"
   int64_t kv_block_size = 0;  // tokens per KV block
   int64_t kv_blocks_total = 0;
   int64_t kv_blocks_free = 0;         // takeable now: never used, or cached with no user
