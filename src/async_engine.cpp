@@ -67,7 +67,10 @@ struct AsyncEngine::Loop {
   };
 
   Engine engine;
-  std::mutex mutex;  // over everything below
+  // Held by each step and by add() from its first add_request to its sinks' registration, so that
+  // no step sees a request add() may still drop, nor an update of one whose sink is not there.
+  std::mutex step_gate;
+  std::mutex mutex;  // over everything below; whoever holds it does not then take step_gate
   std::condition_variable wake;  // a request, a command or the stop arrived
   std::condition_variable idle;  // sinks became empty
   std::map<int64_t, std::shared_ptr<Sink>> sinks;
@@ -78,16 +81,13 @@ struct AsyncEngine::Loop {
 
   Loop(const std::string& model_dir, const EngineOptions& options) : engine(model_dir, options) {}
 
-  // Queues prompts[i] with params[i], its updates going to sinks[i]: all or none. Under the lock
-  // from the first add_request to the sinks' registration, so that the engine thread, which
-  // starts a step and looks sinks up only under it, neither steps a request it may have to drop
-  // nor sees an update before its sink.
+  // Queues prompts[i] with params[i], its updates going to sinks[i]: all or none.
   std::vector<int64_t> add(const std::vector<std::vector<int32_t>>& prompts, const std::vector<SamplingParams>& params,
                            std::vector<std::shared_ptr<Sink>> new_sinks) {
     if (params.size() != prompts.size())
       throw InvalidInputError(std::to_string(params.size()) + " sampling params for " + std::to_string(prompts.size()) +
                               " prompts");
-    const std::lock_guard<std::mutex> lock(mutex);
+    const std::lock_guard<std::mutex> gate(step_gate);
     std::vector<int64_t> ids;
     try {
       for (size_t i = 0; i < prompts.size(); ++i) ids.push_back(engine.add_request(prompts[i], params[i]));
@@ -95,6 +95,7 @@ struct AsyncEngine::Loop {
       for (int64_t id : ids) engine.abort(id);
       throw;
     }
+    const std::lock_guard<std::mutex> lock(mutex);
     for (size_t i = 0; i < ids.size(); ++i) {
       new_sinks[i]->live.assign(size_t(params[i].n), true);
       new_sinks[i]->remaining = params[i].n;
@@ -253,6 +254,7 @@ struct AsyncEngine::Loop {
       }
       std::vector<RequestUpdate> updates;
       try {
+        const std::lock_guard<std::mutex> gate(step_gate);
         updates = engine.step();
       } catch (...) {
         fail(std::current_exception());

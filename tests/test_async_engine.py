@@ -132,6 +132,16 @@ def test_add_requests_is_all_or_none(async_engine):
     with pytest.raises(corral.InvalidInputError, match="outside the vocabulary"):
         async_engine.add_requests([[1, 2, 3] * 20, [1, 10**6]], [params(max_tokens=50)] * 2)
     assert async_engine.stats() == before  # the valid one was never stepped
+    # The same while the engine thread steps another request: still none of them is stepped.
+    running = async_engine.add_request([1, 42], params(max_tokens=2000, ignore_eos=True))
+    running.next(5.0)  # its prefill is done
+    prefilled = async_engine.stats()["prefill_tokens_computed"]
+    for _ in range(20):
+        with pytest.raises(corral.InvalidInputError):
+            async_engine.add_requests([[1, 2, 3] * 20, [1, 10**6]], [params(max_tokens=50)] * 2)
+    assert async_engine.stats()["prefill_tokens_computed"] == prefilled
+    async_engine.abort(running.request_id)
+    assert read(running)[1] == {0: "abort"}
     streams = async_engine.add_requests([[1, 2], [1, 3, 4]], [params(max_tokens=3, ignore_eos=True)] * 2)
     assert [len(read(s)[0][0]) for s in streams] == [3, 3]
 
