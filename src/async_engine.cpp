@@ -1,5 +1,6 @@
 #include "corral/async_engine.h"
 
+#include <algorithm>
 #include <condition_variable>
 #include <deque>
 #include <exception>
@@ -58,7 +59,6 @@ struct AsyncEngine::Loop {
     std::shared_ptr<RequestStream::State> stream;  // or
     Callback callback;
     std::vector<bool> live;
-    int64_t remaining = 0;
   };
   // An abort (index < 0) or a finish_sample, applied between two steps.
   struct Command {
@@ -98,7 +98,6 @@ struct AsyncEngine::Loop {
     const std::lock_guard<std::mutex> lock(mutex);
     for (size_t i = 0; i < ids.size(); ++i) {
       new_sinks[i]->live.assign(size_t(params[i].n), true);
-      new_sinks[i]->remaining = params[i].n;
       sinks[ids[i]] = std::move(new_sinks[i]);
     }
     wake.notify_one();
@@ -127,7 +126,7 @@ struct AsyncEngine::Loop {
         bool last = false;
         if (u.finished()) {
           s->live[u.index] = false;
-          last = --s->remaining == 0;
+          last = std::none_of(s->live.begin(), s->live.end(), [](bool live) { return live; });
         }
         to.emplace_back(it->second, last);
         if (last) sinks.erase(it);

@@ -2,22 +2,12 @@
 
 #include <sys/stat.h>
 
-
 #include <nlohmann/json.hpp>
 
 #include "corral/error.h"
 #include "json_text.h"
 
 namespace corral {
-
-namespace {
-
-bool is_file(const std::string& path) {
-  struct stat st {};
-  return stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
-}
-
-}  // namespace
 
 Checkpoint::Checkpoint(const std::string& dir) : dir_(dir) {
   struct stat st {};

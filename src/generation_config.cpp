@@ -1,9 +1,8 @@
 #include "corral/generation_config.h"
 
-#include <sys/stat.h>
-
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <optional>
 
 #include <nlohmann/json.hpp>
@@ -19,11 +18,6 @@ using json = nlohmann::json;
 
 // Tokens that end a turn or a text in Llama 4 (and Llama 3) vocabularies.
 const char* const kEndTokens[] = {"<|eot|>", "<|eom|>", "<|end_of_text|>", "<|eot_id|>", "<|eom_id|>"};
-
-bool is_file(const std::string& path) {
-  struct stat st {};
-  return stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
-}
 
 // The JSON object in `path`, or an empty one when there is no such file.
 json optional_object(const std::string& path) {

@@ -48,11 +48,16 @@ inline std::string describe_json(const nlohmann::json& v) {
   return text.size() > 80 ? text.substr(0, 80) + "..." : text;
 }
 
+// Whether `path` is a regular file (following links).
+inline bool is_file(const std::string& path) {
+  struct stat st {};
+  return stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
+}
+
 // The bytes of the file at `path`; FileMissingError("<what> <path> does not exist ...") when it
 // is not a readable regular file.
 inline std::string read_text_file(const std::string& path, const std::string& what) {
-  struct stat st {};
-  if (stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode))
+  if (!is_file(path))
     throw FileMissingError(what + " " + path + " does not exist or is not a file");
   std::ifstream in(path, std::ios::binary);
   if (!in) throw FileMissingError(what + " " + path + " cannot be read");

@@ -92,6 +92,17 @@ py::dict stats_dict(const EngineStats& s) {
   return d;
 }
 
+// stats() of an Engine or AsyncEngine as a dict, read with the GIL released (it waits for a step).
+template <class E>
+py::dict stats_of(const E& e) {
+  EngineStats s;
+  {
+    py::gil_scoped_release release;
+    s = e.stats();
+  }
+  return stats_dict(s);
+}
+
 }  // namespace
 
 void register_engine(py::module_& m) {
@@ -170,14 +181,7 @@ void register_engine(py::module_& m) {
             return per_prompt<double>(prompts, 0, [&](double* data) { e.prompt_logprobs(prompts, data); });
           },
           py::arg("prompts"))
-      .def("stats", [](const Engine& e) {
-        EngineStats s;
-        {
-          py::gil_scoped_release release;
-          s = e.stats();
-        }
-        return stats_dict(s);
-      });
+      .def("stats", &stats_of<Engine>);
 
   py::class_<RequestStream>(m, "RequestStream")
       .def_property_readonly("request_id", &RequestStream::request_id)
@@ -207,14 +211,7 @@ void register_engine(py::module_& m) {
       .def("finish_sample", &AsyncEngine::finish_sample, py::arg("request_id"), py::arg("index"),
            py::call_guard<py::gil_scoped_release>())
       .def("drain", &AsyncEngine::drain, py::call_guard<py::gil_scoped_release>())
-      .def("stats", [](const AsyncEngine& e) {
-        EngineStats s;
-        {
-          py::gil_scoped_release release;
-          s = e.stats();
-        }
-        return stats_dict(s);
-      });
+      .def("stats", &stats_of<AsyncEngine>);
 }
 
 }  // namespace corral::bindings
