@@ -18,6 +18,7 @@ struct EngineCore::Request {
   uint64_t seed = 0;                    // sample i draws from a generator seeded with seed + i * golden
   std::vector<int32_t> stop_ids;        // tokens that end a sample: eos (unless ignored) and stop_token_ids
   std::vector<std::unique_ptr<Sequence>> samples;  // by index; the first is created with the request
+  std::vector<std::unique_ptr<TokenConstraint>> constraints;  // by sample index; empty: unconstrained
   int64_t live = 0;                     // samples not finished
   bool penalized() const {
     return params.repetition_penalty != 1.f || params.presence_penalty != 0.f || params.frequency_penalty != 0.f;
@@ -49,6 +50,30 @@ DType parse_kv_dtype(const std::string& name, DType weights) {
   if (name == "float16" || name == "fp16") return DType::F16;
   if (name == "fp8" || name == "float8_e4m3" || name == "fp8_e4m3") return DType::F8_E4M3;
   throw InvalidInputError("kv_cache_dtype '" + name + "' is not supported (auto, float32, bfloat16, float16, fp8)");
+}
+
+// What a matcher's mask left of a logits row.
+enum class Allowed { Some, OnlyStops, Nothing };
+
+// Sets the logits of the tokens a matcher forbids to -inf; a mask allowing no token allows the
+// stop tokens (a grammar at a dead end, or complete, ends the sample rather than draw from
+// nothing). Nothing: no token, and the request has no stop token either.
+Allowed apply_constraint(TokenConstraint& matcher, const std::vector<int32_t>& stops, float* row, int64_t vocab) {
+  const int64_t words = (vocab + 31) / 32;
+  thread_local std::vector<uint32_t> mask, stop_mask;
+  mask.assign(size_t(words), 0u);
+  matcher.fill_bitmask(mask.data(), words);
+  if (vocab % 32) mask.back() &= (1u << (vocab % 32)) - 1u;  // bits past the vocabulary
+  stop_mask.assign(size_t(words), 0u);
+  for (int32_t t : stops) stop_mask[size_t(t >> 5)] |= 1u << (t & 31);
+  bool only_stops = true;
+  for (int64_t w = 0; w < words; ++w) only_stops = only_stops && (mask[size_t(w)] & ~stop_mask[size_t(w)]) == 0;
+  if (only_stops && stops.empty()) return Allowed::Nothing;
+  if (only_stops)
+    for (int64_t w = 0; w < words; ++w) mask[size_t(w)] |= stop_mask[size_t(w)];
+  for (int64_t t = 0; t < vocab; ++t)
+    if (!((mask[size_t(t >> 5)] >> (t & 31)) & 1u)) row[t] = -INFINITY;
+  return only_stops ? Allowed::OnlyStops : Allowed::Some;
 }
 
 }  // namespace
@@ -95,6 +120,13 @@ void EngineCore::validate_tokens(const std::vector<int32_t>& tokens, const char*
 }
 
 int64_t EngineCore::add_request(const std::vector<int32_t>& prompt, const SamplingParams& params) {
+  // The matchers are made outside the lock: a factory may wait (for Python's GIL, say).
+  std::vector<std::unique_ptr<TokenConstraint>> constraints;
+  if (params.constraint)
+    for (int64_t i = 0; i < std::max<int64_t>(params.n, 1); ++i) {
+      constraints.push_back(params.constraint());
+      if (!constraints.back()) throw InvalidInputError("the constraint factory returned no matcher");
+    }
   const std::lock_guard<std::mutex> lock(mutex_);
   validate_tokens(prompt, "prompt");
   const int64_t n = int64_t(prompt.size()), vocab = config().vocab_size;
@@ -140,6 +172,8 @@ int64_t EngineCore::add_request(const std::vector<int32_t>& prompt, const Sampli
   auto r = std::make_unique<Request>();
   r->id = next_id_++;
   r->params = params;
+  r->params.constraint = nullptr;  // the matchers are made
+  r->constraints = std::move(constraints);
   r->seed = p.seed >= 0 ? uint64_t(p.seed) : seeder_();
   if (!p.ignore_eos) r->stop_ids = defaults_.stop_token_ids;
   r->stop_ids.insert(r->stop_ids.end(), p.stop_token_ids.begin(), p.stop_token_ids.end());
@@ -288,7 +322,8 @@ void EngineCore::sample(const std::vector<Sequence*>& seqs, const std::vector<in
   // drawn from more than once; otherwise the draws read the model's logits as they are.
   bool copy = D != (D ? rows.back() + 1 : 0);  // rows rise from 0: equal counts mean draw d reads row d
   for (const Sequence* s : seqs)
-    copy = copy || s->request->penalized() || s->generated() < s->request->params.min_tokens;
+    copy = copy || s->request->penalized() || s->generated() < s->request->params.min_tokens ||
+           !s->request->constraints.empty();
   const auto gather = [&] {
     processed_.resize(size_t(D * vocab));
     for (int64_t d = 0; d < D; ++d)
@@ -297,12 +332,14 @@ void EngineCore::sample(const std::vector<Sequence*>& seqs, const std::vector<in
   };
   float* logits = copy ? gather() : logits_.data();
 
-  // Penalties from each sequence's token counts, then min_tokens' bans, then the draw.
+  // The grammar's mask, min_tokens' bans, then penalties from the token counts, then the draw.
   std::vector<int64_t> offsets{0};
   std::vector<int32_t> ids, counts;
   std::vector<PenaltyRow> penalties(static_cast<size_t>(D));
   std::vector<SamplerRow> settings(static_cast<size_t>(D));
   std::vector<float> uniform(static_cast<size_t>(D));
+  std::vector<std::string> failed(static_cast<size_t>(D));  // a matcher's exception ends its sample
+  std::vector<Allowed> allowed(static_cast<size_t>(D), Allowed::Some);  // by the grammar
   for (int64_t d = 0; d < D; ++d) {
     const Sequence& s = *seqs[d];
     const SamplingParams& p = s.request->params;
@@ -312,8 +349,17 @@ void EngineCore::sample(const std::vector<Sequence*>& seqs, const std::vector<in
     }
     offsets.push_back(int64_t(ids.size()));
     penalties[d] = {p.repetition_penalty, p.presence_penalty, p.frequency_penalty};
-    if (s.generated() < p.min_tokens)
-      for (int32_t t : s.request->stop_ids) logits[d * vocab + t] = -INFINITY;
+    float* row = logits + d * vocab;
+    if (!s.request->constraints.empty()) {
+      try {
+        allowed[size_t(d)] = apply_constraint(*s.request->constraints[size_t(s.index)], s.request->stop_ids, row, vocab);
+      } catch (const std::exception& e) {
+        failed[size_t(d)] = std::string("structured output: ") + e.what();
+      }
+    }
+    // min_tokens bans the stop tokens, unless the grammar allows nothing else.
+    if (s.generated() < p.min_tokens && allowed[size_t(d)] == Allowed::Some)
+      for (int32_t t : s.request->stop_ids) row[t] = -INFINITY;
     settings[d] = {p.temperature, int32_t(std::min<int64_t>(p.top_k, vocab)), p.top_p, p.min_p};
     uniform[d] = std::uniform_real_distribution<float>(0.f, 1.f)(seqs[d]->rng);
   }
@@ -336,11 +382,29 @@ void EngineCore::sample(const std::vector<Sequence*>& seqs, const std::vector<in
     Sequence& s = *seqs[d];
     const SamplingParams& p = s.request->params;
     const int32_t tok = next[d];
-    s.tokens.push_back(tok);
-    if (s.request->penalized()) ++s.counts[tok];
+    const auto& stops = s.request->stop_ids;
+    const bool stop_token = std::find(stops.begin(), stops.end(), tok) != stops.end() &&
+                            (s.generated() >= p.min_tokens || allowed[size_t(d)] == Allowed::OnlyStops);
+    if (failed[size_t(d)].empty() && allowed[size_t(d)] != Allowed::Nothing && !stop_token &&
+        !s.request->constraints.empty()) {
+      try {
+        s.request->constraints[size_t(s.index)]->accept_token(tok);
+      } catch (const std::exception& e) {
+        failed[size_t(d)] = std::string("structured output: ") + e.what();
+      }
+    }
     RequestUpdate u;
     u.request_id = s.request->id;
     u.index = s.index;
+    if (!failed[size_t(d)].empty() || allowed[size_t(d)] == Allowed::Nothing) {
+      // A complete grammar with no stop token to end on ends the sample as a stop token would.
+      u.error = failed[size_t(d)];
+      finish(s, u.error.empty() ? FinishReason::Stop : FinishReason::Error, &u);
+      updates.push_back(std::move(u));
+      continue;
+    }
+    s.tokens.push_back(tok);
+    if (s.request->penalized()) ++s.counts[tok];
     u.new_token_ids.push_back(tok);
     if (p.logprobs >= 0) {
       std::vector<std::pair<int32_t, float>> entry{{tok, chosen_lp[d]}};
@@ -348,8 +412,7 @@ void EngineCore::sample(const std::vector<Sequence*>& seqs, const std::vector<in
         entry.emplace_back(top_ids[d * top_n + k], top_lp[d * top_n + k]);
       u.logprobs.push_back(std::move(entry));
     }
-    const auto& stops = s.request->stop_ids;
-    if (std::find(stops.begin(), stops.end(), tok) != stops.end() && s.generated() > p.min_tokens)
+    if (stop_token)
       finish(s, FinishReason::Stop, &u);
     else if (s.generated() >= p.max_tokens || int64_t(s.tokens.size()) >= max_model_len_)
       finish(s, FinishReason::Length, &u);

@@ -6,6 +6,7 @@ import logging
 import os
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from corral.detokenize import IncrementalDetokenizer
 from corral.json_file import read_json_object
 from corral.outputs import CompletionOutput, RequestOutput
 from corral.sampling_params import SamplingParams
+from corral.structured_output import StructuredOutputCompiler, compiler_for
 from corral.tokenizer import NoTokenizerError, Tokenizer, has_tokenizer
 
 _KV_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8")
@@ -356,15 +358,27 @@ class LLM:
             return prompt, tokenizer.encode(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))
         return None, _token_list(prompt, what)
 
+    @cached_property
+    def _structured_output(self) -> StructuredOutputCompiler:
+        """Compiles the grammars of structured output (built at the first request that has one)."""
+        return compiler_for(self._tokenizer, self._engine.vocab_size, self.stop_token_ids)
+
     def _core_params(self, params: SamplingParams) -> _core.SamplingParams:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be corral.SamplingParams, got {type(params).__name__}")
         if params.stop and self._tokenizer is None:
             self._require_tokenizer("stop strings")
-        return params._to_core()
+        core = params._to_core()
+        if params.structured_output:
+            ((field, value),) = params.structured_output.items()
+            self._require_tokenizer(f"structured output ({field})")
+            # The grammar may end where a stop token may come: the ones that end this request.
+            stops = [*([] if params.ignore_eos else self.stop_token_ids), *params.stop_token_ids]
+            core.constraint = self._structured_output.constraint(field, value, stops)
+        return core
 
     def _request(self, stream, text: str | None, ids: list[int], params: SamplingParams) -> _Request:
-        return _Request(stream, text, ids, params, self._tokenizer if params.detokenize else None)
+        return _Request(stream.request_id, text, ids, params, self._tokenizer if params.detokenize else None, stream)
 
     def _receive(self, request: _Request) -> None:
         """Applies the updates the engine thread has for the request, waiting up to _WAIT_S."""
@@ -428,9 +442,11 @@ class _Sample:
 
 
 class _Request:
-    def __init__(self, stream, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams, tokenizer) -> None:
-        self.stream = stream  # the engine thread's updates of this request
-        self.request_id = stream.request_id
+    def __init__(
+        self, request_id, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams, tokenizer, stream=None
+    ) -> None:
+        self.request_id = request_id
+        self.stream = stream  # the engine thread's updates of this request (LLM's; AsyncLLM uses an inbox)
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.params = params

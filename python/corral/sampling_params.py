@@ -51,6 +51,20 @@ class SamplingParams:
     """Leave special tokens (<|eot|>, ...) out of the text."""
     detokenize: bool = True
     """Decode the output tokens to text (needs the tokenizer; stop strings need it too)."""
+    json_schema: dict | str | None = None
+    """Structured output: the text is compact JSON (no whitespace between tokens) that this JSON
+    schema (a dict or its JSON text) accepts; an object schema that lists properties and says
+    nothing of others (additionalProperties) takes no others, as in vLLM. At most one of
+    json_schema, json_object, regex, choice and grammar may be set; each needs the tokenizer."""
+    json_object: bool = False
+    """Structured output: the text is a compact JSON object, any object."""
+    regex: str | None = None
+    """Structured output: the text matches this regular expression (Rust regex syntax)."""
+    choice: list[str] | None = None
+    """Structured output: the text is one of these strings."""
+    grammar: str | None = None
+    """Structured output: the text follows this grammar, in llguidance's Lark syntax (GBNF is
+    converted); corral.structured_output.tool_call_grammar writes one for tool calls."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -62,6 +76,8 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0  # vLLM's spelling of "all"
+        if isinstance(self.choice, (list, tuple)):
+            self.choice = list(self.choice)
         # Each check runs only when the ones before it held (a type before a comparison).
         checks = (
             ("n", lambda: _integer(self.n) and 1 <= self.n < 2**31, "an integer >= 1"),
@@ -80,10 +96,23 @@ class SamplingParams:
             ("stop", lambda: all(isinstance(s, str) and s for s in self.stop), "non-empty strings"),
             ("stop", lambda: not self.stop or self.detokenize, "empty when detokenize=False (stop strings match text)"),
             ("stop_token_ids", lambda: all(_integer(t) and 0 <= t < 2**31 for t in self.stop_token_ids), "token ids"),
+            ("json_schema", lambda: self.json_schema is None or isinstance(self.json_schema, (dict, str)), "a dict or its JSON text"),
+            ("json_object", lambda: isinstance(self.json_object, bool), "True or False"),
+            ("regex", lambda: self.regex is None or isinstance(self.regex, str), "a string"),
+            ("choice", lambda: self.choice is None or (isinstance(self.choice, list) and _strings(self.choice)), "a non-empty list of strings"),
+            ("grammar", lambda: self.grammar is None or (isinstance(self.grammar, str) and self.grammar.strip()), "a non-empty grammar"),
+            ("structured_output", lambda: len(self.structured_output) <= 1, "one of json_schema, json_object, regex, choice, grammar or none"),
         )
         for name, ok, requirement in checks:
             if not ok():
                 raise _core.InvalidInputError(f"{name} must be {requirement}, got {str(getattr(self, name))[:80]}")
+
+    @property
+    def structured_output(self) -> dict:
+        """{field: value} of the structured-output fields set (at most one)."""
+        fields = {"json_schema": self.json_schema, "json_object": self.json_object or None, "regex": self.regex,
+                  "choice": self.choice, "grammar": self.grammar}
+        return {k: v for k, v in fields.items() if v is not None}
 
     def _to_core(self) -> _core.SamplingParams:
         """The engine's SamplingParams (the engine adds the model's eos and end-of-turn tokens
@@ -104,6 +133,10 @@ class SamplingParams:
         p.seed = -1 if self.seed is None else int(self.seed)
         p.logprobs = -1 if self.logprobs is None else int(self.logprobs)
         return p
+
+
+def _strings(values: list) -> bool:
+    return bool(values) and all(isinstance(v, str) for v in values)
 
 
 def _integer(value) -> bool:

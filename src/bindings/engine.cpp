@@ -1,5 +1,8 @@
 // corral._core.Engine: the C++ engine, with the GIL released while it computes.
 #include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <utility>
 
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
@@ -92,6 +95,48 @@ py::dict stats_dict(const EngineStats& s) {
   return d;
 }
 
+// Updates of many requests for one Python thread: the engine thread appends them, each tagged
+// with the key its request was added with, and the Python thread takes all there are at once
+// (one GIL round trip per wake-up, not one per update).
+class UpdateInbox {
+ public:
+  void push(int64_t key, const RequestUpdate& u) {
+    {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      updates_.emplace_back(key, u);
+    }
+    ready_.notify_one();
+  }
+  // Every (key, update) there, waiting up to `timeout` for one; empty on a timeout or after close().
+  std::vector<std::pair<int64_t, RequestUpdate>> wait(std::chrono::milliseconds timeout) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    ready_.wait_for(lock, timeout, [&] { return !updates_.empty() || closed_; });
+    return std::exchange(updates_, {});
+  }
+  void close() {
+    {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      closed_ = true;
+    }
+    ready_.notify_all();
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable ready_;
+  std::vector<std::pair<int64_t, RequestUpdate>> updates_;
+  bool closed_ = false;
+};
+
+// Python drops an AsyncEngine with the GIL released: joining its thread may wait for a step
+// whose structured-output matchers need the GIL.
+struct DeleteWithoutGil {
+  void operator()(AsyncEngine* e) const {
+    py::gil_scoped_release release;
+    delete e;
+  }
+};
+
 // stats() of an Engine or AsyncEngine as a dict, read with the GIL released (it waits for a step).
 template <class E>
 py::dict stats_of(const E& e) {
@@ -136,7 +181,11 @@ void register_engine(py::module_& m) {
       .def_readwrite("ignore_eos", &SamplingParams::ignore_eos)
       .def_readwrite("stop_token_ids", &SamplingParams::stop_token_ids)
       .def_readwrite("seed", &SamplingParams::seed)
-      .def_readwrite("logprobs", &SamplingParams::logprobs);
+      .def_readwrite("logprobs", &SamplingParams::logprobs)
+      // Set to a callable returning a matcher (corral.structured_output); reads as whether one is set.
+      .def_property(
+          "constraint", [](const SamplingParams& p) { return bool(p.constraint); },
+          [](SamplingParams& p, py::object factory) { p.constraint = python_constraint_factory(std::move(factory)); });
 
   py::class_<RequestUpdate>(m, "RequestUpdate")
       .def_readonly("request_id", &RequestUpdate::request_id)
@@ -157,6 +206,7 @@ void register_engine(py::module_& m) {
            }),
            py::arg("model_dir"), py::arg("options"))
       .def_property_readonly("config", [](const Engine& e) { return config_dict(e.core().config()); })
+      .def_property_readonly("vocab_size", &Engine::vocab_size)
       .def_property_readonly("max_model_len", &Engine::max_model_len)
       .def_property_readonly("stop_token_ids", &Engine::stop_token_ids)
       .def_property_readonly("default_sampling_params", &Engine::default_sampling_params)
@@ -195,11 +245,23 @@ void register_engine(py::module_& m) {
           py::arg("timeout_s") = 0.1)
       .def_property_readonly("finished", &RequestStream::finished);
 
-  // Python callbacks are not offered: the engine thread would need the GIL for every update.
-  py::class_<AsyncEngine>(m, "AsyncEngine")
+  // Python callbacks are not offered (the engine thread would need the GIL for every update):
+  // services take many requests' updates from an UpdateInbox.
+  py::class_<UpdateInbox, std::shared_ptr<UpdateInbox>>(m, "UpdateInbox")
+      .def(py::init<>())
+      .def(
+          "wait",
+          [](UpdateInbox& inbox, double timeout_s) {
+            py::gil_scoped_release release;
+            return inbox.wait(std::chrono::milliseconds(int64_t(timeout_s * 1000)));
+          },
+          py::arg("timeout_s") = 0.1)
+      .def("close", &UpdateInbox::close);
+
+  py::class_<AsyncEngine, std::unique_ptr<AsyncEngine, DeleteWithoutGil>>(m, "AsyncEngine")
       .def(py::init([](const std::string& dir, const EngineOptions& o) {
              py::gil_scoped_release release;
-             return std::make_unique<AsyncEngine>(dir, o);
+             return std::unique_ptr<AsyncEngine, DeleteWithoutGil>(new AsyncEngine(dir, o));
            }),
            py::arg("model_dir"), py::arg("options"))
       .def_property_readonly("engine", &AsyncEngine::engine, py::return_value_policy::reference_internal)
@@ -207,6 +269,15 @@ void register_engine(py::module_& m) {
            py::arg("prompt_token_ids"), py::arg("params"), py::call_guard<py::gil_scoped_release>())
       .def("add_requests", &AsyncEngine::add_requests, py::arg("prompts"), py::arg("params"),
            py::call_guard<py::gil_scoped_release>())
+      // Its updates go to inbox (shared by many requests) tagged with key; returns the request id.
+      .def(
+          "add_request_to",
+          [](AsyncEngine& e, std::shared_ptr<UpdateInbox> inbox, int64_t key, const std::vector<int32_t>& prompt,
+             const SamplingParams& params) {
+            return e.add_request(prompt, params, [inbox, key](const RequestUpdate& u) { inbox->push(key, u); });
+          },
+          py::arg("inbox"), py::arg("key"), py::arg("prompt_token_ids"), py::arg("params"),
+          py::call_guard<py::gil_scoped_release>())
       .def("abort", &AsyncEngine::abort, py::arg("request_id"), py::call_guard<py::gil_scoped_release>())
       .def("finish_sample", &AsyncEngine::finish_sample, py::arg("request_id"), py::arg("index"),
            py::call_guard<py::gil_scoped_release>())

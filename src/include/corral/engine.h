@@ -6,6 +6,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <utility>
@@ -14,6 +15,18 @@
 #include "corral/error.h"
 
 namespace corral {
+
+// Structured output: the matcher of a grammar that decides which tokens one sample may take next
+// (JSON schema, regex, tool calls). The engine calls it on the thread that steps.
+struct TokenConstraint {
+  virtual ~TokenConstraint() = default;
+  // Writes all `words` words of mask (words = ceil(vocab_size / 32)): bit t % 32 of word t / 32
+  // set allows token t next. Called before each token of the sample is drawn.
+  virtual void fill_bitmask(uint32_t* mask, int64_t words) = 0;
+  // The token drawn; not called for a stop token that ends the sample.
+  virtual void accept_token(int32_t token) = 0;
+};
+using TokenConstraintFactory = std::function<std::unique_ptr<TokenConstraint>()>;
 
 // How to pick the tokens of one request (vLLM's semantics). Logits are adjusted in this order:
 // penalties, temperature, then top-k, top-p and min-p keep the most likely tokens.
@@ -32,6 +45,10 @@ struct SamplingParams {
   std::vector<int64_t> stop_token_ids;  // stop on these besides the model's eos ids
   int64_t seed = -1;                    // -1: drawn from the engine's generator
   int64_t logprobs = -1;                // >= 0: return the chosen token's log-probability and the top n
+  // Structured output: called n times when the request is added, one matcher per sample. Tokens
+  // its mask forbids get -inf logits before the penalties; a mask allowing none allows the stop
+  // tokens. An exception from the matcher ends its sample with FinishReason::Error.
+  TokenConstraintFactory constraint;
 };
 
 struct EngineOptions {
