@@ -5,6 +5,7 @@
     corral chat MODEL --system "You are terse."
     corral bench MODEL --input-len 128 --output-len 32 --batch-sizes 1 4 16
     corral perplexity MODEL held_out.txt
+    corral serve MODEL --port 8000 --api-key KEY       # an OpenAI-compatible server (like vllm serve)
 
 MODEL is a Hugging Face checkpoint folder; without it the bundled demo model runs.
 """
@@ -32,6 +33,7 @@ from corral.sampling_params import SamplingParams
 from corral.tokenizer import has_tokenizer
 
 DEFAULT_MAX_TOKENS = 256
+DEMO_MODEL_NAME = "corral-demo"  # what `corral serve` calls the bundled demo model
 _SAMPLING_FLAGS = (
     # (flag, SamplingParams field, type, help)
     ("--temperature", "temperature", float, "0: greedy (default: generation_config.json's, else 0)"),
@@ -157,6 +159,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE", help="the text ('-': read it from stdin)")
     p.add_argument("--window", type=int, help="tokens per window (default: the model's max_model_len)")
     p.set_defaults(func=_perplexity)
+
+    v = sub.add_parser(
+        "serve",
+        parents=[common],
+        help="an OpenAI-compatible HTTP server (a drop-in for vllm serve)",
+        description="Serve the model over HTTP with OpenAI's API: /v1/chat/completions, /v1/completions, "
+        "/v1/models, /tokenize, /detokenize, /health, /metrics. SIGTERM or Ctrl-C drains: new requests get "
+        "503, those in flight may finish for --shutdown-timeout seconds, then the rest are aborted.",
+    )
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    v.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    v.add_argument("--api-key", nargs="+", action="extend", metavar="KEY",
+                   help="accept only requests bearing one of these keys (Authorization: Bearer KEY or "
+                   "X-Api-Key: KEY); default: $CORRAL_API_KEY if set, else no key needed. /health stays open")
+    v.add_argument("--served-model-name", nargs="+", metavar="NAME",
+                   help="the model's names in the API (the first in replies); default: MODEL as given, "
+                   f"or {DEMO_MODEL_NAME!r}")
+    v.add_argument("--max-pending", type=int, default=1024, metavar="N",
+                   help="requests in flight (running or queued) beyond which new ones get 429 (default 1024)")
+    v.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM, seconds requests in flight may take to finish before they are aborted "
+                   "(default 30)")
+    v.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template to use instead of the model's")
+    v.add_argument("--max-logprobs", type=int, default=20, metavar="N",
+                   help="most top_logprobs (chat) or logprobs (completions) a request may ask for (default 20)")
+    v.add_argument("--max-body-bytes", type=_size, default=32 << 20, metavar="SIZE",
+                   help="largest request body, e.g. 32M (default); larger ones get 413")
+    v.set_defaults(func=_serve)
     return parser
 
 
@@ -397,6 +427,39 @@ def _perplexity(args) -> int:
         f"perplexity {result.perplexity:.4f} over {result.tokens} tokens "
         f"({result.mean_nll:.4f} nats/token; a uniform model: {llm.config['vocab_size']})"
     )
+    return 0
+
+
+def _serve(args) -> int:
+    import asyncio
+
+    # The server's modules (fastapi, uvicorn) load only for this command.
+    from corral.server.serve import serve
+    from corral.server.state import ServerConfig
+
+    for name, low in (("max_pending", 1), ("max_logprobs", 0), ("shutdown_timeout", 0), ("port", 0)):
+        if getattr(args, name) < low:
+            raise CliError(f"--{name.replace('_', '-')} must be >= {low}", status=2)
+    template = None
+    if args.chat_template:
+        try:
+            template = Path(args.chat_template).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise CliError(f"--chat-template: cannot read {args.chat_template}: {e}") from None
+    api_keys = args.api_key or ([os.environ["CORRAL_API_KEY"]] if os.environ.get("CORRAL_API_KEY") else [])
+    llm = _load(args, need_tokenizer=True)
+    config = ServerConfig(
+        served_model_names=args.served_model_name or [args.model or DEMO_MODEL_NAME],
+        api_keys=api_keys,
+        max_pending=args.max_pending,
+        max_logprobs=args.max_logprobs,
+        max_num_seqs=args.max_num_seqs,
+        max_body_bytes=args.max_body_bytes,
+        chat_template=template,
+    )
+    log_level = "warning" if args.quiet else "debug" if args.verbose else "info"
+    logging.getLogger("corral.server").setLevel(log_level.upper())  # the drain's messages, like uvicorn's
+    asyncio.run(serve(llm, config, args.host, args.port, args.shutdown_timeout, log_level))
     return 0
 
 

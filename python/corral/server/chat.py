@@ -1,0 +1,169 @@
+"""POST /v1/chat/completions, and the chat prompt it shares with /tokenize."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import jinja2
+from starlette.requests import Request
+from starlette.responses import Response
+
+from corral.server import protocol
+from corral.server.errors import bad_request
+from corral.server.generation import Choice, Run
+from corral.server.protocol import ChatCompletionRequest
+from corral.server.sampling import output_constraint, sampling_params
+from corral.server.state import ServerState
+from corral.server.tools import ToolUse, stream_deltas
+from corral.tool_calls import prepare_messages
+
+
+def _message(i: int, message: dict[str, Any]) -> dict[str, Any]:
+    """A message as the template takes it: content as a string (text parts joined, as vLLM does
+    for string-content templates)."""
+    role = message.get("role")
+    if not isinstance(role, str):
+        raise bad_request(f"messages[{i}].role must be a string", "messages")
+    content = message.get("content")
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text" or not isinstance(part.get("text"), str):
+                what = "image input is not supported" if kind in ("image_url", "input_image") else "not a text part"
+                raise bad_request(f"messages[{i}].content: {what}", "messages")
+            texts.append(part["text"])
+        content = "\n".join(texts)
+    elif content is not None and not isinstance(content, str):
+        raise bad_request(f"messages[{i}].content must be a string or a list of parts", "messages")
+    return {**message, "content": content}
+
+
+async def chat_prompt(
+    state: ServerState,
+    messages: list[dict[str, Any]],
+    *,
+    tools: list[dict] | None,
+    add_generation_prompt: bool,
+    continue_final_message: bool,
+    chat_template_kwargs: dict[str, Any] | None,
+) -> list[int]:
+    """The token ids of the rendered conversation (the template writes the BOS itself)."""
+    if not messages:
+        raise bad_request("messages must not be empty", "messages")
+    conversation = prepare_messages([_message(i, m) for i, m in enumerate(messages)])
+    tokenizer = state.tokenizer
+
+    def render() -> list[int]:
+        try:
+            text = tokenizer.apply_chat_template(
+                conversation,
+                tools=tools,
+                chat_template=state.config.chat_template,
+                add_generation_prompt=add_generation_prompt and not continue_final_message,
+                continue_final_message=continue_final_message,
+                **(chat_template_kwargs or {}),
+            )
+        except (jinja2.TemplateError, ValueError, TypeError) as e:
+            raise bad_request(f"the chat template cannot render these messages: {e}", "messages") from None
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    size = sum(len(str(m.get("content") or "")) for m in conversation)
+    return await state.prepare(size, render)
+
+
+def _template_text(state: ServerState, request: ChatCompletionRequest) -> str:
+    try:
+        return state.tokenizer.get_chat_template(state.config.chat_template, request.tools)
+    except ValueError:
+        return ""  # no usable template: rendering the prompt says so
+
+
+async def create_chat_completion(state: ServerState, request: ChatCompletionRequest, http: Request) -> Response:
+    model = state.model_name(request.model)
+    run = Run(state)
+    try:
+        tools = ToolUse(request, _template_text(state, request))
+        prompt = await chat_prompt(
+            state,
+            request.messages,
+            tools=tools.template_tools,
+            add_generation_prompt=request.add_generation_prompt,
+            continue_final_message=request.continue_final_message,
+            chat_template_kwargs=request.chat_template_kwargs,
+        )
+        params = sampling_params(
+            request,
+            len(prompt),
+            state.limits,
+            default_max_tokens=None,
+            constraint=tools.constraint or output_constraint(request),
+            skip_special_tokens=tools.skip_special_tokens,
+        )
+        await run.start([prompt], params)
+    except BaseException:
+        run.close()
+        raise
+    return await run.respond(http, _ChatReply(state, request, model, tools, run), request.stream, request.include_usage)
+
+
+class _ChatReply:
+    """The reply to one chat request, whole or as a stream of chunks."""
+
+    def __init__(self, state: ServerState, request: ChatCompletionRequest, model: str, tools: ToolUse, run: Run):
+        self.state, self.request, self.model, self.tools, self.run = state, request, model, tools, run
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.choices = [Choice(i) for i in range(request.n)]
+        self.want_logprobs = request.logprobs_count is not None
+
+    def _usage(self) -> dict:
+        return protocol.usage(self.run.prompt_tokens, sum(c.num_tokens for c in self.choices))
+
+    def _logprobs(self, entries) -> dict | None:
+        return protocol.chat_logprobs(entries, self.state.token_text) if self.want_logprobs else None
+
+    async def body(self) -> dict:
+        async for index, delta in self.run.deltas():
+            self.choices[index].add(delta)
+        out = []
+        for c in self.choices:
+            message, has_calls = self.tools.message(c.full_text)
+            reason = "tool_calls" if has_calls else c.finish_reason
+            out.append(protocol.chat_choice(c.index, message, self._logprobs(c.logprobs), reason, c.stop_reason))
+        return protocol.chat_completion(self.id, self.created, self.model, out, self._usage())
+
+    def _chunk(self, choices: list[dict], usage: dict | None = None) -> bytes:
+        if usage is None and self.request.continuous_usage:
+            usage = self._usage()
+        return protocol.sse(protocol.chat_chunk(self.id, self.created, self.model, choices, usage))
+
+    def usage_chunk(self) -> bytes:
+        return self._chunk([], self._usage())
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """Role first for each choice, then content or tool-call deltas, and exactly one chunk
+        with a finish_reason per choice (its last)."""
+        parsers = [self.tools.stream_parser() for _ in self.choices]
+        for c in self.choices:
+            yield self._chunk([protocol.chat_chunk_choice(c.index, {"role": "assistant", "content": ""})])
+        async for index, delta in self.run.deltas():
+            choice, parser = self.choices[index], parsers[index]
+            choice.add(delta)
+            finished = delta.finish_reason is not None
+            if parser is None:
+                deltas = [{"content": delta.text}] if delta.text else []
+            else:
+                deltas = stream_deltas(parser.feed(delta.text) + (parser.finish() if finished else []))
+            logprobs = self._logprobs(delta.logprobs or [])
+            if not deltas and (finished or (logprobs and logprobs["content"])):
+                deltas = [{}] if finished else [{"content": ""}]  # a finish, or tokens whose text is held back
+            reason = "tool_calls" if parser is not None and parser.calls else delta.finish_reason
+            for i, d in enumerate(deltas):
+                last = finished and i == len(deltas) - 1
+                yield self._chunk([protocol.chat_chunk_choice(
+                    index, d, logprobs if i == 0 else None, reason if last else None, delta.stop_reason
+                )])
