@@ -123,6 +123,8 @@ def test_refused_request_leaves_nothing(llm):
                 await engine.add_request([1, 10**6], corral.SamplingParams())
             with pytest.raises(_core.InvalidInputError, match="max_model_len"):
                 await engine.add_request([1] * llm.max_model_len, corral.SamplingParams())
+            with pytest.raises(_core.InvalidInputError, match="max_num_seqs"):
+                await engine.add_request([1, 2], corral.SamplingParams(n=2**31 - 1))
             assert engine.num_unfinished == 0
             # The engine still serves.
             return await collect(engine, "Hello", corral.SamplingParams(max_tokens=5))

@@ -474,13 +474,16 @@ def test_forced_tool_call_streams(client):
     whole = chat(client, **kwargs).choices[0].message.tool_calls[0]
     chunks = list(chat(client, stream=True, **kwargs))
     deltas = [t for c in chunks for t in c.choices[0].delta.tool_calls or []]
+    # id and name first (arguments ""), then argument fragments only.
     assert deltas[0].id and deltas[0].function.name == "get_weather" and deltas[0].index == 0
+    assert deltas[0].function.arguments == "" and len(deltas) >= 2
+    assert all(d.id is None and d.function.name is None and d.index == 0 for d in deltas[1:])
     arguments = "".join(d.function.arguments or "" for d in deltas)
     assert json.loads(arguments) == json.loads(whole.function.arguments)
     assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["tool_calls"]
 
 
-def test_tool_result_round_trip(client):
+def test_tool_result_round_trip(client, http):
     call = {"id": "chatcmpl-tool-1", "type": "function",
             "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris", "days": 1})}}
     messages = [
@@ -490,7 +493,18 @@ def test_tool_result_round_trip(client):
     ]
     reply = chat(client, messages=messages, tools=[WEATHER_TOOL], max_tokens=8)
     assert reply.choices[0].finish_reason in ("stop", "length", "tool_calls")
-    assert reply.usage.prompt_tokens > 20
+    # The prompt is the template's rendering with the call's arguments as a dict (as transformers
+    # takes them), the tool result included.
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(corral.demo_model_path())
+    as_dicts = [messages[0], {**messages[1], "tool_calls": [{**call, "function": {"name": "get_weather",
+                "arguments": {"city": "Paris", "days": 1}}}]}, messages[2]]
+    expected = hf.apply_chat_template(as_dicts, tools=[WEATHER_TOOL], tokenize=False, add_generation_prompt=True)
+    assert "<|header_start|>ipython<|header_end|>" in expected and "sunny" in expected and '"city": "Paris"' in expected
+    tokens = http.post("/tokenize", json={"messages": messages, "tools": [WEATHER_TOOL]}).json()["tokens"]
+    assert tokens == hf.encode(expected, add_special_tokens=False)
+    assert reply.usage.prompt_tokens == len(tokens)
 
 
 def test_response_format_json_schema_and_object(client):

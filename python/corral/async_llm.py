@@ -113,6 +113,9 @@ class AsyncLLM:
         if self._closed:
             raise _core.CorralError("the engine is shut down")
         core = self.llm._core_params(params)
+        max_num_seqs = self.llm._options.max_num_seqs
+        if params.n > max_num_seqs:  # the engine's check, made before n samples are set up here
+            raise _core.InvalidInputError(f"n must be in [1, max_num_seqs = {max_num_seqs}], got {params.n}")
         key = next(self._keys)
         tokenizer = self.llm.tokenizer if params.detokenize else None
         handle = RequestHandle(self, key, _Request(None, prompt, list(prompt_token_ids), params, tokenizer))

@@ -144,6 +144,7 @@ class LLM:
         self.model_path = os.fspath(demo_model_path() if model_path is None else model_path)
         # The engine reads the stop tokens and sampling defaults (generation_config.json, the
         # tokenizer's special tokens) itself, as a C++ service gets them.
+        self._options = options
         self._async = _core.AsyncEngine(self.model_path, options)
         self._engine = self._async.engine
         self._tokenizer = self._load_tokenizer(tokenizer, skip_tokenizer_init)

@@ -245,7 +245,7 @@ def tool_call_delta(delta) -> dict:
     function = {}
     if delta.name is not None:
         function["name"] = delta.name
-    if delta.arguments:
+    if delta.arguments or delta.id is not None:
         function["arguments"] = delta.arguments
     out["function"] = function
     return out

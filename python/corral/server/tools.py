@@ -9,6 +9,8 @@ never trained on tools answers with a valid call.
 
 from __future__ import annotations
 
+import dataclasses
+
 from corral.server.errors import bad_request
 from corral.server.protocol import ChatCompletionRequest, NamedToolChoice, tool_call, tool_call_delta
 from corral.structured_output import tool_call_grammar
@@ -55,10 +57,17 @@ class ToolUse:
 
 
 def stream_deltas(pieces: list) -> list[dict]:
-    """A stream parser's pieces (content text, ToolCallDelta) as chunk deltas, one per piece."""
-    return [
-        {"tool_calls": [tool_call_delta(p)]} if isinstance(p, ToolCallDelta) else {"content": p}
-        for p in pieces
-        if isinstance(p, ToolCallDelta) or p
-    ]
-
+    """A stream parser's pieces (content text, ToolCallDelta) as chunk deltas. A call's first
+    piece goes out as two deltas, as vLLM streams calls: its id and name (arguments ""), then its
+    arguments."""
+    out = []
+    for p in pieces:
+        if not isinstance(p, ToolCallDelta):
+            if p:
+                out.append({"content": p})
+            continue
+        if p.id is not None and p.arguments:
+            out.append({"tool_calls": [tool_call_delta(dataclasses.replace(p, arguments=""))]})
+            p = ToolCallDelta(p.index, arguments=p.arguments)
+        out.append({"tool_calls": [tool_call_delta(p)]})
+    return out
