@@ -203,3 +203,27 @@ def test_constraint_masks_every_path_and_a_failure_stays_local(llm):
     assert "matcher broke" in updates[0].error
     assert plain[0]["ids"] == llm.generate("Hello there", corral.SamplingParams(max_tokens=12))[0].outputs[0].token_ids
     assert_idle(llm)
+
+
+def test_a_request_that_fails_to_decode_ends_alone(llm):
+    async def main():
+        engine = AsyncLLM(llm)
+        try:
+            long = corral.SamplingParams(max_tokens=200, ignore_eos=True)
+            bad = await engine.add_request(llm.tokenizer.encode("Hi"), long)
+
+            def broken(sample, update):
+                raise ValueError("cannot decode")
+
+            bad.request.apply = broken
+            good = asyncio.create_task(collect(engine, "Hello there", corral.SamplingParams(max_tokens=12)))
+            with pytest.raises(ValueError, match="cannot decode"):
+                async for _ in bad:
+                    pass
+            return await good
+        finally:
+            engine.close()
+
+    out = run(main())
+    assert out[0]["ids"] == llm.generate("Hello there", corral.SamplingParams(max_tokens=12))[0].outputs[0].token_ids
+    assert_idle(llm)

@@ -156,28 +156,36 @@ class AsyncLLM:
                     return
 
     def _deliver(self, batch: list) -> None:
-        """On the event loop: applies a batch of updates and feeds each request's queue."""
+        """On the event loop: applies a batch of updates and feeds each request's queue. A
+        request whose update fails (an engine error, or decoding its tokens) ends alone."""
         deltas: dict[int, list[SampleDelta]] = {}
+        failed: dict[int, Exception] = {}
         for key, update in batch:
             handle = self._handles.get(key)
-            if handle is None:
-                continue  # ended already (a stop string, an abort)
+            if handle is None or key in failed:
+                continue  # ended already (a stop string, an abort, a failure)
             sample = handle.request.samples[update.index]
             if sample.finish_reason is not None:
                 continue  # ended on our side (a stop string): the engine's last word on it
-            before = len(sample.token_ids)
-            if handle.request.apply(sample, update):  # a stop string ended a sample the engine still runs
-                self.llm._async.finish_sample(handle.request_id, update.index)
-            deltas.setdefault(key, []).append(_delta(sample, update, before))
-        for key, items in deltas.items():
+            try:
+                before = len(sample.token_ids)
+                if handle.request.apply(sample, update):  # a stop string ended a sample the engine still runs
+                    self.llm._async.finish_sample(handle.request_id, update.index)
+                delta = _delta(sample, update, before)
+            except Exception as e:
+                failed[key] = e
+                continue
+            deltas.setdefault(key, []).append(delta)
+            if delta.finish_reason == "error":
+                failed[key] = _core.CorralError(update.error or "the engine failed")
+        for key in deltas.keys() | failed.keys():
             handle = self._handles[key]
-            handle._queue.put_nowait(items)
-            errors = [d for d in items if d.finish_reason == "error"]
-            if handle.request.finished or errors:
+            if key in deltas:
+                handle._queue.put_nowait(deltas[key])
+            if key in failed or handle.request.finished:
                 del self._handles[key]
-                if errors and not handle.request.finished:
-                    handle.abort()
-                handle._queue.put_nowait(_error(batch, key) if errors else None)
+                handle.abort()  # the samples still running, after a failure
+                handle._queue.put_nowait(failed.get(key))
 
 
 def _delta(sample, update, before: int) -> SampleDelta:
@@ -197,8 +205,3 @@ def _delta(sample, update, before: int) -> SampleDelta:
         finish_reason=sample.finish_reason,
         stop_reason=sample.stop_reason,
     )
-
-
-def _error(batch: list, key: int) -> _core.CorralError:
-    message = next((u.error for k, u in batch if k == key and u.error), "the engine failed")
-    return _core.CorralError(message)
