@@ -75,6 +75,7 @@ struct AsyncEngine::Loop {
   std::condition_variable idle;  // sinks became empty
   std::map<int64_t, std::shared_ptr<Sink>> sinks;
   int64_t delivering = 0;  // dispatches feeding sinks outside the lock: drain() waits for them
+  int64_t adding = 0;      // add() calls waiting for or holding step_gate: the next step waits for them
   std::vector<Command> commands;
   bool stopping = false;
   std::thread thread;
@@ -87,6 +88,22 @@ struct AsyncEngine::Loop {
     if (params.size() != prompts.size())
       throw InvalidInputError(std::to_string(params.size()) + " sampling params for " + std::to_string(prompts.size()) +
                               " prompts");
+    // A mutex is not fair: the engine thread, retaking step_gate right after each step, could
+    // keep an add() out for many steps. So steps wait while adds are pending.
+    {
+      const std::lock_guard<std::mutex> lock(mutex);
+      ++adding;
+    }
+    struct Added {
+      Loop& loop;
+      ~Added() {
+        {
+          const std::lock_guard<std::mutex> lock(loop.mutex);
+          --loop.adding;
+        }
+        loop.wake.notify_all();
+      }
+    } added{*this};
     const std::lock_guard<std::mutex> gate(step_gate);
     std::vector<int64_t> ids;
     try {
@@ -248,8 +265,10 @@ struct AsyncEngine::Loop {
       }
       if (!cmds.empty()) apply(cmds);
       {
-        const std::lock_guard<std::mutex> lock(mutex);
+        std::unique_lock<std::mutex> lock(mutex);
         if (sinks.empty()) continue;
+        wake.wait(lock, [&] { return stopping || adding == 0; });  // requests being added go first
+        if (stopping) continue;
       }
       std::vector<RequestUpdate> updates;
       try {

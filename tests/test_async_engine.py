@@ -133,7 +133,10 @@ def test_add_requests_is_all_or_none(async_engine):
         async_engine.add_requests([[1, 2, 3] * 20, [1, 10**6]], [params(max_tokens=50)] * 2)
     assert async_engine.stats() == before  # the valid one was never stepped
     # The same while the engine thread steps another request: still none of them is stepped.
-    running = async_engine.add_request([1, 42], params(max_tokens=2000, ignore_eos=True))
+    # Each add waits for at most the step in progress (steps let pending adds in first), so the
+    # running request is still far from its end after the 20 refusals below; an add kept out by
+    # the engine thread retaking its lock would let it run to its end.
+    running = async_engine.add_request([1, 42], params(max_tokens=4000, ignore_eos=True))
     running.next(5.0)  # its prefill is done
     prefilled = async_engine.stats()["prefill_tokens_computed"]
     for _ in range(20):
