@@ -6,6 +6,7 @@
 #include "corral/kernels/activation.h"
 #include "corral/kernels/attention.h"
 #include "corral/kernels/embedding.h"
+#include "corral/kernels/image.h"
 #include "corral/kernels/kv_cache.h"
 #include "corral/kernels/linear.h"
 #include "corral/kernels/mlp.h"
@@ -39,6 +40,16 @@ void require_cpu(const Stream& s, const char* op) {
 
 }  // namespace
 
+// Returns the CUDA implementation's result when the stream is on a GPU (no_cuda's error in a build
+// without the CUDA backend); the CPU code after it runs otherwise.
+#if CORRAL_WITH_CUDA
+#define CORRAL_ON_CUDA(s, op, ...) \
+  if (is_cuda(s)) return cuda::op((s).handle, __VA_ARGS__)
+#else
+#define CORRAL_ON_CUDA(s, op, ...) \
+  if (is_cuda(s)) no_cuda(#op)
+#endif
+
 void linear(const Stream& s, float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows,
             const MatrixRef& w, bool accumulate, Activations act) {
   require_cpu(s, "linear");
@@ -47,13 +58,7 @@ void linear(const Stream& s, float* y, int64_t ldy, const float* x, int64_t ldx,
 
 void rms_norm(const Stream& s, void* y, const void* x, DType act, const void* w, DType w_dtype,
               int64_t rows, int64_t dim, float eps) {
-  if (is_cuda(s)) {
-#if CORRAL_WITH_CUDA
-    return cuda::rms_norm(s.handle, y, x, act, w, w_dtype, rows, dim, eps);
-#else
-    no_cuda("rms_norm");
-#endif
-  }
+  CORRAL_ON_CUDA(s, rms_norm, y, x, act, w, w_dtype, rows, dim, eps);
   if (act != DType::F32)
     throw DTypeError(std::string("rms_norm: CPU activations are float32, got ") + dtype_name(act));
   cpu::rms_norm(static_cast<float*>(y), static_cast<const float*>(x), w, w_dtype, rows, dim, eps);
@@ -102,13 +107,7 @@ void logprobs(const Stream& s, const float* logits, int64_t rows, int64_t vocab,
 
 void kv_cache_write(const Stream& s, const PagedKv& cache, const float* k, const float* v,
                     int64_t ld, int64_t tokens, const int64_t* slots) {
-  if (is_cuda(s)) {
-#if CORRAL_WITH_CUDA
-    return cuda::kv_cache_write(s.handle, cache, k, v, ld, tokens, slots);
-#else
-    no_cuda("kv_cache_write");
-#endif
-  }
+  CORRAL_ON_CUDA(s, kv_cache_write, cache, k, v, ld, tokens, slots);
   cpu::kv_cache_write(cache, k, v, ld, tokens, slots);
 }
 
@@ -121,25 +120,13 @@ void kv_cache_copy_pages(const Stream& s, void* pool, int64_t page_bytes, const 
 void paged_attention(const Stream& s, float* out, const float* q, int64_t heads,
                      const PagedKv& cache, const AttentionBatch& batch, float scale,
                      int64_t chunk_size) {
-  if (is_cuda(s)) {
-#if CORRAL_WITH_CUDA
-    return cuda::paged_attention(s.handle, out, q, heads, cache, batch, scale, chunk_size);
-#else
-    no_cuda("paged_attention");
-#endif
-  }
+  CORRAL_ON_CUDA(s, paged_attention, out, q, heads, cache, batch, scale, chunk_size);
   cpu::paged_attention(out, q, heads, cache, batch, scale, chunk_size);
 }
 
 void attn_temperature_scale(const Stream& s, float* q, int64_t ld, int64_t rows, int64_t width,
                             const int32_t* positions, float attn_scale, float floor_scale) {
-  if (is_cuda(s)) {
-#if CORRAL_WITH_CUDA
-    return cuda::attn_temperature_scale(s.handle, q, ld, rows, width, positions, attn_scale, floor_scale);
-#else
-    no_cuda("attn_temperature_scale");
-#endif
-  }
+  CORRAL_ON_CUDA(s, attn_temperature_scale, q, ld, rows, width, positions, attn_scale, floor_scale);
   cpu::attn_temperature_scale(q, ld, rows, width, positions, attn_scale, floor_scale);
 }
 
@@ -151,14 +138,58 @@ void swiglu_mlp(const Stream& s, float* out, const float* x, int64_t rows, const
 
 void moe(const Stream& s, float* out, const float* x, int64_t tokens, const MoeWeights& w,
          int top_k, int64_t* expert_tokens, Activations act) {
-  if (is_cuda(s)) {
-#if CORRAL_WITH_CUDA
-    return cuda::moe(s.handle, out, x, tokens, w, top_k, expert_tokens);
-#else
-    no_cuda("moe");
-#endif
-  }
+  CORRAL_ON_CUDA(s, moe, out, x, tokens, w, top_k, expert_tokens);
   cpu::moe(out, x, tokens, w, top_k, expert_tokens, act);
+}
+
+void layer_norm(const Stream& s, float* y, const float* x, const void* w, const void* b, DType w_dtype,
+                int64_t rows, int64_t dim, float eps) {
+  if (!w) throw InvalidInputError("layer_norm: the weight is required (the bias may be null)");
+  CORRAL_ON_CUDA(s, layer_norm, y, x, w, b, w_dtype, rows, dim, eps);
+  cpu::layer_norm(y, x, w, b, w_dtype, rows, dim, eps);
+}
+
+void gelu(const Stream& s, float* x, int64_t ld, int64_t rows, int64_t n) {
+  CORRAL_ON_CUDA(s, gelu, x, ld, rows, n);
+  cpu::gelu(x, ld, rows, n);
+}
+
+void add_rows(const Stream& s, float* y, int64_t ldy, int64_t rows, const void* src, DType dtype, int64_t n,
+              int64_t src_rows) {
+  if (src_rows < 1) throw ShapeError("add_rows: src_rows must be >= 1, got " + std::to_string(src_rows));
+  CORRAL_ON_CUDA(s, add_rows, y, ldy, rows, src, dtype, n, src_rows);
+  cpu::add_rows(y, ldy, rows, src, dtype, n, src_rows);
+}
+
+void rope_2d(const Stream& s, float* x, int64_t ld, int64_t tokens, int64_t heads, int64_t head_dim,
+             const int32_t* pos_x, const int32_t* pos_y, const float* inv_freq) {
+  if (head_dim % 4 != 0) throw ShapeError("rope_2d: head_dim must be a multiple of 4, got " + std::to_string(head_dim));
+  CORRAL_ON_CUDA(s, rope_2d, x, ld, tokens, heads, head_dim, pos_x, pos_y, inv_freq);
+  cpu::rope_2d(x, ld, tokens, heads, head_dim, pos_x, pos_y, inv_freq);
+}
+
+void attention_dense(const Stream& s, float* out, const float* q, const float* k, const float* v, int64_t ld,
+                     int64_t seqs, int64_t len, int64_t heads, int64_t head_dim, float scale) {
+  CORRAL_ON_CUDA(s, attention_dense, out, q, k, v, ld, seqs, len, heads, head_dim, scale);
+  cpu::attention_dense(out, q, k, v, ld, seqs, len, heads, head_dim, scale);
+}
+
+void unfold_patches(const Stream& s, float* out, const float* pixels, int64_t tiles, int64_t channels, int64_t size,
+                    int64_t patch) {
+  if (patch <= 0 || size % patch != 0)
+    throw ShapeError("unfold_patches: tile size " + std::to_string(size) + " is not a multiple of the patch size " +
+                     std::to_string(patch));
+  CORRAL_ON_CUDA(s, unfold_patches, out, pixels, tiles, channels, size, patch);
+  cpu::unfold_patches(out, pixels, tiles, channels, size, patch);
+}
+
+void pixel_shuffle(const Stream& s, float* out, const float* x, int64_t tiles, int64_t tile_rows, int64_t grid,
+                   int64_t dim, int64_t factor) {
+  if (factor <= 0 || grid % factor != 0 || tile_rows < grid * grid)
+    throw ShapeError("pixel_shuffle: a grid of " + std::to_string(grid) + " patches cannot fold by " +
+                     std::to_string(factor) + " (tile rows " + std::to_string(tile_rows) + ")");
+  CORRAL_ON_CUDA(s, pixel_shuffle, out, x, tiles, tile_rows, grid, dim, factor);
+  cpu::pixel_shuffle(out, x, tiles, tile_rows, grid, dim, factor);
 }
 
 }  // namespace corral::kernels

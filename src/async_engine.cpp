@@ -83,7 +83,7 @@ struct AsyncEngine::Loop {
   Loop(const std::string& model_dir, const EngineOptions& options) : engine(model_dir, options) {}
 
   // Queues prompts[i] with params[i], its updates going to sinks[i]: all or none.
-  std::vector<int64_t> add(const std::vector<std::vector<int32_t>>& prompts, const std::vector<SamplingParams>& params,
+  std::vector<int64_t> add(const std::vector<Prompt>& prompts, const std::vector<SamplingParams>& params,
                            std::vector<std::shared_ptr<Sink>> new_sinks) {
     if (params.size() != prompts.size())
       throw InvalidInputError(std::to_string(params.size()) + " sampling params for " + std::to_string(prompts.size()) +
@@ -300,7 +300,7 @@ AsyncEngine::~AsyncEngine() {
   loop_->thread.join();
 }
 
-std::vector<RequestStream> AsyncEngine::add_requests(const std::vector<std::vector<int32_t>>& prompts,
+std::vector<RequestStream> AsyncEngine::add_requests(const std::vector<Prompt>& prompts,
                                                      const std::vector<SamplingParams>& params) {
   std::vector<std::shared_ptr<Loop::Sink>> sinks(prompts.size());
   std::vector<std::shared_ptr<RequestStream::State>> states(prompts.size());
@@ -317,11 +317,11 @@ std::vector<RequestStream> AsyncEngine::add_requests(const std::vector<std::vect
   return streams;
 }
 
-RequestStream AsyncEngine::add_request(const std::vector<int32_t>& prompt, const SamplingParams& params) {
+RequestStream AsyncEngine::add_request(const Prompt& prompt, const SamplingParams& params) {
   return add_requests({prompt}, {params}).front();
 }
 
-int64_t AsyncEngine::add_request(const std::vector<int32_t>& prompt, const SamplingParams& params,
+int64_t AsyncEngine::add_request(const Prompt& prompt, const SamplingParams& params,
                                  Callback on_update) {
   if (!on_update) throw InvalidInputError("add_request: on_update is empty");
   auto sink = std::make_shared<Loop::Sink>();

@@ -208,6 +208,46 @@ ModelConfig read_text_config(const Fields& f, const Fields& top) {
   return c;
 }
 
+// vision_config, checked for the shapes Llama 4's vision tower is built with.
+VisionConfig read_vision_config(const Fields& f, const Fields& top, int64_t vocab_size) {
+  VisionConfig v;
+  v.hidden_size = f.positive("hidden_size", 768);
+  v.num_layers = f.positive("num_hidden_layers", 34);
+  v.num_heads = f.positive("num_attention_heads", 16);
+  v.intermediate_size = f.positive("intermediate_size", 5632);
+  v.image_size = f.positive("image_size", 448);
+  v.patch_size = f.positive("patch_size", 14);
+  v.num_channels = f.positive("num_channels", 3);
+  v.projector_dim = f.positive("projector_input_dim", 4096);
+  v.rope_theta = float(f.has("rope_parameters") && f.obj.at("rope_parameters").is_object()
+                           ? Fields{f.obj.at("rope_parameters"), f.source, f.prefix + "rope_parameters."}.number("rope_theta", 10000.0)
+                           : f.number("rope_theta", 10000.0));
+  const double ratio = f.number("pixel_shuffle_ratio", 0.5);
+  v.shuffle = ratio > 0 ? int64_t(std::lround(1.0 / ratio)) : 0;
+  if (v.shuffle < 1 || std::abs(1.0 / double(v.shuffle) - ratio) > 1e-9)
+    f.fail("pixel_shuffle_ratio", "must be 1 / s for a whole s, got " + std::to_string(ratio));
+  if (v.hidden_size % v.num_heads != 0)
+    f.fail("hidden_size", "(" + std::to_string(v.hidden_size) + ") must be a multiple of num_attention_heads (" +
+                              std::to_string(v.num_heads) + ")");
+  v.head_dim = v.hidden_size / v.num_heads;
+  if (v.head_dim % 4 != 0) f.fail("num_attention_heads", "gives head_dim " + std::to_string(v.head_dim) + ", which 2-D RoPE needs a multiple of 4");
+  if (v.image_size % v.patch_size != 0)
+    f.fail("image_size", "(" + std::to_string(v.image_size) + ") must be a multiple of patch_size (" + std::to_string(v.patch_size) + ")");
+  if (v.grid() % v.shuffle != 0)
+    f.fail("pixel_shuffle_ratio", "cannot fold a grid of " + std::to_string(v.grid()) + " patches by " + std::to_string(v.shuffle));
+  if (v.intermediate_size != v.hidden_size * v.shuffle * v.shuffle)
+    f.fail("intermediate_size", "(" + std::to_string(v.intermediate_size) + ") must be hidden_size * " +
+                                    std::to_string(v.shuffle * v.shuffle) + " = " +
+                                    std::to_string(v.hidden_size * v.shuffle * v.shuffle) + ", the pixel shuffle's output width");
+  for (const char* key : {"projector_output_dim", "vision_output_dim"})
+    if (f.positive(key, key[0] == 'p' ? 4096 : 7680) != v.projector_dim)
+      f.fail(key, "must equal projector_input_dim (" + std::to_string(v.projector_dim) + ")");
+  // Checked when an image comes (a text-only use of a checkpoint with a stray id still loads).
+  const int64_t id = top.has("image_token_index") ? top.integer("image_token_index") : top.integer("image_token_id", 200092);
+  v.image_token_id = id >= 0 && id < vocab_size ? int32_t(id) : -1;
+  return v;
+}
+
 }  // namespace
 
 ModelConfig parse_config(const std::string& json_text, const std::string& source) {
@@ -221,6 +261,11 @@ ModelConfig parse_config(const std::string& json_text, const std::string& source
   ModelConfig c = read_text_config(text, top);
   c.source = source;
   c.multimodal = nested;
+  if (root.contains("vision_config") && !root.at("vision_config").is_null()) {
+    if (!root.at("vision_config").is_object())
+      top.fail("vision_config", "must be an object, got " + describe_json(root.at("vision_config")));
+    c.vision = read_vision_config(Fields{root.at("vision_config"), source, "vision_config."}, top, c.vocab_size);
+  }
   return c;
 }
 

@@ -27,7 +27,9 @@ int64_t Engine::max_model_len() const { return core_->max_model_len(); }
 const std::vector<int32_t>& Engine::stop_token_ids() const { return core_->defaults().stop_token_ids; }
 const SamplingParams& Engine::default_sampling_params() const { return core_->defaults().sampling; }
 
-int64_t Engine::add_request(const std::vector<int32_t>& prompt, const SamplingParams& params) {
+const VisionInfo& Engine::vision() const { return core_->vision(); }
+
+int64_t Engine::add_request(const Prompt& prompt, const SamplingParams& params) {
   return core_->add_request(prompt, params);
 }
 std::vector<RequestUpdate> Engine::step() { return core_->step(); }
@@ -35,7 +37,7 @@ void Engine::abort(int64_t request_id) { core_->abort(request_id); }
 void Engine::finish_sample(int64_t request_id, int32_t index) { core_->finish_sample(request_id, index); }
 bool Engine::has_unfinished() const { return core_->has_unfinished(); }
 
-void Engine::prompt_logits(const std::vector<std::vector<int32_t>>& prompts, float* out) {
+void Engine::prompt_logits(const std::vector<Prompt>& prompts, float* out) {
   core_->prompt_logits(prompts, out);
 }
 void Engine::prompt_logprobs(const std::vector<std::vector<int32_t>>& prompts, double* out) {

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <string>
 #include <unordered_map>
 
@@ -19,6 +20,7 @@ struct EngineCore::Request {
   std::vector<int32_t> stop_ids;        // tokens that end a sample: eos (unless ignored) and stop_token_ids
   std::vector<std::unique_ptr<Sequence>> samples;  // by index; the first is created with the request
   std::vector<std::unique_ptr<TokenConstraint>> constraints;  // by sample index; empty: unconstrained
+  PromptImages images;                  // row_of empty: a text prompt
   int64_t live = 0;                     // samples not finished
   bool penalized() const {
     return params.repetition_penalty != 1.f || params.presence_penalty != 0.f || params.frequency_penalty != 0.f;
@@ -30,7 +32,7 @@ struct EngineCore::Sequence {
   Request* request = nullptr;
   int32_t index = 0;
   BlockManager::SeqId kv = 0;   // its KV-cache sequence (exists while it is running)
-  std::vector<int32_t> tokens;  // prompt, then generated tokens
+  std::vector<int32_t> tokens;  // prompt (image tokens as their cache keys), then generated tokens
   int64_t prompt_len = 0;
   int64_t computed = 0;         // tokens whose K/V are in the cache
   bool running = false;         // holds KV blocks (in running_), else in waiting_ or finished
@@ -90,8 +92,13 @@ EngineCore::EngineCore(const std::string& model_dir, const EngineOptions& option
     throw InvalidInputError("dtype '" + options_.dtype + "' is not supported (auto, float32)");
   model_ = std::make_unique<Llama4Model>(
       model_dir, options_.dtype == "float32" ? kernels::Activations::Float32 : kernels::Activations::Native,
-      LoadOptions{options_.quantization});
+      LoadOptions{options_.quantization, options_.max_images_per_prompt != 0});
   const ModelConfig& c = model_->config();
+  if (options_.max_images_per_prompt < -1) throw InvalidInputError("max_images_per_prompt must be >= -1 (-1: any number)");
+  if (model_->vision()) {
+    const VisionConfig& v = model_->vision()->config();
+    vision_ = VisionInfo{v.hidden_size, v.image_size, v.patch_size, v.num_channels, v.tokens_per_tile(), v.image_token_id};
+  }
   defaults_ = load_generation_defaults(model_dir, options_.tokenizer_dir.empty() ? model_dir : options_.tokenizer_dir, c);
   max_model_len_ = options_.max_model_len > 0 ? options_.max_model_len : c.max_position_embeddings;
   const KvLayout layout = make_kv_layout(c, options_.block_size, parse_kv_dtype(options_.kv_cache_dtype, model_->weights_dtype()));
@@ -119,7 +126,12 @@ void EngineCore::validate_tokens(const std::vector<int32_t>& tokens, const char*
                               std::to_string(i) + " is outside the vocabulary [0, " + std::to_string(vocab) + ")");
 }
 
-int64_t EngineCore::add_request(const std::vector<int32_t>& prompt, const SamplingParams& params) {
+int64_t EngineCore::add_request(const Prompt& input, const SamplingParams& params) {
+  const std::vector<int32_t>& prompt = input.token_ids;
+  // Checks that read only the immutable config, and hashing the images, go before the lock.
+  validate_tokens(prompt, "prompt");
+  std::vector<int32_t> keys = prompt;
+  PromptImages images = prepare_images(input, keys, "prompt");
   // The matchers are made outside the lock: a factory may wait (for Python's GIL, say).
   std::vector<std::unique_ptr<TokenConstraint>> constraints;
   if (params.constraint)
@@ -128,7 +140,6 @@ int64_t EngineCore::add_request(const std::vector<int32_t>& prompt, const Sampli
       if (!constraints.back()) throw InvalidInputError("the constraint factory returned no matcher");
     }
   const std::lock_guard<std::mutex> lock(mutex_);
-  validate_tokens(prompt, "prompt");
   const int64_t n = int64_t(prompt.size()), vocab = config().vocab_size;
   if (n >= max_model_len_)
     throw InvalidInputError("prompt of " + std::to_string(n) + " tokens leaves no room to generate within max_model_len " +
@@ -174,13 +185,14 @@ int64_t EngineCore::add_request(const std::vector<int32_t>& prompt, const Sampli
   r->params = params;
   r->params.constraint = nullptr;  // the matchers are made
   r->constraints = std::move(constraints);
+  r->images = std::move(images);
   r->seed = p.seed >= 0 ? uint64_t(p.seed) : seeder_();
   if (!p.ignore_eos) r->stop_ids = defaults_.stop_token_ids;
   r->stop_ids.insert(r->stop_ids.end(), p.stop_token_ids.begin(), p.stop_token_ids.end());
   auto s = std::make_unique<Sequence>();
   s->request = r.get();
   s->kv = next_id_++;
-  s->tokens = prompt;
+  s->tokens = std::move(keys);
   s->prompt_len = n;
   s->rng.seed(r->seed);
   if (r->penalized())
@@ -236,11 +248,10 @@ std::vector<RequestUpdate> EngineCore::step() {
   std::vector<std::pair<Sequence*, int64_t>> scheduled;  // with the number of tokens each computes
   std::vector<Sequence*> sampled;  // sequences whose logits this step yields, in logit-row order
   int64_t budget = options_.max_num_batched_tokens;
+  const auto completes = [](const Sequence& s, int64_t n) { return s.computed + n == int64_t(s.tokens.size()); };
   const auto schedule = [&](Sequence& s, int64_t n) {
-    const bool completes = s.computed + n == int64_t(s.tokens.size());
-    batch.add_sequence(s.tokens.data() + s.computed, n, s.computed, blocks, s.kv, completes);
     scheduled.emplace_back(&s, n);
-    if (completes) sampled.push_back(&s);
+    if (completes(s, n)) sampled.push_back(&s);
     budget -= n;
   };
 
@@ -280,6 +291,19 @@ std::vector<RequestUpdate> EngineCore::step() {
     s.running = true;
     schedule(s, n);
   }
+  // Images are encoded in the step that first computes one of their tokens, all of the step's
+  // together; then the batch is laid out, sequence after sequence.
+  std::vector<PromptImages*> pending;
+  for (auto& [s, n] : scheduled) {
+    PromptImages& im = s->request->images;
+    if (!im.row_of.empty() && !im.encoded && s->computed + n > im.first &&
+        std::find(pending.begin(), pending.end(), &im) == pending.end())
+      pending.push_back(&im);
+  }
+  encode(pending);
+  for (auto& [s, n] : scheduled)
+    batch.add_sequence(s->tokens.data() + s->computed, n, s->computed, blocks, s->kv, completes(*s, n),
+                       s->request->images.embeddings(vision_.image_token_id, config().hidden_size));
   if (batch.num_tokens() == 0) {
     if (requests_.empty()) return {};
     throw OutOfKVCacheError("KV cache is full: no sequence can get a block among the " +
@@ -436,7 +460,7 @@ void EngineCore::finish_sample(int64_t request_id, int32_t index) {
   if (it->second->live == 0) requests_.erase(it);
 }
 
-void EngineCore::prompt_logits(const std::vector<std::vector<int32_t>>& prompts, float* out) {
+void EngineCore::prompt_logits(const std::vector<Prompt>& prompts, float* out) {
   const std::lock_guard<std::mutex> lock(mutex_);
   const int64_t vocab = config().vocab_size;
   run_prompts(prompts, [&](int64_t first, int64_t) { return out + first * vocab; }, [](int64_t, int64_t) {});
@@ -450,7 +474,7 @@ void EngineCore::prompt_logprobs(const std::vector<std::vector<int32_t>>& prompt
     for (size_t i = 0; i < p.size(); ++i) next.push_back(i + 1 < p.size() ? p[i + 1] : -1);
   std::vector<float> pass;
   run_prompts(
-      prompts,
+      std::vector<Prompt>(prompts.begin(), prompts.end()),
       [&](int64_t, int64_t n) {
         pass.resize(size_t(n * vocab));
         return pass.data();
@@ -472,19 +496,26 @@ void EngineCore::prompt_logprobs(const std::vector<std::vector<int32_t>>& prompt
       });
 }
 
-void EngineCore::run_prompts(const std::vector<std::vector<int32_t>>& prompts,
+void EngineCore::run_prompts(const std::vector<Prompt>& inputs,
                          const std::function<float*(int64_t, int64_t)>& rows,
                          const std::function<void(int64_t, int64_t)>& done) {
   use_threads();
   int64_t total = 0;
-  for (size_t i = 0; i < prompts.size(); ++i) {
+  std::vector<std::vector<int32_t>> prompts;  // token ids, image tokens as their cache keys
+  std::vector<PromptImages> images(inputs.size());
+  std::vector<PromptImages*> pending;
+  for (size_t i = 0; i < inputs.size(); ++i) {
     const std::string what = "prompts[" + std::to_string(i) + "]";
-    validate_tokens(prompts[i], what.c_str());
-    if (int64_t(prompts[i].size()) > max_model_len_)
-      throw InvalidInputError(what + " has " + std::to_string(prompts[i].size()) + " tokens, over max_model_len " +
-                              std::to_string(max_model_len_));
-    total += int64_t(prompts[i].size());
+    validate_tokens(inputs[i].token_ids, what.c_str());
+    if (int64_t(inputs[i].token_ids.size()) > max_model_len_)
+      throw InvalidInputError(what + " has " + std::to_string(inputs[i].token_ids.size()) +
+                              " tokens, over max_model_len " + std::to_string(max_model_len_));
+    total += int64_t(inputs[i].token_ids.size());
+    prompts.push_back(inputs[i].token_ids);
+    images[i] = prepare_images(inputs[i], prompts.back(), what);
+    if (!images[i].row_of.empty()) pending.push_back(&images[i]);
   }
+  encode(pending);
   // Each prompt is a KV-cache sequence of its own for the duration of the call.
   BlockManager& blocks = cache_->blocks();
   std::vector<BlockManager::SeqId> ids;
@@ -519,7 +550,8 @@ void EngineCore::run_prompts(const std::vector<std::vector<int32_t>>& prompts,
         throw OutOfKVCacheError(std::to_string(total) + " prompt tokens need more KV blocks than the " +
                                 std::to_string(blocks.available_pages()) + " of " + std::to_string(cache_->num_pages()) +
                                 " the cache has free; raise kv_cache_bytes");
-      batch.add_sequence(prompts[q].data() + start, n, start, blocks, ids[q], false);
+      batch.add_sequence(prompts[q].data() + start, n, start, blocks, ids[q], false,
+                         images[q].embeddings(vision_.image_token_id, config().hidden_size));
       pieces.push_back({q, start, n});
       budget -= n;
       if (start + n < int64_t(prompts[q].size())) break;
@@ -536,6 +568,116 @@ void EngineCore::run_prompts(const std::vector<std::vector<int32_t>>& prompts,
     p = done ? last.prompt + 1 : last.prompt;
     offset = done ? 0 : last.start + last.n;
   }
+}
+
+PromptEmbeddings EngineCore::PromptImages::embeddings(int32_t token_id, int64_t hidden_size) const {
+  if (row_of.empty()) return {};
+  return PromptEmbeddings{features.data(), hidden_size, row_of.data(), int64_t(row_of.size()), token_id};
+}
+
+EngineCore::PromptImages EngineCore::prepare_images(const Prompt& prompt, std::vector<int32_t>& keys,
+                                                    const std::string& what) const {
+  PromptImages out;
+  if (prompt.images.empty()) return out;
+  const int64_t count = int64_t(prompt.images.size());
+  if (!model_->vision()) {
+    if (config().has_vision())
+      throw InvalidInputError(what + " has " + std::to_string(count) +
+                              " images, and max_images_per_prompt is 0 (the vision encoder is not loaded)");
+    throw InvalidInputError(what + " has " + std::to_string(count) + " images, and this model takes none (" +
+                            config().source + " has no vision_config)");
+  }
+  if (options_.max_images_per_prompt >= 0 && count > options_.max_images_per_prompt)
+    throw InvalidInputError(what + " has " + std::to_string(count) + " images, over max_images_per_prompt " +
+                            std::to_string(options_.max_images_per_prompt));
+  const VisionConfig& v = model_->vision()->config();
+  if (v.image_token_id < 0)
+    throw InvalidInputError(what + " has images, and " + config().source +
+                            "'s image_token_index lies outside the vocabulary: no token can carry their features");
+  const int64_t per_tile = v.tokens_per_tile();
+  // One key per image token: the pixels' hash mixed with the token's place in the image, as a
+  // negative id (no real token). Two blocks match only if their images match too.
+  const auto mix = [](uint64_t x) {  // splitmix64's finalizer
+    x ^= x >> 30;
+    x *= 0xbf58476d1ce4e5b9ULL;
+    x ^= x >> 27;
+    x *= 0x94d049bb133111ebULL;
+    return x ^ (x >> 31);
+  };
+  std::vector<uint64_t> hashes;
+  for (int64_t i = 0; i < count; ++i) {
+    const ImageInput& im = prompt.images[size_t(i)];
+    const std::string name = what + " image " + std::to_string(i);
+    if (im.num_tiles < 1) throw InvalidInputError(name + " has num_tiles " + std::to_string(im.num_tiles) + " (>= 1 needed)");
+    if (int64_t(im.pixel_values.size()) != im.num_tiles * v.tile_floats())
+      throw InvalidInputError(name + ": pixel_values holds " + std::to_string(im.pixel_values.size()) + " floats, not " +
+                              std::to_string(im.num_tiles) + " tiles x " + std::to_string(v.num_channels) + " x " +
+                              std::to_string(v.image_size) + " x " + std::to_string(v.image_size));
+    uint64_t h = mix(uint64_t(im.num_tiles) + 0x9e3779b97f4a7c15ULL);
+    for (float f : im.pixel_values) {
+      if (!std::isfinite(f)) throw InvalidInputError(name + ": pixel_values holds a value that is not finite");
+      uint32_t bits;
+      std::memcpy(&bits, &f, 4);
+      h = mix(h ^ bits);
+    }
+    hashes.push_back(h);
+    out.tiles += im.num_tiles;
+  }
+  out.row_of.assign(keys.size(), -1);
+  int64_t found = 0;
+  for (size_t p = 0; p < keys.size(); ++p) {
+    if (keys[p] != v.image_token_id) continue;
+    if (found == 0) out.first = int64_t(p);
+    if (found < out.tiles * per_tile) {
+      // Which image this feature row belongs to: images are laid out one after the other.
+      int64_t row = found, image = 0;
+      while (row >= prompt.images[size_t(image)].num_tiles * per_tile) row -= prompt.images[size_t(image++)].num_tiles * per_tile;
+      keys[p] = -1 - int32_t(mix(hashes[size_t(image)] ^ uint64_t(row + 1) * 0x9e3779b97f4a7c15ULL) & 0x3fffffff);
+      out.row_of[p] = int32_t(found);
+    }
+    ++found;
+  }
+  if (found != out.tiles * per_tile)
+    throw InvalidInputError(what + " has " + std::to_string(found) + " image tokens (image_token_index " +
+                            std::to_string(v.image_token_id) + ") for " + std::to_string(count) + " images of " +
+                            std::to_string(out.tiles) + " tiles, which give " + std::to_string(out.tiles * per_tile) +
+                            " features (" + std::to_string(per_tile) + " per tile)");
+  out.images = prompt.images;
+  return out;
+}
+
+void EngineCore::encode(const std::vector<PromptImages*>& pending) {
+  if (pending.empty()) return;
+  VisionModel& vision = *model_->vision();
+  const int64_t tile_floats = vision.config().tile_floats(), H = config().hidden_size;
+  const int64_t rows_per_tile = vision.config().tokens_per_tile();
+  int64_t tiles = 0;
+  for (const PromptImages* p : pending) tiles += p->tiles;
+  std::vector<float> pixels;
+  pixels.reserve(size_t(tiles * tile_floats));
+  for (const PromptImages* p : pending)
+    for (const ImageInput& im : p->images) pixels.insert(pixels.end(), im.pixel_values.begin(), im.pixel_values.end());
+  std::vector<float> features(size_t(tiles * rows_per_tile * H));
+  vision.encode(pixels.data(), tiles, features.data());
+  const float* at = features.data();
+  for (PromptImages* p : pending) {
+    const int64_t n = p->tiles * rows_per_tile * H;
+    p->features.assign(at, at + n);
+    at += n;
+    p->images.clear();
+    p->images.shrink_to_fit();
+    p->encoded = true;
+  }
+}
+
+std::vector<float> EngineCore::encode_image(const ImageInput& image) {
+  // A prompt of just the image's tokens.
+  std::vector<int32_t> keys(size_t(std::max<int64_t>(image.num_tiles, 0) * vision_.tokens_per_tile), vision_.image_token_id);
+  PromptImages im = prepare_images(Prompt(keys, {image}), keys, "image");
+  const std::lock_guard<std::mutex> lock(mutex_);
+  use_threads();
+  encode({&im});
+  return im.features;
 }
 
 EngineStats EngineCore::stats() const {

@@ -15,11 +15,14 @@
 namespace corral {
 
 void ForwardBatch::add_sequence(const int32_t* tokens, int64_t n, int64_t position, const BlockManager& blocks,
-                                BlockManager::SeqId id, bool want_logits) {
+                                BlockManager::SeqId id, bool want_logits, const PromptEmbeddings& e) {
   const int64_t bs = blocks.block_size();
   for (int64_t i = 0; i < n; ++i) {
-    token_ids.push_back(tokens[i]);
-    positions.push_back(int32_t(position + i));
+    const int64_t p = position + i;
+    const int32_t row = p < e.length ? e.row_of[p] : -1;
+    if (row >= 0) embeddings.emplace_back(int32_t(token_ids.size()), e.values + int64_t(row) * e.hidden_size);
+    token_ids.push_back(row >= 0 ? e.token_id : tokens[i]);
+    positions.push_back(int32_t(p));
   }
   for (int64_t g = 0; g < int64_t(tables.size()); ++g) {
     const std::vector<int32_t>& table = blocks.table(id, g);
@@ -35,6 +38,8 @@ Llama4Model::Llama4Model(const std::string& dir, kernels::Activations act, const
       config_(load_config(checkpoint_.config_path())),
       weights_(load_weights(checkpoint_, config_, load)),
       act_(act) {
+  if (config_.has_vision() && load.vision)
+    vision_ = std::make_unique<VisionModel>(config_, load_vision_weights(checkpoint_, config_), act);
   inv_freq_.resize(config_.head_dim / 2);
   kernels::rope_inv_freq(inv_freq_.data(), config_.head_dim, config_.rope);
   expert_tokens_.resize(config_.num_layers);
@@ -50,6 +55,7 @@ void Llama4Model::forward(const ForwardBatch& batch, const KvCache& cache, float
   a_.resize(T * H);
   kernels::embedding(stream_, x_.data(), weights_.embed.data, weights_.embed.dtype, c.vocab_size, H,
                      batch.token_ids.data(), T);
+  for (const auto& [row, values] : batch.embeddings) std::copy_n(values, H, x_.data() + int64_t(row) * H);
 
   // Each layer group's block tables as one padded [S, max_blocks] array for the attention kernel.
   const int64_t S = int64_t(batch.seq_starts.size()) - 1;

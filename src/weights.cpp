@@ -53,17 +53,8 @@ struct Binder {
 
   // The tensor `name` with the given shape and a float dtype the kernels read.
   const void* tensor(const std::string& name, const std::vector<int64_t>& shape, DType* dtype) const {
-    const TensorRecord r = ckpt.get(name);
-    if (r.entry->shape != shape)
-      throw ShapeError("tensor '" + name + "' in " + r.file->path() + " has shape " + shape_string(r.entry->shape) +
-                       ", expected " + shape_string(shape));
-    const auto t = r.entry->dtype;
-    if (!t || (*t != DType::F32 && *t != DType::BF16 && *t != DType::F16))
-      throw DTypeError("tensor '" + name + "' in " + r.file->path() + " has dtype " + r.entry->dtype_name +
-                       ", which Corral cannot run here (F32, BF16 and F16 are supported" +
-                       (cq.method.empty() ? "; quantized weights need the checkpoint's quantization_config" : "") + ")");
-    *dtype = *t;
-    return r.data();
+    return float_tensor(ckpt, name, shape, dtype,
+                        cq.method.empty() ? "; quantized weights need the checkpoint's quantization_config" : "");
   }
   MatrixRef matrix(const std::string& name, int64_t out, int64_t in) const {
     MatrixRef m{nullptr, DType::F32, WeightLayout::OutIn, in, out};
@@ -198,6 +189,20 @@ void check_same_format(const std::vector<Linear>& ls) {
 }
 
 }  // namespace
+
+const void* float_tensor(const Checkpoint& ckpt, const std::string& name, const std::vector<int64_t>& shape,
+                         DType* dtype, const std::string& hint) {
+  const TensorRecord r = ckpt.get(name);
+  if (r.entry->shape != shape)
+    throw ShapeError("tensor '" + name + "' in " + r.file->path() + " has shape " + shape_string(r.entry->shape) +
+                     ", expected " + shape_string(shape));
+  const auto t = r.entry->dtype;
+  if (!t || (*t != DType::F32 && *t != DType::BF16 && *t != DType::F16))
+    throw DTypeError("tensor '" + name + "' in " + r.file->path() + " has dtype " + r.entry->dtype_name +
+                     ", which Corral cannot run here (F32, BF16 and F16 are supported" + hint + ")");
+  *dtype = *t;
+  return r.data();
+}
 
 ModelWeights load_weights(const Checkpoint& ckpt, const ModelConfig& c, const LoadOptions& options) {
   // Published multimodal checkpoints keep the text model under language_model.; a text-only save

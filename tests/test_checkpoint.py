@@ -188,8 +188,9 @@ def test_conditional_sharded(conditional, clone):
     ["F64", "I64", "I32", "I16", "U8", "BOOL", "F8_E5M2", "F8_E4M3", "C64", "F8_E8M0", "F8_E4M3FNUZ",
      "F8_E5M2FNUZ", "F4"],
 )
-def test_unused_vision_tensor_of_any_dtype(conditional, clone, dtype):
-    """vision_model.* tensors are not used, so their dtype does not matter."""
+def test_vision_tensor_of_unsupported_dtype(conditional, clone, dtype):
+    """A vision_model.* tensor of a dtype the vision encoder cannot run is refused, naming it; with
+    max_images_per_prompt=0 the encoder is not loaded and the text model runs as before."""
     path, _, ref = conditional
     ckpt = clone(path)
     name = "vision_model.patch_embedding.linear.weight"
@@ -201,7 +202,9 @@ def test_unused_vision_tensor_of_any_dtype(conditional, clone, dtype):
 
     edit_tensor(ckpt, name, retype)
     assert read_safetensors(ckpt / "model.safetensors")[0][name].dtype == dtype
-    assert rel_err(logits_of(ckpt), ref) <= FP32_TOL
+    expect_error(ckpt, corral.DTypeError, name, "model.safetensors")
+    text_only = corral.LLM(ckpt, kv_cache_bytes=1 << 20, max_images_per_prompt=0)
+    assert rel_err(text_only.logits(TOKENS), ref) <= FP32_TOL
 
 
 @pytest.mark.parametrize("dtype", ["F32", "BF16", "F16"])

@@ -94,7 +94,7 @@ VISION_CONFIG = dict(
     hidden_size=32,
     num_hidden_layers=1,
     num_attention_heads=2,
-    intermediate_size=64,
+    intermediate_size=128,  # the pixel shuffle's output width: 4 * hidden_size
     image_size=28,
     patch_size=14,
     vision_output_dim=32,
@@ -104,9 +104,8 @@ VISION_CONFIG = dict(
 
 
 def text_config(variant: str, **overrides) -> Llama4TextConfig:
-    kw = copy.deepcopy(TEXT_CONFIGS[variant]) | overrides
+    kw = dict(vocab_size=VOCAB) | copy.deepcopy(TEXT_CONFIGS[variant]) | overrides
     return Llama4TextConfig(
-        vocab_size=VOCAB,
         max_position_embeddings=4096,
         bos_token_id=1,
         eos_token_id=2,

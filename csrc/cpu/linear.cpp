@@ -89,4 +89,23 @@ void linear(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, co
   product(y, ldy, x, ldx, rows, w, gemm_kind(w.dtype, act), accumulate);
 }
 
+namespace {
+template <class T>
+void add_rows_of(float* y, int64_t ldy, int64_t rows, const T* src, int64_t n, int64_t src_rows) {
+  parallel_for(rows, n, [&](int64_t r) {
+    const T* s = src + (r % src_rows) * n;
+    float* yr = y + r * ldy;
+    for (int64_t i = 0; i < n; ++i) yr[i] += to_float_unaligned(s + i);
+  });
+}
+}  // namespace
+
+void add_rows(float* y, int64_t ldy, int64_t rows, const void* src, DType dtype, int64_t n, int64_t src_rows) {
+  switch (float_index(dtype, "add_rows source")) {
+    case 0: return add_rows_of(y, ldy, rows, static_cast<const float*>(src), n, src_rows);
+    case 1: return add_rows_of(y, ldy, rows, static_cast<const bf16*>(src), n, src_rows);
+    default: return add_rows_of(y, ldy, rows, static_cast<const f16*>(src), n, src_rows);
+  }
+}
+
 }  // namespace corral::cpu

@@ -25,6 +25,17 @@ void linear(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, co
             bool accumulate, Activations act);
 void rms_norm(float* y, const float* x, const void* w, DType w_dtype, int64_t rows, int64_t dim,
               float eps);
+void layer_norm(float* y, const float* x, const void* w, const void* b, DType w_dtype, int64_t rows, int64_t dim,
+                float eps);
+void gelu(float* x, int64_t ld, int64_t rows, int64_t n);
+void add_rows(float* y, int64_t ldy, int64_t rows, const void* src, DType dtype, int64_t n, int64_t src_rows);
+void rope_2d(float* x, int64_t ld, int64_t tokens, int64_t heads, int64_t head_dim, const int32_t* pos_x,
+             const int32_t* pos_y, const float* inv_freq);
+void attention_dense(float* out, const float* q, const float* k, const float* v, int64_t ld, int64_t seqs,
+                     int64_t len, int64_t heads, int64_t head_dim, float scale);
+void unfold_patches(float* out, const float* pixels, int64_t tiles, int64_t channels, int64_t size, int64_t patch);
+void pixel_shuffle(float* out, const float* x, int64_t tiles, int64_t tile_rows, int64_t grid, int64_t dim,
+                   int64_t s);
 void silu_mul(float* out, int64_t ld_out, const float* gate, const float* up, int64_t ld_in,
               int64_t rows, int64_t n);
 void rope_interleaved(float* x, int64_t ld, int64_t tokens, int64_t heads, int64_t head_dim,

@@ -26,6 +26,21 @@ void paged_attention(void* stream, float* out, const float* q, int64_t heads, co
 void attn_temperature_scale(void* stream, float* q, int64_t ld, int64_t rows, int64_t width,
                             const int32_t* positions, float attn_scale, float floor_scale);
 
+// The vision encoder's ops (csrc/cuda/vision.cu); every pointer is a device pointer.
+void layer_norm(void* stream, float* y, const float* x, const void* w, const void* b, DType w_dtype, int64_t rows,
+                int64_t dim, float eps);
+void gelu(void* stream, float* x, int64_t ld, int64_t rows, int64_t n);
+void add_rows(void* stream, float* y, int64_t ldy, int64_t rows, const void* src, DType dtype, int64_t n,
+              int64_t src_rows);
+void rope_2d(void* stream, float* x, int64_t ld, int64_t tokens, int64_t heads, int64_t head_dim,
+             const int32_t* pos_x, const int32_t* pos_y, const float* inv_freq);
+void attention_dense(void* stream, float* out, const float* q, const float* k, const float* v, int64_t ld,
+                     int64_t seqs, int64_t len, int64_t heads, int64_t head_dim, float scale);
+void unfold_patches(void* stream, float* out, const float* pixels, int64_t tiles, int64_t channels, int64_t size,
+                    int64_t patch);
+void pixel_shuffle(void* stream, float* out, const float* x, int64_t tiles, int64_t tile_rows, int64_t grid,
+                   int64_t dim, int64_t s);
+
 void moe(void* stream, float* out, const float* x, int64_t tokens, const MoeWeights& w, int top_k,
          int64_t* expert_tokens);
 

@@ -14,6 +14,8 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import numpy as np
+
 from corral import _core
 from corral.llm import LLM, _Request
 from corral.sampling_params import SamplingParams
@@ -105,11 +107,16 @@ class AsyncLLM:
         return len(self._handles)
 
     async def add_request(
-        self, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prompt: str | None = None,
+        images: list[np.ndarray] | None = None,
     ) -> RequestHandle:
-        """Queues a request; raises corral's InvalidInputError or OutOfKVCacheError when the
-        engine refuses it. The engine call runs on a worker thread: it waits for the current
-        step to end, which the event loop must not."""
+        """Queues a request (images: the pixel arrays of its image tokens, as LLM prepares them);
+        raises corral's InvalidInputError or OutOfKVCacheError when the engine refuses it. The
+        engine call runs on a worker thread: it waits for the current step to end, which the
+        event loop must not."""
         if self._closed:
             raise _core.CorralError("the engine is shut down")
         core = self.llm._core_params(params)
@@ -122,7 +129,7 @@ class AsyncLLM:
         self._handles[key] = handle  # before the engine has it: its first updates find it
         try:
             handle.request_id = await asyncio.to_thread(
-                self.llm._async.add_request_to, self._inbox, key, handle.request.prompt_token_ids, core
+                self.llm._async.add_request_to, self._inbox, key, handle.request.prompt_token_ids, core, images or []
             )
         except BaseException:
             self._handles.pop(key, None)

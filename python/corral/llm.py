@@ -16,6 +16,7 @@ from corral import _core
 from corral.chat_template import is_conversation_list
 from corral.detokenize import IncrementalDetokenizer
 from corral.json_file import read_json_object
+from corral.multimodal import ImagePrompts, chat_images, images_of, pixel_arrays
 from corral.outputs import CompletionOutput, RequestOutput
 from corral.sampling_params import SamplingParams
 from corral.structured_output import StructuredOutputCompiler, compiler_for
@@ -106,6 +107,7 @@ class LLM:
         num_threads: int | None = None,
         seed: int = 0,
         device: str = "cpu",
+        max_images_per_prompt: int | None = None,
     ) -> None:
         if device != "cpu":
             raise _core.NotSupportedError(
@@ -125,6 +127,7 @@ class LLM:
             ("max_model_len", max_model_len, 1),
             ("num_threads", num_threads, 1),
             ("seed", seed, 0),
+            ("max_images_per_prompt", max_images_per_prompt, 0),
         ):
             if value is not None and (not isinstance(value, int) or value < low):
                 raise _core.InvalidInputError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -140,6 +143,7 @@ class LLM:
         options.max_num_batched_tokens = max_num_batched_tokens
         options.num_threads = num_threads or 0
         options.seed = seed
+        options.max_images_per_prompt = -1 if max_images_per_prompt is None else max_images_per_prompt
         options.tokenizer_dir = "" if tokenizer is None else os.fspath(tokenizer)
         self.model_path = os.fspath(demo_model_path() if model_path is None else model_path)
         # The engine reads the stop tokens and sampling defaults (generation_config.json, the
@@ -148,6 +152,7 @@ class LLM:
         self._async = _core.AsyncEngine(self.model_path, options)
         self._engine = self._async.engine
         self._tokenizer = self._load_tokenizer(tokenizer, skip_tokenizer_init)
+        self._images = ImagePrompts(self.model_path, self._engine.vision, self._tokenizer)
         self.generation_config = _read_generation_config(Path(self.model_path))  # as read, for reference
         stats = self._engine.stats()
         # Say which code paths run: the CPU ISA level picked at run time, and CUDA's state.
@@ -212,14 +217,17 @@ class LLM:
         return SamplingParams(**{k: float(np.format_float_positional(np.float32(v))) if isinstance(v, float) else v
                                  for k, v in values.items()})
 
-    def logits(self, token_ids: Sequence[int] | Sequence[Sequence[int]]) -> np.ndarray | list[np.ndarray]:
-        """Logits at every position of a prompt: a float32 array of shape (len(token_ids), vocab_size).
+    def logits(self, prompts: Prompt | Sequence[Prompt]) -> np.ndarray | list[np.ndarray]:
+        """Logits at every position of a prompt (token ids, or a prompt as generate() takes it,
+        images included): a float32 array of shape (prompt tokens, vocab_size).
 
         Given a list of prompts, runs them as one ragged batch and returns one array per prompt."""
-        if token_ids and not isinstance(token_ids[0], (int, np.integer)):
-            prompts = [_token_list(p, f"token_ids[{i}]") for i, p in enumerate(token_ids)]
-            return self._engine.prompt_logits(prompts)
-        return self._engine.prompt_logits([_token_list(token_ids, "token_ids")])[0]
+        single = isinstance(prompts, (str, Mapping)) or len(prompts) == 0 or isinstance(prompts[0], (int, np.integer))
+        prompt_list = [prompts] if single else list(prompts)
+        prepared = [self._prepare(p, "token_ids" if single else f"token_ids[{i}]") for i, p in enumerate(prompt_list)]
+        images = [px for _, _, px in prepared]
+        out = self._engine.prompt_logits([ids for _, ids, _ in prepared], images if any(images) else [])
+        return out[0] if single else out
 
     def generate(
         self,
@@ -230,7 +238,9 @@ class LLM:
 
         A prompt is a string (encoded with the tokenizer: a leading BOS is added unless the text
         starts with it), a list of token ids, or a dict {"prompt": text} or {"prompt_token_ids":
-        ids}; a single prompt may be passed alone. sampling_params is one SamplingParams for all
+        ids}, with images as {"multi_modal_data": {"image": image or list of images}} (PIL images,
+        encoded bytes, data: or file:// URLs, paths, uint8 arrays): one <|image|> in the text (or
+        its token id) per image, in order; a single prompt may be passed alone. sampling_params is one SamplingParams for all
         prompts or a list with one per prompt (default: get_default_sampling_params()). Returns
         one RequestOutput per prompt, in order, each with SamplingParams.n outputs."""
         prompt_list = _prompt_list(prompts)
@@ -247,8 +257,11 @@ class LLM:
         cores = [self._core_params(p) for p in params]
 
         # All in one go: they share the first step, and a refused one leaves none queued.
-        streams = self._async.add_requests([ids for _, ids in prepared], cores)
-        requests = [self._request(s, text, ids, p) for s, (text, ids), p in zip(streams, prepared, params, strict=True)]
+        images = [px for _, _, px in prepared]
+        streams = self._async.add_requests([ids for _, ids, _ in prepared], cores, images if any(images) else [])
+        requests = [
+            self._request(s, text, ids, p) for s, (text, ids, _), p in zip(streams, prepared, params, strict=True)
+        ]
         try:
             for r in requests:
                 while not r.stream.finished:
@@ -294,8 +307,8 @@ class LLM:
             raise ValueError(f"stream() generates one sample, got n={params.n}")
         if not params.detokenize:
             raise ValueError("stream() yields text: detokenize must be True")
-        text, ids = self._prepare(prompt, "prompt")
-        return self._stream(text, ids, params, self._core_params(params))
+        text, ids, images = self._prepare(prompt, "prompt")
+        return self._stream(text, ids, images, params, self._core_params(params))
 
     def stream_chat(
         self,
@@ -333,6 +346,8 @@ class LLM:
     ) -> list[dict]:
         tokenizer = self._require_tokenizer("chat")
         conversations = messages if is_conversation_list(messages) else [messages]
+        # Image parts become {"type": "image"} (rendered <|image|>), their images kept in order.
+        conversations, images = zip(*(chat_images(c) for c in conversations)) if conversations else ((), ())
         texts = tokenizer.apply_chat_template(
             list(conversations),
             tools=tools,
@@ -342,22 +357,44 @@ class LLM:
             **(chat_template_kwargs or {}),
         )
         # The template writes the BOS itself: encode without adding one.
-        return [{"prompt": t, "prompt_token_ids": tokenizer.encode(t, add_special_tokens=False)} for t in texts]
+        return [
+            {"prompt": t, "prompt_token_ids": tokenizer.encode(t, add_special_tokens=False),
+             **({"multi_modal_data": {"image": im}} if im else {})}
+            for t, im in zip(texts, images, strict=True)
+        ]
 
-    def _prepare(self, prompt: Prompt, what: str) -> tuple[str | None, list[int]]:
-        """(prompt text or None, token ids) of one prompt."""
+    def _prepare(self, prompt: Prompt, what: str) -> tuple[str | None, list[int], list[np.ndarray]]:
+        """(prompt text or None, token ids, its images' pixel arrays) of one prompt."""
         if isinstance(prompt, Mapping):
+            images = self._images.process(images_of(prompt, what), what)
             if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), _token_list(prompt["prompt_token_ids"], f"{what}['prompt_token_ids']")
-            if "prompt" in prompt:
-                prompt = prompt["prompt"]
-            else:
+                ids = _token_list(prompt["prompt_token_ids"], f"{what}['prompt_token_ids']")
+                return prompt.get("prompt"), self._fits(self._images.expand_ids(ids, images, what), images, what), \
+                    pixel_arrays(images)
+            if "prompt" not in prompt:
                 raise _core.InvalidInputError(f"{what} is a dict without 'prompt' or 'prompt_token_ids'")
+            text = prompt["prompt"]
+            if images:
+                if not isinstance(text, str):
+                    raise _core.InvalidInputError(f"{what}['prompt'] must be text with one <|image|> per image")
+                _, ids, _ = self._prepare(self._images.expand_text(text, images, what), what)
+                return text, self._fits(ids, images, what), pixel_arrays(images)
+            prompt = text
         if isinstance(prompt, str):
             tokenizer = self._require_tokenizer("a text prompt")
             bos = tokenizer.bos_token
-            return prompt, tokenizer.encode(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))
-        return None, _token_list(prompt, what)
+            return prompt, tokenizer.encode(prompt, add_special_tokens=not (bos and prompt.startswith(bos))), []
+        return None, _token_list(prompt, what), []
+
+    def _fits(self, ids: list[int], images: list, what: str) -> list[int]:
+        """ids, unless with its images' tokens the prompt leaves no room to generate."""
+        if images and len(ids) >= self.max_model_len:
+            raise _core.InvalidInputError(
+                f"{what} has {len(ids)} tokens with its {len(images)} images' tokens "
+                f"({sum(i.num_tiles for i in images)} tiles), leaving no room to generate within max_model_len "
+                f"{self.max_model_len}"
+            )
+        return ids
 
     @cached_property
     def _structured_output(self) -> StructuredOutputCompiler:
@@ -401,8 +438,8 @@ class LLM:
         except _core.CorralError:
             pass  # a step failed: the request has ended all the same
 
-    def _stream(self, text, ids, params, core) -> Iterator[str]:
-        request = self._request(self._async.add_request(ids, core), text, ids, params)
+    def _stream(self, text, ids, images, params, core) -> Iterator[str]:
+        request = self._request(self._async.add_request(ids, core, images), text, ids, params)
         sample = request.samples[0]
         try:
             while True:

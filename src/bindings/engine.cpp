@@ -47,6 +47,44 @@ py::dict config_dict(const ModelConfig& c) {
   return d;
 }
 
+using PixelArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using Images = std::vector<PixelArray>;
+
+// An image from Python: its tiles as one float32 array [tiles, channels, size, size] (a copy).
+ImageInput to_image(const PixelArray& pixels) {
+  if (pixels.ndim() != 4)
+    throw ShapeError("an image's pixel_values must be [tiles, channels, size, size], got " +
+                     std::to_string(pixels.ndim()) + " dimensions");
+  return ImageInput{std::vector<float>(pixels.data(), pixels.data() + pixels.size()), int64_t(pixels.shape(0))};
+}
+
+Prompt to_prompt(std::vector<int32_t> ids, const Images& images) {
+  Prompt p(std::move(ids));
+  for (const PixelArray& a : images) p.images.push_back(to_image(a));
+  return p;
+}
+
+// Prompts with their images (images may be empty: no prompt has any).
+std::vector<Prompt> to_prompts(const std::vector<std::vector<int32_t>>& ids, const std::vector<Images>& images) {
+  if (!images.empty() && images.size() != ids.size())
+    throw InvalidInputError("images lists " + std::to_string(images.size()) + " prompts' images for " +
+                            std::to_string(ids.size()) + " prompts");
+  std::vector<Prompt> out;
+  for (size_t i = 0; i < ids.size(); ++i) out.push_back(to_prompt(ids[i], images.empty() ? Images{} : images[i]));
+  return out;
+}
+
+py::dict vision_dict(const VisionInfo& v) {
+  py::dict d;
+  d["hidden_size"] = v.hidden_size;
+  d["image_size"] = v.image_size;
+  d["patch_size"] = v.patch_size;
+  d["num_channels"] = v.num_channels;
+  d["tokens_per_tile"] = v.tokens_per_tile;
+  d["image_token_id"] = v.image_token_id;
+  return d;
+}
+
 // An engine pass over whole prompts: run(data) fills one array of [total tokens] rows (of `width`
 // values each; 0: one value) with the GIL released, and each prompt gets a view of its rows.
 template <class T, class Run>
@@ -164,6 +202,7 @@ void register_engine(py::module_& m) {
       .def_readwrite("max_num_seqs", &EngineOptions::max_num_seqs)
       .def_readwrite("max_num_batched_tokens", &EngineOptions::max_num_batched_tokens)
       .def_readwrite("num_threads", &EngineOptions::num_threads)
+      .def_readwrite("max_images_per_prompt", &EngineOptions::max_images_per_prompt)
       .def_readwrite("seed", &EngineOptions::seed);
 
   py::class_<SamplingParams>(m, "SamplingParams")
@@ -211,8 +250,32 @@ void register_engine(py::module_& m) {
       .def_property_readonly("stop_token_ids", &Engine::stop_token_ids)
       .def_property_readonly("default_sampling_params", &Engine::default_sampling_params)
       // Calls that may wait for another thread's step release the GIL meanwhile.
-      .def("add_request", &Engine::add_request, py::arg("prompt_token_ids"), py::arg("params"),
-           py::call_guard<py::gil_scoped_release>())
+      // The vision encoder's settings (hidden_size 0: the model takes no images).
+      .def_property_readonly("vision", [](const Engine& e) { return vision_dict(e.vision()); })
+      .def(
+          "add_request",
+          [](Engine& e, std::vector<int32_t> ids, const SamplingParams& params, const Images& images) {
+            const Prompt prompt = to_prompt(std::move(ids), images);
+            py::gil_scoped_release release;
+            return e.add_request(prompt, params);
+          },
+          py::arg("prompt_token_ids"), py::arg("params"), py::arg("images") = Images{})
+      // The vision encoder alone on one image's tiles: [tiles * tokens_per_tile, hidden_size].
+      .def(
+          "encode_image",
+          [](Engine& e, const PixelArray& pixels) {
+            const ImageInput image = to_image(pixels);
+            std::vector<float> features;
+            {
+              py::gil_scoped_release release;
+              features = e.core().encode_image(image);
+            }
+            const py::ssize_t H = py::ssize_t(e.core().config().hidden_size);
+            py::array_t<float> out({py::ssize_t(features.size()) / H, H});
+            std::copy(features.begin(), features.end(), out.mutable_data());
+            return out;
+          },
+          py::arg("pixel_values"))
       .def("step", &Engine::step, py::call_guard<py::gil_scoped_release>())
       .def("abort", &Engine::abort, py::arg("request_id"), py::call_guard<py::gil_scoped_release>())
       .def("finish_sample", &Engine::finish_sample, py::arg("request_id"), py::arg("index"),
@@ -220,11 +283,12 @@ void register_engine(py::module_& m) {
       .def("has_unfinished", &Engine::has_unfinished, py::call_guard<py::gil_scoped_release>())
       .def(
           "prompt_logits",
-          [](Engine& e, const std::vector<std::vector<int32_t>>& prompts) {
+          [](Engine& e, const std::vector<std::vector<int32_t>>& prompts, const std::vector<Images>& images) {
+            const std::vector<Prompt> inputs = to_prompts(prompts, images);
             return per_prompt<float>(prompts, py::ssize_t(e.vocab_size()),
-                                     [&](float* data) { e.prompt_logits(prompts, data); });
+                                     [&](float* data) { e.prompt_logits(inputs, data); });
           },
-          py::arg("prompts"))
+          py::arg("prompts"), py::arg("images") = std::vector<Images>{})
       .def(
           "prompt_logprobs",
           [](Engine& e, const std::vector<std::vector<int32_t>>& prompts) {
@@ -265,19 +329,34 @@ void register_engine(py::module_& m) {
            }),
            py::arg("model_dir"), py::arg("options"))
       .def_property_readonly("engine", &AsyncEngine::engine, py::return_value_policy::reference_internal)
-      .def("add_request", py::overload_cast<const std::vector<int32_t>&, const SamplingParams&>(&AsyncEngine::add_request),
-           py::arg("prompt_token_ids"), py::arg("params"), py::call_guard<py::gil_scoped_release>())
-      .def("add_requests", &AsyncEngine::add_requests, py::arg("prompts"), py::arg("params"),
-           py::call_guard<py::gil_scoped_release>())
+      .def(
+          "add_request",
+          [](AsyncEngine& e, std::vector<int32_t> ids, const SamplingParams& params, const Images& images) {
+            const Prompt prompt = to_prompt(std::move(ids), images);
+            py::gil_scoped_release release;
+            return e.add_request(prompt, params);
+          },
+          py::arg("prompt_token_ids"), py::arg("params"), py::arg("images") = Images{})
+      // images: empty, or one list of images per prompt.
+      .def(
+          "add_requests",
+          [](AsyncEngine& e, const std::vector<std::vector<int32_t>>& prompts, const std::vector<SamplingParams>& params,
+             const std::vector<Images>& images) {
+            const std::vector<Prompt> inputs = to_prompts(prompts, images);
+            py::gil_scoped_release release;
+            return e.add_requests(inputs, params);
+          },
+          py::arg("prompts"), py::arg("params"), py::arg("images") = std::vector<Images>{})
       // Its updates go to inbox (shared by many requests) tagged with key; returns the request id.
       .def(
           "add_request_to",
-          [](AsyncEngine& e, std::shared_ptr<UpdateInbox> inbox, int64_t key, const std::vector<int32_t>& prompt,
-             const SamplingParams& params) {
+          [](AsyncEngine& e, std::shared_ptr<UpdateInbox> inbox, int64_t key, std::vector<int32_t> ids,
+             const SamplingParams& params, const Images& images) {
+            const Prompt prompt = to_prompt(std::move(ids), images);
+            py::gil_scoped_release release;
             return e.add_request(prompt, params, [inbox, key](const RequestUpdate& u) { inbox->push(key, u); });
           },
-          py::arg("inbox"), py::arg("key"), py::arg("prompt_token_ids"), py::arg("params"),
-          py::call_guard<py::gil_scoped_release>())
+          py::arg("inbox"), py::arg("key"), py::arg("prompt_token_ids"), py::arg("params"), py::arg("images") = Images{})
       .def("abort", &AsyncEngine::abort, py::arg("request_id"), py::call_guard<py::gil_scoped_release>())
       .def("finish_sample", &AsyncEngine::finish_sample, py::arg("request_id"), py::arg("index"),
            py::call_guard<py::gil_scoped_release>())

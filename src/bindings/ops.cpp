@@ -7,6 +7,8 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <deque>
+#include <stdexcept>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -18,6 +20,7 @@
 #include "corral/kernels/attention.h"
 #include "corral/kernels/cpu_isa.h"
 #include "corral/kernels/embedding.h"
+#include "corral/kernels/image.h"
 #include "corral/kernels/kv_cache.h"
 #include "corral/kernels/linear.h"
 #include "corral/kernels/mlp.h"
@@ -232,6 +235,38 @@ DeviceBuffer upload(const Device& dev, const void* data, size_t bytes, const Str
   if (bytes) copy_to_device(b, data, bytes, stream);
   return b;
 }
+
+// Buffers on a device (host memory for the CPU) on one stream, for the ops' device= argument:
+// host data copied in with put(), results copied back with get().
+class OnDevice {
+ public:
+  explicit OnDevice(const std::string& device) : dev_(parse_device(device)), stream_(dev_) {}
+  const Stream& stream() const { return stream_.get(); }
+  // A new buffer of `bytes`, holding a copy of `data` unless that is null.
+  template <class T = void>
+  T* put(const void* data, size_t bytes) {
+    DeviceBuffer& b = bufs_.emplace_back(dev_, bytes);
+    if (data && bytes) copy_to_device(b, data, bytes, stream_.get());
+    return static_cast<T*>(b.data());
+  }
+  // Copies `bytes` of the buffer put() returned as `ptr` to host `dst`, then waits for the stream.
+  void get(void* dst, const void* ptr, size_t bytes) {
+    for (const DeviceBuffer& b : bufs_)
+      if (b.data() == ptr) {
+        if (bytes) copy_to_host(dst, b, bytes, stream_.get());
+        stream_.synchronize();
+        return;
+      }
+    throw std::logic_error("OnDevice::get: not a buffer of this call");
+  }
+
+ private:
+  Device dev_;
+  StreamOwner stream_;
+  std::deque<DeviceBuffer> bufs_;
+};
+
+size_t nbytes(const py::array& a) { return size_t(a.nbytes()); }
 
 // "native" (bf16 weights: bf16-rounded activations) or "float32" (exact products).
 kernels::Activations parse_activations(const std::string& act) {
@@ -539,6 +574,161 @@ void register_ops(py::module_& m) {
       },
       py::arg("x"), py::arg("w"), py::arg("eps"), py::arg("dtype") = "float32", py::arg("w_dtype") = "float32",
       py::arg("device") = "cpu");
+
+  // The vision encoder's ops. Each returns new arrays (its inputs are copied to the device first).
+  m.def(
+      "layer_norm",
+      [](F32 x, const py::array& w, const py::object& b, float eps, const std::string& w_dtype, bool in_place,
+         const std::string& device) {
+        expect(x.ndim() == 2, "x must be 2-D, got shape " + shape_of(x));
+        const int64_t rows = x.shape(0), dim = x.shape(1);
+        const Typed tw = typed(w, w_dtype, "w");
+        expect(tw.array.ndim() == 1 && tw.dim(0) == dim, "w must be (" + std::to_string(dim) + ",), got " + shape_of(tw.array));
+        Typed tb{py::array(), tw.dtype};
+        if (!b.is_none()) {
+          tb = typed(b.cast<py::array>(), w_dtype, "b");
+          expect(tb.array.ndim() == 1 && tb.dim(0) == dim, "b must be (" + std::to_string(dim) + ",), got " + shape_of(tb.array));
+        }
+        F32 y({rows, dim});
+        OnDevice d(device);
+        float* dx = d.put<float>(x.data(), nbytes(x));
+        float* dy = in_place ? dx : d.put<float>(nullptr, nbytes(x));
+        const void* dw = d.put(tw.data(), nbytes(tw.array));
+        const void* db = b.is_none() ? nullptr : d.put(tb.data(), nbytes(tb.array));
+        kernels::layer_norm(d.stream(), dy, dx, dw, db, tw.dtype, rows, dim, eps);
+        d.get(y.mutable_data(), dy, nbytes(y));
+        return y;
+      },
+      "layer_norm(x, w, b, eps, *, w_dtype='float32', in_place=False, device='cpu') -> y: LayerNorm of the rows of x\n"
+      "(b may be None); in_place: y written over x's buffer.",
+      py::arg("x"), py::arg("w"), py::arg("b"), py::arg("eps"), py::kw_only(), py::arg("w_dtype") = "float32",
+      py::arg("in_place") = false, py::arg("device") = "cpu");
+
+  m.def(
+      "gelu",
+      [](F32 x, int64_t n, const std::string& device) {
+        expect(x.ndim() == 2, "x must be 2-D, got shape " + shape_of(x));
+        const int64_t rows = x.shape(0), ld = x.shape(1);
+        if (n < 0) n = ld;
+        expect(n <= ld, "n must be at most the row width " + std::to_string(ld));
+        F32 y({rows, ld});
+        OnDevice d(device);
+        float* dx = d.put<float>(x.data(), nbytes(x));
+        kernels::gelu(d.stream(), dx, ld, rows, n);
+        d.get(y.mutable_data(), dx, nbytes(y));
+        return y;
+      },
+      "gelu(x, n=-1, *, device='cpu') -> y: exact GELU of the first n columns (-1: all) of each row of x, the\n"
+      "rest copied.",
+      py::arg("x"), py::arg("n") = -1, py::kw_only(), py::arg("device") = "cpu");
+
+  m.def(
+      "add_rows",
+      [](F32 y, const py::array& src, const std::string& dtype, const std::string& device) {
+        const Typed ts = typed(src, dtype, "src");
+        expect(y.ndim() == 2 && ts.array.ndim() == 2 && ts.dim(1) <= int64_t(y.shape(1)) && ts.dim(0) > 0,
+               "y must be (rows, ldy) and src (src_rows > 0, n <= ldy), got " + shape_of(y) + " and " + shape_of(ts.array));
+        const int64_t rows = y.shape(0), ldy = y.shape(1);
+        F32 out({rows, ldy});
+        OnDevice d(device);
+        float* dy = d.put<float>(y.data(), nbytes(y));
+        const void* ds = d.put(ts.data(), nbytes(ts.array));
+        kernels::add_rows(d.stream(), dy, ldy, rows, ds, ts.dtype, ts.dim(1), ts.dim(0));
+        d.get(out.mutable_data(), dy, nbytes(out));
+        return out;
+      },
+      "add_rows(y, src, dtype='float32', *, device='cpu') -> y with y[r, :n] += src[r % src_rows] (src: (src_rows, n)).",
+      py::arg("y"), py::arg("src"), py::arg("dtype") = "float32", py::kw_only(), py::arg("device") = "cpu");
+
+  m.def(
+      "rope_2d",
+      [](F32 x, I32 pos_x, I32 pos_y, F32 inv_freq, int64_t heads, const std::string& device) {
+        expect(x.ndim() == 2 && inv_freq.ndim() == 1, "x must be (tokens, ld) and inv_freq 1-D");
+        const int64_t tokens = x.shape(0), ld = x.shape(1), head_dim = 4 * int64_t(inv_freq.shape(0));
+        expect(heads >= 0 && heads * head_dim <= ld,
+               "heads * head_dim (" + std::to_string(heads) + " * " + std::to_string(head_dim) + ") exceeds the row width " +
+                   std::to_string(ld));
+        expect(pos_x.ndim() == 1 && pos_y.ndim() == 1 && pos_x.shape(0) == tokens && pos_y.shape(0) == tokens,
+               "pos_x and pos_y must be (" + std::to_string(tokens) + ",)");
+        F32 y({tokens, ld});
+        OnDevice d(device);
+        float* dx = d.put<float>(x.data(), nbytes(x));
+        const int32_t* dpx = d.put<const int32_t>(pos_x.data(), nbytes(pos_x));
+        const int32_t* dpy = d.put<const int32_t>(pos_y.data(), nbytes(pos_y));
+        const float* df = d.put<const float>(inv_freq.data(), nbytes(inv_freq));
+        kernels::rope_2d(d.stream(), dx, ld, tokens, heads, head_dim, dpx, dpy, df);
+        d.get(y.mutable_data(), dx, nbytes(y));
+        return y;
+      },
+      "rope_2d(x, pos_x, pos_y, inv_freq, heads, *, device='cpu') -> y: the vision encoder's 2-D RoPE of the first\n"
+      "heads * head_dim columns of x (tokens, ld), head_dim = 4 * len(inv_freq); the rest copied.",
+      py::arg("x"), py::arg("pos_x"), py::arg("pos_y"), py::arg("inv_freq"), py::arg("heads"), py::kw_only(),
+      py::arg("device") = "cpu");
+
+  m.def(
+      "attention_dense",
+      [](F32 q, F32 k, F32 v, int64_t seqs, int64_t heads, int64_t head_dim, float scale, const std::string& device) {
+        expect(q.ndim() == 2 && k.ndim() == 2 && v.ndim() == 2 && k.shape(0) == q.shape(0) &&
+                   v.shape(0) == q.shape(0) && k.shape(1) == q.shape(1) && v.shape(1) == q.shape(1),
+               "q, k and v must be 2-D of one shape (rows, ld), got " + shape_of(q) + ", " + shape_of(k) + ", " + shape_of(v));
+        const int64_t rows = q.shape(0), ld = q.shape(1);
+        expect(seqs > 0 && rows % seqs == 0, "rows (" + std::to_string(rows) + ") must be seqs x len");
+        expect(heads >= 0 && head_dim >= 0 && heads * head_dim <= ld,
+               "heads * head_dim exceeds the row width " + std::to_string(ld));
+        F32 out({rows, heads * head_dim});
+        OnDevice d(device);
+        const float* dq = d.put<const float>(q.data(), nbytes(q));
+        const float* dk = d.put<const float>(k.data(), nbytes(k));
+        const float* dv = d.put<const float>(v.data(), nbytes(v));
+        float* dout = d.put<float>(nullptr, nbytes(out));
+        kernels::attention_dense(d.stream(), dout, dq, dk, dv, ld, seqs, rows / seqs, heads, head_dim, scale);
+        d.get(out.mutable_data(), dout, nbytes(out));
+        return out;
+      },
+      "attention_dense(q, k, v, seqs, heads, head_dim, scale, *, device='cpu') -> out (rows, heads * head_dim):\n"
+      "unmasked attention within each of seqs equal sequences of the rows of q, k, v (rows, ld).",
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("seqs"), py::arg("heads"), py::arg("head_dim"),
+      py::arg("scale"), py::kw_only(), py::arg("device") = "cpu");
+
+  m.def(
+      "unfold_patches",
+      [](F32 pixels, int64_t patch, const std::string& device) {
+        expect(pixels.ndim() == 4 && pixels.shape(2) == pixels.shape(3),
+               "pixels must be (tiles, channels, size, size), got " + shape_of(pixels));
+        const int64_t tiles = pixels.shape(0), channels = pixels.shape(1), size = pixels.shape(2);
+        expect(patch > 0 && size % patch == 0, "size " + std::to_string(size) + " is not a multiple of patch");
+        const int64_t grid = size / patch;
+        F32 out({tiles * grid * grid, channels * patch * patch});
+        OnDevice d(device);
+        const float* dp = d.put<const float>(pixels.data(), nbytes(pixels));
+        float* dout = d.put<float>(nullptr, nbytes(out));
+        kernels::unfold_patches(d.stream(), dout, dp, tiles, channels, size, patch);
+        d.get(out.mutable_data(), dout, nbytes(out));
+        return out;
+      },
+      "unfold_patches(pixels, patch, *, device='cpu') -> rows (tiles * grid^2, channels * patch^2).",
+      py::arg("pixels"), py::arg("patch"), py::kw_only(), py::arg("device") = "cpu");
+
+  m.def(
+      "pixel_shuffle",
+      [](F32 x, int64_t tiles, int64_t grid, int64_t factor, const std::string& device) {
+        expect(x.ndim() == 2 && tiles > 0 && x.shape(0) % tiles == 0,
+               "x must be (tiles * tile_rows, dim), got " + shape_of(x));
+        const int64_t tile_rows = x.shape(0) / tiles, dim = x.shape(1);
+        expect(factor > 0 && grid % factor == 0 && tile_rows >= grid * grid,
+               "a grid of " + std::to_string(grid) + " cannot fold by " + std::to_string(factor) + " in " +
+                   std::to_string(tile_rows) + " rows per tile");
+        const int64_t g = grid / factor;
+        F32 out({tiles * g * g, factor * factor * dim});
+        OnDevice d(device);
+        const float* dx = d.put<const float>(x.data(), nbytes(x));
+        float* dout = d.put<float>(nullptr, nbytes(out));
+        kernels::pixel_shuffle(d.stream(), dout, dx, tiles, tile_rows, grid, dim, factor);
+        d.get(out.mutable_data(), dout, nbytes(out));
+        return out;
+      },
+      "pixel_shuffle(x, tiles, grid, factor, *, device='cpu') -> (tiles * (grid / factor)^2, factor^2 * dim).",
+      py::arg("x"), py::arg("tiles"), py::arg("grid"), py::arg("factor"), py::kw_only(), py::arg("device") = "cpu");
 
   m.def(
       "silu_mul",

@@ -54,12 +54,12 @@ class AsyncEngine {
 
   // Queues a request, checked as Engine::add_request does (its exceptions are thrown here),
   // its updates going to the returned stream.
-  RequestStream add_request(const std::vector<int32_t>& prompt, const SamplingParams& params);
+  RequestStream add_request(const Prompt& prompt, const SamplingParams& params);
   // The same, its updates going to on_update. Returns the request's id.
-  int64_t add_request(const std::vector<int32_t>& prompt, const SamplingParams& params, Callback on_update);
+  int64_t add_request(const Prompt& prompt, const SamplingParams& params, Callback on_update);
   // Several requests at once, params[i] for prompts[i]: all join the same next step, or, if one
   // is refused, none is queued (its exception is thrown; no step has seen the others).
-  std::vector<RequestStream> add_requests(const std::vector<std::vector<int32_t>>& prompts,
+  std::vector<RequestStream> add_requests(const std::vector<Prompt>& prompts,
                                           const std::vector<SamplingParams>& params);
   // Ends a request between two steps: each live sample gets a last update with
   // FinishReason::Abort. Unknown or finished ids are ignored.

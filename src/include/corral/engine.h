@@ -51,6 +51,25 @@ struct SamplingParams {
   TokenConstraintFactory constraint;
 };
 
+// One image of a prompt, preprocessed as Llama 4's image processor does (Python:
+// corral.image_processor): its tiles as float32 [num_tiles, channels, image_size, image_size].
+struct ImageInput {
+  std::vector<float> pixel_values;
+  int64_t num_tiles = 0;
+};
+
+// What a request starts from: token ids and, for a checkpoint with a vision encoder, images.
+// Each tile of each image, in order, gives vision_config's tokens_per_tile features, which
+// replace the prompt's image_token_index (<|patch|>) tokens one for one; the counts must agree.
+struct Prompt {
+  std::vector<int32_t> token_ids;
+  std::vector<ImageInput> images;
+
+  Prompt() = default;
+  Prompt(std::vector<int32_t> ids) : token_ids(std::move(ids)) {}  // NOLINT: token ids alone are a prompt
+  Prompt(std::vector<int32_t> ids, std::vector<ImageInput> imgs) : token_ids(std::move(ids)), images(std::move(imgs)) {}
+};
+
 struct EngineOptions {
   std::string tokenizer_dir;                 // "": the model folder (its special tokens end samples)
   int32_t block_size = 16;
@@ -66,7 +85,19 @@ struct EngineOptions {
   int64_t max_num_batched_tokens = 8192;     // tokens in one step (longer prompts go in pieces)
   double kv_watermark = 0.01;                // share of KV blocks a request may not start into
   int num_threads = 0;                       // 0: all cores
+  // Images one prompt may carry; -1: any number; 0: none (the vision encoder is not loaded).
+  int64_t max_images_per_prompt = -1;
   uint64_t seed = 0;
+};
+
+// What a caller needs to prepare images for the model (see Prompt).
+struct VisionInfo {
+  int64_t hidden_size = 0;  // 0: no vision encoder
+  int64_t image_size = 0;   // tile side in pixels
+  int64_t patch_size = 0;
+  int64_t num_channels = 0;
+  int64_t tokens_per_tile = 0;
+  int32_t image_token_id = -1;  // image_token_index: the token each feature replaces
 };
 
 // Error: the step that computed the request failed (RequestUpdate::error says why).
@@ -128,6 +159,9 @@ class Engine {
   const EngineOptions& options() const;
   int64_t vocab_size() const;
   int64_t max_model_len() const;  // prompt plus generated tokens
+  // The vision encoder's settings (hidden_size 0: the model takes no images, or
+  // max_images_per_prompt is 0).
+  const VisionInfo& vision() const;
   // Tokens that end a sample unless SamplingParams::ignore_eos, sorted: config.json's eos ids,
   // generation_config.json's eos_token_id, and the tokenizer's eos and end-of-turn tokens.
   const std::vector<int32_t>& stop_token_ids() const;
@@ -135,11 +169,13 @@ class Engine {
   // repetition_penalty and max_new_tokens: what to use when a request brings none.
   const SamplingParams& default_sampling_params() const;
 
-  // Queues a request (its KV blocks, and any cached prefix, are taken when it is scheduled).
-  // Throws InvalidInputError for an empty prompt, an id outside the vocabulary, a prompt that
-  // leaves no room to generate within max_model_len, or bad params; OutOfKVCacheError when one
-  // sample of it could outgrow the whole KV cache. Returns the request's id.
-  int64_t add_request(const std::vector<int32_t>& prompt, const SamplingParams& params);
+  // Queues a request (its KV blocks, and any cached prefix, are taken when it is scheduled; its
+  // images are encoded, batched with the other requests' images, in the step that first reaches
+  // them). Throws InvalidInputError for an empty prompt, an id outside the vocabulary, a prompt
+  // that leaves no room to generate within max_model_len, images the model cannot take or that
+  // disagree with the prompt's image tokens, or bad params; OutOfKVCacheError when one sample of
+  // it could outgrow the whole KV cache. Returns the request's id.
+  int64_t add_request(const Prompt& prompt, const SamplingParams& params);
   // Schedules sequences first come, first served (running ones first, then waiting ones while
   // blocks, max_num_seqs and the max_num_batched_tokens budget allow; long prompts go in pieces),
   // runs one batched forward pass and samples one token for each sequence whose tokens are all
@@ -158,7 +194,7 @@ class Engine {
   // up to max_num_batched_tokens tokens. out is [total tokens, vocab] float32, the prompts' rows
   // one after another. Every position is computed (no prefix reuse); the prompts' full blocks
   // join the prefix cache and their pages are released afterwards.
-  void prompt_logits(const std::vector<std::vector<int32_t>>& prompts, float* out);
+  void prompt_logits(const std::vector<Prompt>& prompts, float* out);
   // The same passes, keeping of each position only the log-probability of the prompt's next
   // token: out is [total tokens] float64, the last position of each prompt NaN. Logits are held
   // for one pass at a time (max_num_batched_tokens x vocab), whatever the prompts' length.

@@ -8,9 +8,21 @@
 #include "corral/config.h"
 #include "corral/kernels/attention.h"
 #include "corral/kv_cache.h"
+#include "corral/vision_model.h"
 #include "corral/weights.h"
 
 namespace corral {
+
+// Embeddings that replace some of a prompt's own (image features at its <|patch|> tokens):
+// position p < length with row_of[p] >= 0 is embedded as values[row_of[p] * hidden_size ...]
+// and has token id token_id.
+struct PromptEmbeddings {
+  const float* values = nullptr;
+  int64_t hidden_size = 0;
+  const int32_t* row_of = nullptr;
+  int64_t length = 0;
+  int32_t token_id = 0;
+};
 
 // The tokens of one forward pass from many sequences, prefill pieces and decode steps mixed.
 struct ForwardBatch {
@@ -22,11 +34,13 @@ struct ForwardBatch {
   std::vector<std::vector<std::vector<int32_t>>> tables;  // [layer group][S] block tables
   std::vector<std::vector<int64_t>> slots;                // [layer group][T] KV slot of each token
   std::vector<int32_t> logit_rows;     // rows whose logits are wanted, in output order
+  std::vector<std::pair<int32_t, const float*>> embeddings;  // rows embedded from these hidden_size floats
 
   // Adds tokens[0..n) of sequence `id` of `blocks`, the first at `position`; room for them must
-  // already be appended. The last row's logits are requested when `want_logits`.
+  // already be appended. The last row's logits are requested when `want_logits`. Positions that
+  // `embeddings` covers take its token id and values (their entries in tokens are cache keys).
   void add_sequence(const int32_t* tokens, int64_t n, int64_t position, const BlockManager& blocks,
-                    BlockManager::SeqId id, bool want_logits);
+                    BlockManager::SeqId id, bool want_logits, const PromptEmbeddings& embeddings = {});
   int64_t num_tokens() const { return int64_t(token_ids.size()); }
 };
 
@@ -41,6 +55,8 @@ class Llama4Model {
   // The dtype of the checkpoint's weights (of its embedding table).
   DType weights_dtype() const { return weights_.embed.dtype; }
   const ModelWeights& weights() const { return weights_; }
+  // The vision encoder, when the checkpoint has one and LoadOptions::vision asked for it.
+  VisionModel* vision() { return vision_.get(); }
   // Tokens routed to each expert of each layer by all forward passes so far ([layer][expert];
   // empty for dense layers).
   const std::vector<std::vector<int64_t>>& expert_tokens() const { return expert_tokens_; }
@@ -58,6 +74,7 @@ class Llama4Model {
   Checkpoint checkpoint_;  // first: a missing folder is reported as such, before its config
   ModelConfig config_;
   ModelWeights weights_;
+  std::unique_ptr<VisionModel> vision_;
   std::vector<float> inv_freq_;
   std::vector<std::vector<int64_t>> expert_tokens_;
   Stream stream_;

@@ -40,6 +40,37 @@ struct ModelWeights {
   std::string format;             // e.g. "bfloat16", "int4 (quantized at load)", for logs
 };
 
+// The vision tower of a multimodal checkpoint (vision_model.* and multi_modal_projector.*):
+// matrices packed for the CPU products as stored (never quantized), vectors bound to the mapping.
+struct VisionLayerWeights {
+  VectorRef ln1_w, ln1_b, ln2_w, ln2_b;  // input_layernorm, post_attention_layernorm
+  MatrixRef q, k, v, o, fc1, fc2;
+  VectorRef q_b, k_b, v_b, o_b, fc1_b, fc2_b;
+};
+
+struct VisionWeights {
+  MatrixRef patch_embedding;     // [hidden, channels * patch^2], no bias
+  VectorRef class_embedding;     // [hidden]
+  VectorRef position_embedding;  // [grid^2 + 1, hidden], the CLS row last
+  VectorRef pre_w, pre_b, post_w, post_b;
+  std::vector<VisionLayerWeights> layers;
+  MatrixRef adapter_fc1, adapter_fc2;  // [projector, intermediate], [projector, projector]
+  MatrixRef projector;                 // [text hidden, projector]
+  std::vector<std::shared_ptr<const SafetensorsFile>> files;  // keeps the mappings alive
+  kernels::PackedStorage packed;
+  int64_t bytes = 0;
+};
+
+// Binds and packs the vision tower's tensors. Throws MissingTensorError, ShapeError or DTypeError
+// naming the tensor and its file.
+VisionWeights load_vision_weights(const Checkpoint& checkpoint, const ModelConfig& config);
+
+// The tensor `name` of `shape` in a float dtype the kernels read (F32, BF16, F16), its dtype in
+// *dtype; ShapeError or DTypeError naming the tensor and its file otherwise (`hint` ends the
+// latter's message).
+const void* float_tensor(const Checkpoint& checkpoint, const std::string& name, const std::vector<int64_t>& shape,
+                         DType* dtype, const std::string& hint = "");
+
 // Weight quantization at load, for 16/32-bit checkpoints:
 //   "" or "none": as stored;
 //   "int8": every linear (attention, MLPs, experts, lm_head) int8 with one scale per output row;
@@ -48,6 +79,7 @@ struct ModelWeights {
 // quantized_checkpoint.h) load as published and take no quantization here.
 struct LoadOptions {
   std::string quantization;
+  bool vision = true;  // load the vision encoder of a multimodal checkpoint
 };
 
 // Binds every text-model tensor (Llama4ForCausalLM names, or Llama4ForConditionalGeneration's

@@ -32,5 +32,12 @@ void paged_attention(const Stream& stream, float* out, const float* q, int64_t h
 void attn_temperature_scale(const Stream& stream, float* q, int64_t ld, int64_t rows, int64_t width,
                             const int32_t* positions, float attn_scale, float floor_scale);
 
+// Attention without a mask or a cache (the vision encoder's): `seqs` sequences of `len` rows each;
+// out[r, h, :] = sum_j softmax_j(q[r, h, :] . k[j, h, :] * scale) v[j, h, :] over every row j of
+// r's sequence. q, k and v are [seqs * len, heads * head_dim] with rows ld floats apart; out is
+// dense [seqs * len, heads * head_dim]. float32, exact softmax.
+void attention_dense(const Stream& stream, float* out, const float* q, const float* k, const float* v, int64_t ld,
+                     int64_t seqs, int64_t len, int64_t heads, int64_t head_dim, float scale);
+
 }  // namespace kernels
 }  // namespace corral

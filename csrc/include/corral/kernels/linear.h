@@ -114,5 +114,11 @@ enum class Activations : uint8_t { Native, Float32 };
 void linear(const Stream& stream, float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows,
             const MatrixRef& w, bool accumulate = false, Activations act = Activations::Native);
 
+// y[r, 0:n] += src[r % src_rows, 0:n] for r < rows (y rows ldy floats apart; src [src_rows, n]
+// of `dtype`): a bias when src_rows is 1, a table of position embeddings when it is the rows of
+// one sequence.
+void add_rows(const Stream& stream, float* y, int64_t ldy, int64_t rows, const void* src, DType dtype, int64_t n,
+              int64_t src_rows);
+
 }  // namespace kernels
 }  // namespace corral

@@ -28,5 +28,12 @@ void rope_inv_freq(float* inv_freq, int64_t head_dim, const RopeParams& params);
 void rope_interleaved(const Stream& stream, float* x, int64_t ld, int64_t tokens, int64_t heads,
                       int64_t head_dim, const int32_t* positions, const float* inv_freq);
 
+// The vision encoder's 2-D RoPE: in place, for each token t and head h of x[t, h * head_dim ...]
+// (rows ld floats apart), pair i < head_dim / 4 rotates by float(pos_x[t]) * inv_freq[i] and
+// pair head_dim / 4 + i by float(pos_y[t]) * inv_freq[i] (inv_freq: head_dim / 4 entries;
+// head_dim a multiple of 4). Position 0 leaves a pair as it is.
+void rope_2d(const Stream& stream, float* x, int64_t ld, int64_t tokens, int64_t heads, int64_t head_dim,
+             const int32_t* pos_x, const int32_t* pos_y, const float* inv_freq);
+
 }  // namespace kernels
 }  // namespace corral
