@@ -87,6 +87,7 @@ EngineCore::EngineCore(const std::string& model_dir, const EngineOptions& option
   if (options_.max_num_batched_tokens < 1) throw InvalidInputError("max_num_batched_tokens must be >= 1");
   if (options_.max_model_len < 0) throw InvalidInputError("max_model_len must be >= 0");
   if (!(options_.kv_watermark >= 0 && options_.kv_watermark < 1)) throw InvalidInputError("kv_watermark must be in [0, 1)");
+  if (options_.max_images_per_prompt < -1) throw InvalidInputError("max_images_per_prompt must be >= -1 (-1: any number)");
   use_threads();
   if (options_.dtype != "auto" && options_.dtype != "float32")
     throw InvalidInputError("dtype '" + options_.dtype + "' is not supported (auto, float32)");
@@ -94,7 +95,6 @@ EngineCore::EngineCore(const std::string& model_dir, const EngineOptions& option
       model_dir, options_.dtype == "float32" ? kernels::Activations::Float32 : kernels::Activations::Native,
       LoadOptions{options_.quantization, options_.max_images_per_prompt != 0});
   const ModelConfig& c = model_->config();
-  if (options_.max_images_per_prompt < -1) throw InvalidInputError("max_images_per_prompt must be >= -1 (-1: any number)");
   if (model_->vision()) {
     const VisionConfig& v = model_->vision()->config();
     vision_ = VisionInfo{v.hidden_size, v.image_size, v.patch_size, v.num_channels, v.tokens_per_tile(), v.image_token_id};
@@ -692,7 +692,7 @@ EngineStats EngineCore::stats() const {
   s.kv_local_blocks_used = kv.pages_used_local;
   s.prefix_cache_hit_tokens = kv.prefix_hit_tokens;
   s.kv_block_size = layout.block_size;
-  s.weight_bytes = model_->weights().bytes;
+  s.weight_bytes = model_->weights().bytes + (model_->vision() ? model_->vision()->bytes() : 0);
   s.weight_format = model_->weights().format;
   s.kv_block_bytes = layout.page_bytes;
   s.kv_bytes_per_token = layout.bytes_per_token();

@@ -175,3 +175,91 @@ def test_sixteen_tiles_and_many_images(tmp_path):
     got = llm.logits({"prompt": text, "multi_modal_data": {"image": images}})
     want = tv.reference(ref, ids, np.concatenate(pixels))
     assert np.abs(got - want).max() / np.abs(want).max() <= 1e-4
+
+
+def test_cli_generate_and_chat_with_images(model, llm, tmp_path):
+    from test_cli import corral_cli
+
+    path, _ = model
+    a, b = pil(70, 120, 13), pil(30, 40, 14)
+    a.save(tmp_path / "a.png")
+    b.save(tmp_path / "b.jpg", quality=95)
+    flags = ("--max-tokens", 6, "--ignore-eos", "--dtype", "float32", "--kv-cache-dtype", "float32", "--quiet")
+    r = corral_cli("generate", path, "Compare <|image|> with <|image|>", "--image", tmp_path / "a.png",
+                   "--image", tmp_path / "b.jpg", *flags)
+    assert r.returncode == 0, r.stderr
+    params = corral.SamplingParams(max_tokens=6, ignore_eos=True)
+    want = llm.generate({"prompt": "Compare <|image|> with <|image|>",
+                         "multi_modal_data": {"image": [str(tmp_path / "a.png"), str(tmp_path / "b.jpg")]}},
+                        params)[0].outputs[0].text
+    assert r.stdout == want + "\n"
+    # chat: --image goes with the first turn, /image with the next one.
+    r = corral_cli("chat", path, "--image", tmp_path / "a.png", *flags,
+                   stdin=f"what is it\n/image {tmp_path / 'b.jpg'}\nand this\n/image {tmp_path / 'nope.png'}\n")
+    assert r.returncode == 0, r.stderr
+    history = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": (tmp_path / "a.png").as_uri()}},
+                                            {"type": "text", "text": "what is it"}]}]
+    first = llm.chat(history, params)[0].outputs[0].text
+    history += [{"role": "assistant", "content": first},
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": (tmp_path / "b.jpg").as_uri()}},
+                                             {"type": "text", "text": "and this"}]}]
+    second = llm.chat(history, params)[0].outputs[0].text
+    assert r.stdout == first + "\n" + second + "\n" + f"no such file: {tmp_path / 'nope.png'}\n"
+    # A bad image file is one line of error, exit status 1.
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    r = corral_cli("generate", path, "x", "--image", tmp_path / "bad.png", *flags)
+    assert r.returncode == 1 and "bad.png" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_server_chat_with_image_parts(model, llm, tmp_path):
+    """corral serve takes OpenAI image_url parts (data: URLs; file:// only under
+    --allowed-local-media-path) and answers as LLM.chat does; bad images are 400s."""
+    import httpx
+    import openai
+    from server_process import ServerProcess
+
+    path, _ = model
+    a, b = pil(70, 120, 15), pil(30, 40, 16)
+    (tmp_path / "media").mkdir()
+    b.save(tmp_path / "media" / "b.png")
+    server = ServerProcess(str(path), "--dtype", "float32", "--kv-cache-dtype", "float32", "--quiet",
+                           "--allowed-local-media-path", str(tmp_path / "media"))
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+        content = [{"type": "text", "text": "Compare"}, {"type": "image_url", "image_url": {"url": data_url(a)}},
+                   {"type": "image_url", "image_url": {"url": (tmp_path / "media" / "b.png").as_uri()}}]
+        reply = client.chat.completions.create(model=str(path), messages=[{"role": "user", "content": content}],
+                                               max_tokens=6, temperature=0)
+        want = llm.chat([{"role": "user", "content": content}], corral.SamplingParams(max_tokens=6))[0]
+        assert reply.choices[0].message.content == want.outputs[0].text
+        assert reply.usage.prompt_tokens == len(want.prompt_token_ids)
+        # Streaming: the same text.
+        stream = client.chat.completions.create(model=str(path), messages=[{"role": "user", "content": content}],
+                                                max_tokens=6, temperature=0, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want.outputs[0].text
+
+        def status(url):
+            body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}],
+                    "max_tokens": 2}
+            r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+            return r.status_code, r.json().get("error", {}).get("message", "")
+
+        (tmp_path / "secret.png").write_bytes((tmp_path / "media" / "b.png").read_bytes())
+        code, message = status((tmp_path / "secret.png").as_uri())
+        assert code == 400 and "must lie under" in message
+        code, message = status("data:image/png;base64,bm90IGFuIGltYWdl")
+        assert code == 400 and "image" in message
+        code, message = status("ftp://example.com/a.png")
+        assert code == 400 and "scheme" in message
+        assert httpx.get(server.url + "/health").status_code == 200
+    finally:
+        server.stop()
+    # Without the flag, file:// URLs are refused.
+    server = ServerProcess(str(path), "--quiet")
+    try:
+        body = {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": (tmp_path / "media" / "b.png").as_uri()}}]}], "max_tokens": 2}
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 400 and "--allowed-local-media-path" in r.json()["error"]["message"]
+    finally:
+        server.stop()

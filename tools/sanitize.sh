@@ -21,6 +21,7 @@ ctest --test-dir "$CORRAL_SANITIZE_DIR/build" --output-on-failure || status=1
 # process that it ends.
 corral_sanitized python -m pytest -q -p no:cacheprovider --capture=sys \
   tests/test_checkpoint.py tests/test_block_manager.py tests/test_kv_cache.py \
-  tests/test_kernels.py tests/test_engine.py tests/test_async_engine.py tests/test_async_llm.py tests/test_model.py "$@" || status=1
+  tests/test_kernels.py tests/test_engine.py tests/test_async_engine.py tests/test_async_llm.py tests/test_model.py \
+  tests/test_vision.py tests/test_vision_kernels.py "$@" || status=1
 
 exit $status

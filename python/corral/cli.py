@@ -28,6 +28,7 @@ import numpy as np
 
 from corral import _core
 from corral.llm import LLM, demo_model_path
+from corral.multimodal import PLACEHOLDER
 from corral.perplexity import perplexity
 from corral.sampling_params import SamplingParams
 from corral.tokenizer import has_tokenizer
@@ -90,6 +91,8 @@ def _common_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-num-batched-tokens", type=int, default=8192, help="tokens in one step")
     e.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     e.add_argument("--no-prefix-caching", action="store_true", help="do not reuse the KV cache of earlier prompts")
+    e.add_argument("--max-images-per-prompt", type=int, metavar="N",
+                   help="images one prompt may carry (default: any; 0: do not load the vision encoder)")
     return p
 
 
@@ -125,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", metavar="PROMPT", help="the text to complete ('-': read it from stdin)")
     g.add_argument("--chat", action="store_true", help="send PROMPT as a user message through the chat template")
     g.add_argument("--system", help="with --chat: a system message")
+    g.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image file for the prompt (repeatable); PROMPT's <|image|> marks where each goes "
+                   "(without one, the images come first)")
     g.set_defaults(func=_generate)
 
     c = sub.add_parser(
@@ -135,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
         "/reset clears the history; on a terminal, Ctrl-C cancels the answer being written.",
     )
     c.add_argument("--system", help="a system message opening the conversation")
+    c.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image file sent with the first user turn (repeatable); '/image PATH' adds one to the next turn")
     c.set_defaults(func=_chat)
 
     b = sub.add_parser(
@@ -182,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM, seconds requests in flight may take to finish before they are aborted "
                    "(default 30)")
     v.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template to use instead of the model's")
+    v.add_argument("--allowed-local-media-path", metavar="DIR",
+                   help="let clients send file:// image URLs of files below DIR (default: refused)")
     v.add_argument("--max-logprobs", type=int, default=20, metavar="N",
                    help="most top_logprobs (chat) or logprobs (completions) a request may ask for (default 20)")
     v.add_argument("--max-body-bytes", type=_size, default=32 << 20, metavar="SIZE",
@@ -240,6 +250,7 @@ def _load(args, need_tokenizer: bool) -> LLM:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         num_threads=args.threads,
+        max_images_per_prompt=args.max_images_per_prompt,
     )
     show = not args.quiet and sys.stderr.isatty()
     if not show:
@@ -327,9 +338,13 @@ def _generate(args) -> int:
     params = _sampling_params(args, llm)
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-            {"role": "user", "content": prompt}
+            {"role": "user", "content": _user_content(prompt, args.image)}
         ]
         deltas = llm.stream_chat(messages, params)
+    elif args.image:
+        if PLACEHOLDER not in prompt:
+            prompt = PLACEHOLDER * len(args.image) + prompt
+        deltas = llm.stream({"prompt": prompt, "multi_modal_data": {"image": args.image}}, params)
     else:
         deltas = llm.stream(prompt, params)
     for delta in deltas:
@@ -338,11 +353,21 @@ def _generate(args) -> int:
     return 0
 
 
+def _user_content(text: str, images: list[str]) -> str | list[dict]:
+    """A user turn's content: the text, after image parts for the image files if any."""
+    if not images:
+        return text
+    return [{"type": "image_url", "image_url": {"url": Path(i).resolve().as_uri()}} for i in images] + [
+        {"type": "text", "text": text}
+    ]
+
+
 def _chat(args) -> int:
     llm = _load(args, need_tokenizer=True)
     params = _sampling_params(args, llm)
     opening = [{"role": "system", "content": args.system}] if args.system else []
     history = list(opening)
+    images = list(args.image)  # for the next user turn
     interactive = sys.stdin.isatty()
     while True:
         try:
@@ -359,10 +384,19 @@ def _chat(args) -> int:
             return 0
         if command == "/reset":
             history = list(opening)
+            images = []
+            continue
+        if command.startswith("/image "):
+            path = command[len("/image "):].strip()
+            if not Path(path).is_file():
+                _write(f"no such file: {path}\n")
+            else:
+                images.append(path)
             continue
         if not command:
             continue
-        history.append({"role": "user", "content": text})
+        history.append({"role": "user", "content": _user_content(text, images)})
+        images = []
         answer = []
         try:
             for delta in llm.stream_chat(history, params):
@@ -371,8 +405,12 @@ def _chat(args) -> int:
         except KeyboardInterrupt:
             if not interactive:
                 raise
-            history.pop()  # Ctrl-C cancels this answer (and its question), not the chat
+            history.pop()  # Ctrl-C cancels this answer (and its question, images too), not the chat
             _write("\n")
+            continue
+        except _core.InvalidInputError as e:  # e.g. an unreadable image: this turn fails, not the chat
+            history.pop()
+            _write(f"error: {e}\n")
             continue
         _write("\n")
         history.append({"role": "assistant", "content": "".join(answer)})
@@ -456,6 +494,7 @@ def _serve(args) -> int:
         max_num_seqs=args.max_num_seqs,
         max_body_bytes=args.max_body_bytes,
         chat_template=template,
+        allowed_local_media_path=args.allowed_local_media_path,
     )
     log_level = "warning" if args.quiet else "debug" if args.verbose else "info"
     logging.getLogger("corral.server").setLevel(log_level.upper())  # the drain's messages, like uvicorn's

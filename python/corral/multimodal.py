@@ -13,7 +13,6 @@ with K features per tile; the engine puts the image's features at the <|patch|> 
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -138,14 +137,16 @@ class ImagePrompts:
                 )
         return self._config
 
-    def process(self, images: Sequence[Any], what: str) -> list[ProcessedImage]:
-        if not images:
-            return []
-        if not self.enabled:
+    def check_count(self, count: int, what: str) -> None:
+        """InvalidInputError if the model takes no images and there are some."""
+        if count and not self.enabled:
             raise _core.InvalidInputError(
-                f"{what} has {len(images)} images, and this model takes none (no vision encoder, or "
+                f"{what} has {count} images, and this model takes none (no vision encoder, or "
                 "max_images_per_prompt=0)"
             )
+
+    def process(self, images: Sequence[Any], what: str) -> list[ProcessedImage]:
+        self.check_count(len(images), what)
         out = []
         for k, image in enumerate(images):
             try:
@@ -190,8 +191,3 @@ class ImagePrompts:
 
 def pixel_arrays(images: Sequence[ProcessedImage]) -> list[np.ndarray]:
     return [np.ascontiguousarray(i.pixel_values, dtype=np.float32) for i in images]
-
-
-def without_images(conversation: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """A deep copy (for templates that must not see the caller's image objects)."""
-    return copy.deepcopy(list(conversation))

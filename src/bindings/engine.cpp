@@ -74,6 +74,15 @@ std::vector<Prompt> to_prompts(const std::vector<std::vector<int32_t>>& ids, con
   return out;
 }
 
+// add_request(prompt_token_ids, params, images) of an Engine or an AsyncEngine: the prompt made
+// with the GIL, the engine called without it.
+template <class E>
+auto add_request(E& e, std::vector<int32_t> ids, const SamplingParams& params, const Images& images) {
+  const Prompt prompt = to_prompt(std::move(ids), images);
+  py::gil_scoped_release release;
+  return e.add_request(prompt, params);
+}
+
 py::dict vision_dict(const VisionInfo& v) {
   py::dict d;
   d["hidden_size"] = v.hidden_size;
@@ -249,16 +258,12 @@ void register_engine(py::module_& m) {
       .def_property_readonly("max_model_len", &Engine::max_model_len)
       .def_property_readonly("stop_token_ids", &Engine::stop_token_ids)
       .def_property_readonly("default_sampling_params", &Engine::default_sampling_params)
-      // Calls that may wait for another thread's step release the GIL meanwhile.
       // The vision encoder's settings (hidden_size 0: the model takes no images).
       .def_property_readonly("vision", [](const Engine& e) { return vision_dict(e.vision()); })
+      // Calls that may wait for another thread's step release the GIL meanwhile.
       .def(
           "add_request",
-          [](Engine& e, std::vector<int32_t> ids, const SamplingParams& params, const Images& images) {
-            const Prompt prompt = to_prompt(std::move(ids), images);
-            py::gil_scoped_release release;
-            return e.add_request(prompt, params);
-          },
+          &add_request<Engine>,
           py::arg("prompt_token_ids"), py::arg("params"), py::arg("images") = Images{})
       // The vision encoder alone on one image's tiles: [tiles * tokens_per_tile, hidden_size].
       .def(
@@ -331,11 +336,7 @@ void register_engine(py::module_& m) {
       .def_property_readonly("engine", &AsyncEngine::engine, py::return_value_policy::reference_internal)
       .def(
           "add_request",
-          [](AsyncEngine& e, std::vector<int32_t> ids, const SamplingParams& params, const Images& images) {
-            const Prompt prompt = to_prompt(std::move(ids), images);
-            py::gil_scoped_release release;
-            return e.add_request(prompt, params);
-          },
+          &add_request<AsyncEngine>,
           py::arg("prompt_token_ids"), py::arg("params"), py::arg("images") = Images{})
       // images: empty, or one list of images per prompt.
       .def(

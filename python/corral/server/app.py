@@ -56,7 +56,7 @@ def build_app(state: ServerState) -> FastAPI:
             raise bad_request("send either prompt or messages")
         if request.messages is not None:
             tools = [t.model_dump(exclude_none=True) for t in request.tools] if request.tools else None
-            tokens = await chat_prompt(
+            tokens, _ = await chat_prompt(
                 state,
                 request.messages,
                 tools=tools,

@@ -8,35 +8,43 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import jinja2
+import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
 
+from corral import _core
+from corral.multimodal import chat_images, pixel_arrays
 from corral.server import protocol
 from corral.server.errors import bad_request
 from corral.server.generation import Choice, Run
+from corral.server.media import open_image_url
 from corral.server.protocol import ChatCompletionRequest
 from corral.server.sampling import output_constraint, sampling_params
-from corral.server.state import ServerState
+from corral.server.state import OFFLOAD_CHARS, ServerState
 from corral.server.tools import ToolUse, stream_deltas
 from corral.tool_calls import prepare_messages
 
 
 def _message(i: int, message: dict[str, Any]) -> dict[str, Any]:
     """A message as the template takes it: content as a string (text parts joined, as vLLM does
-    for string-content templates)."""
+    for string-content templates), or, when it has images, as its text and {"type": "image"}
+    parts (Llama 4's template renders each image as <|image|> in place)."""
     role = message.get("role")
     if not isinstance(role, str):
         raise bad_request(f"messages[{i}].role must be a string", "messages")
     content = message.get("content")
     if isinstance(content, list):
-        texts = []
+        texts, has_image = [], False
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "image":  # an image part, its image taken out (multimodal.chat_images)
+                has_image = True
+                continue
             if kind != "text" or not isinstance(part.get("text"), str):
-                what = "image input is not supported" if kind in ("image_url", "input_image") else "not a text part"
-                raise bad_request(f"messages[{i}].content: {what}", "messages")
+                raise bad_request(f"messages[{i}].content: not a text or image_url part", "messages")
             texts.append(part["text"])
-        content = "\n".join(texts)
+        if not has_image:
+            content = "\n".join(texts)
     elif content is not None and not isinstance(content, str):
         raise bad_request(f"messages[{i}].content must be a string or a list of parts", "messages")
     return {**message, "content": content}
@@ -50,14 +58,19 @@ async def chat_prompt(
     add_generation_prompt: bool,
     continue_final_message: bool,
     chat_template_kwargs: dict[str, Any] | None,
-) -> list[int]:
-    """The token ids of the rendered conversation (the template writes the BOS itself)."""
+) -> tuple[list[int], list[np.ndarray]]:
+    """The token ids of the rendered conversation (the template writes the BOS itself), each
+    image laid out in them, and the images' pixel arrays."""
     if not messages:
         raise bad_request("messages must not be empty", "messages")
+    try:
+        messages, images = chat_images(messages)
+    except _core.InvalidInputError as e:
+        raise bad_request(str(e), "messages") from None
     conversation = prepare_messages([_message(i, m) for i, m in enumerate(messages)])
     tokenizer = state.tokenizer
 
-    def render() -> list[int]:
+    def render() -> tuple[list[int], list[np.ndarray]]:
         try:
             text = tokenizer.apply_chat_template(
                 conversation,
@@ -69,9 +82,17 @@ async def chat_prompt(
             )
         except (jinja2.TemplateError, ValueError, TypeError) as e:
             raise bad_request(f"the chat template cannot render these messages: {e}", "messages") from None
-        return tokenizer.encode(text, add_special_tokens=False)
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if not images:
+            return ids, []
+        # Decoding and resizing images is slow work: it runs here, on the worker thread.
+        prompts = state.llm._images
+        prompts.check_count(len(images), "messages")  # before any download
+        opened = [open_image_url(url, state.config.allowed_local_media_path) for url in images]
+        processed = prompts.process(opened, "messages")
+        return prompts.expand_ids(ids, processed, "messages"), pixel_arrays(processed)
 
-    size = sum(len(str(m.get("content") or "")) for m in conversation)
+    size = sum(len(str(m.get("content") or "")) for m in conversation) + (OFFLOAD_CHARS if images else 0)
     return await state.prepare(size, render)
 
 
@@ -87,7 +108,7 @@ async def create_chat_completion(state: ServerState, request: ChatCompletionRequ
     run = Run(state)
     try:
         tools = ToolUse(request, _template_text(state, request))
-        prompt = await chat_prompt(
+        prompt, images = await chat_prompt(
             state,
             request.messages,
             tools=tools.template_tools,
@@ -103,7 +124,7 @@ async def create_chat_completion(state: ServerState, request: ChatCompletionRequ
             constraint=tools.constraint or output_constraint(request),
             skip_special_tokens=tools.skip_special_tokens,
         )
-        await run.start([prompt], params)
+        await run.start([prompt], params, [images])
     except BaseException:
         run.close()
         raise

@@ -64,11 +64,12 @@ class Run:
         self.prompt_tokens = 0
         server.runs.add(self)
 
-    async def start(self, prompts: Sequence[list[int]], params: SamplingParams) -> None:
-        """Adds the prompts to the engine. A refused one raises (InvalidInputError,
-        OutOfKVCacheError: a 400) and the ones added before it are aborted by close()."""
-        for ids in prompts:
-            self.handles.append(await self.server.engine.add_request(ids, params))
+    async def start(self, prompts: Sequence[list[int]], params: SamplingParams, images: Sequence[list] | None = None) -> None:
+        """Adds the prompts (with their images' pixel arrays, if any) to the engine. A refused
+        one raises (InvalidInputError, OutOfKVCacheError: a 400) and the ones added before it are
+        aborted by close()."""
+        for i, ids in enumerate(prompts):
+            self.handles.append(await self.server.engine.add_request(ids, params, images=images[i] if images else None))
         self.n = params.n
         self.prompt_tokens = sum(len(ids) for ids in prompts)
         self.server.metrics.prompt_tokens.inc(self.prompt_tokens)

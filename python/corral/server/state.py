@@ -32,6 +32,7 @@ class ServerConfig:
     max_body_bytes: int = 32 << 20
     chat_template: str | None = None  # overrides the model's (template text)
     retry_after_s: int = 1  # the Retry-After of a 429 or 503
+    allowed_local_media_path: str | None = None  # file:// image URLs may name files below it
 
 
 class ServerState:
