@@ -263,3 +263,15 @@ def test_server_chat_with_image_parts(model, llm, tmp_path):
         assert r.status_code == 400 and "--allowed-local-media-path" in r.json()["error"]["message"]
     finally:
         server.stop()
+
+
+def test_expanded_token_ids_need_no_tokenizer(model, llm):
+    path, _ = model
+    image = pil(70, 120, 17)
+    ids, _ = reference_prompt(path, "<|begin_of_text|>see <|image|> now", [image])
+    bare = corral.LLM(path, skip_tokenizer_init=True, dtype="float32", kv_cache_dtype="float32", block_size=4,
+                      num_threads=2)
+    prompt = {"prompt_token_ids": ids, "multi_modal_data": {"image": image}}
+    np.testing.assert_array_equal(bare.logits(prompt), llm.logits(prompt))
+    with pytest.raises(corral.InvalidInputError, match="tokenizer"):  # placeholders need its image tokens
+        bare.logits({"prompt_token_ids": encode(path, "see <|image|>"), "multi_modal_data": {"image": image}})

@@ -83,6 +83,8 @@ class LLM:
         num_threads: CPU threads (default: all cores).
         seed: seed of the samplers of requests that bring none (default 0).
         device: "cpu" (the only device that runs whole models so far).
+        max_images_per_prompt: images one prompt may carry (default: any number; 0: the vision
+            encoder of a multimodal checkpoint is not loaded, and images are refused).
 
     Any number of threads may call one LLM at once: the engine steps on a thread of its own
     (corral::AsyncEngine), and every call's requests join it and advance together in its steps,
@@ -240,9 +242,10 @@ class LLM:
         starts with it), a list of token ids, or a dict {"prompt": text} or {"prompt_token_ids":
         ids}, with images as {"multi_modal_data": {"image": image or list of images}} (PIL images,
         encoded bytes, data: or file:// URLs, paths, uint8 arrays): one <|image|> in the text (or
-        its token id) per image, in order; a single prompt may be passed alone. sampling_params is one SamplingParams for all
-        prompts or a list with one per prompt (default: get_default_sampling_params()). Returns
-        one RequestOutput per prompt, in order, each with SamplingParams.n outputs."""
+        its token id) per image, in order; a single prompt may be passed alone. sampling_params
+        is one SamplingParams for all prompts or a list with one per prompt (default:
+        get_default_sampling_params()). Returns one RequestOutput per prompt, in order, each with
+        SamplingParams.n outputs."""
         prompt_list = _prompt_list(prompts)
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()

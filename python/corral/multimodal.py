@@ -170,7 +170,7 @@ class ImagePrompts:
     def expand_ids(self, ids: list[int], images: Sequence[ProcessedImage], what: str) -> list[int]:
         """Token ids with one <|image|> id per image, each expanded; ids already holding the images'
         <|patch|> tokens are left as they are (the engine checks their count)."""
-        if not images or self.ids.patch in ids:
+        if not images or self.vision["image_token_id"] in ids:  # no tokenizer needed for these
             return ids
         places = [i for i, t in enumerate(ids) if t == self.ids.image]
         if len(places) != len(images):

@@ -127,9 +127,53 @@ void load_from_files() {
   std::filesystem::remove_all(dir);
 }
 
+// A multimodal config: text_config plus `vision` as vision_config (its fields without braces).
+std::string multimodal(const std::string& vision, const std::string& top = "") {
+  return R"({"text_config": {)" + fields() + R"(}, "vision_config": {)" + vision + "}" + top + "}";
+}
+
+const char* kVision = R"("hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "intermediate_size": 256, "image_size": 56, "patch_size": 14, "projector_input_dim": 48,
+    "projector_output_dim": 48, "vision_output_dim": 48)";
+
+// kVision with `field` set to `value` (added if absent).
+std::string vision_with(const std::string& field, const std::string& value) {
+  std::string v = kVision;
+  const size_t at = v.find("\"" + field + "\"");
+  if (at == std::string::npos) return v + ", \"" + field + "\": " + value;
+  const size_t end = v.find_first_of(",", at);
+  return v.substr(0, at) + "\"" + field + "\": " + value + (end == std::string::npos ? "" : v.substr(end));
+}
+
+void vision_config() {
+  CHECK(!parse_config(flat(), "src.json").has_vision());
+  const corral::ModelConfig c = parse_config(multimodal(kVision, R"(, "image_token_index": 60)"), "src.json");
+  CHECK(c.has_vision() && c.vision.head_dim == 16 && c.vision.grid() == 4 && c.vision.shuffle == 2);
+  CHECK(c.vision.tokens_per_tile() == 4 && c.vision.tile_floats() == 3 * 56 * 56 && c.vision.projector_dim == 48);
+  CHECK(c.vision.image_token_id == 60 && c.vision.rope_theta == 10000.f);
+  // An image token outside the vocabulary (the default 200092 here) loads: images are refused later.
+  CHECK(parse_config(multimodal(kVision), "src.json").vision.image_token_id == -1);
+  // pixel_shuffle_ratio 0.25: four by four patches fold into a token 16 times as wide.
+  std::string quarter = vision_with("intermediate_size", "1024");
+  quarter += R"(, "pixel_shuffle_ratio": 0.25)";
+  const corral::ModelConfig q = parse_config(multimodal(quarter), "src.json");
+  CHECK(q.vision.shuffle == 4 && q.vision.tokens_per_tile() == 1);
+}
+
+void vision_config_errors() {
+  check_error(multimodal(vision_with("intermediate_size", "128")), "vision_config.intermediate_size");
+  check_error(multimodal(vision_with("num_attention_heads", "32")), "multiple of 4");  // head_dim 2
+  check_error(multimodal(vision_with("pixel_shuffle_ratio", "0.3")), "vision_config.pixel_shuffle_ratio");
+  check_error(multimodal(vision_with("patch_size", "15")), "vision_config.image_size");
+  check_error(multimodal(vision_with("vision_output_dim", "40")), "vision_config.vision_output_dim");
+  check_error(R"({"text_config": {)" + fields() + R"(}, "vision_config": 5})", "vision_config");
+}
+
 }  // namespace
 
 int main() {
+  vision_config();
+  vision_config_errors();
   valid_flat();
   valid_nested_and_explicit_lists();
   missing_fields();

@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <initializer_list>
 #include <memory>
 #include <string>
 #include <utility>
@@ -66,7 +67,9 @@ struct Prompt {
   std::vector<ImageInput> images;
 
   Prompt() = default;
-  Prompt(std::vector<int32_t> ids) : token_ids(std::move(ids)) {}  // NOLINT: token ids alone are a prompt
+  // Token ids alone are a prompt (implicit: add_request(ids, params), add_request({1, 2, 3}, params)).
+  Prompt(std::vector<int32_t> ids) : token_ids(std::move(ids)) {}  // NOLINT(google-explicit-constructor)
+  Prompt(std::initializer_list<int32_t> ids) : token_ids(ids) {}    // NOLINT(google-explicit-constructor)
   Prompt(std::vector<int32_t> ids, std::vector<ImageInput> imgs) : token_ids(std::move(ids)), images(std::move(imgs)) {}
 };
 
