@@ -139,12 +139,21 @@ def test_text_prompts_need_a_tokenizer(llm):
         (dict(kv_cache_dtype="int4"), "kv_cache_dtype"),
         (dict(max_num_batched_tokens=0), "max_num_batched_tokens"),
         (dict(kv_cache_bytes=16), "cannot hold one KV block"),
-        (dict(device="cuda"), "CPU"),
+        (dict(device="tpu"), "'cpu', 'cuda' or 'cuda:N'"),
     ],
 )
 def test_bad_options(model_path, options, match):
     with pytest.raises(corral.CorralError, match=match):
         corral.LLM(model_path, **options)
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:7"], ids=["default-gpu", "gpu-0", "gpu-7"])
+def test_cuda_device(model_path, device):
+    """Without a usable GPU: DeviceError naming the reason; with one, whole models are not on CUDA
+    yet (NotSupportedError)."""
+    usable = int(device.partition(":")[2] or 0) < corral._core.cuda_device_count()
+    with pytest.raises(corral.NotSupportedError if usable else corral.DeviceError, match=device):
+        corral.LLM(model_path, device=device)
 
 
 def test_unknown_option_is_a_type_error(model_path):

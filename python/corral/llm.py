@@ -111,10 +111,7 @@ class LLM:
         device: str = "cpu",
         max_images_per_prompt: int | None = None,
     ) -> None:
-        if device != "cpu":
-            raise _core.NotSupportedError(
-                f"device={device!r}: whole models run on the CPU so far; the CUDA backend has kernels only"
-            )
+        _check_device(device)
         if kv_cache_dtype not in _KV_DTYPES:
             raise _core.InvalidInputError(f"kv_cache_dtype={kv_cache_dtype!r} is not one of {_KV_DTYPES}")
         if dtype not in ("auto", "float32"):
@@ -547,6 +544,22 @@ def _prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     if prompts and isinstance(prompts[0], (int, np.integer)):
         return [prompts]
     return prompts
+
+
+def _check_device(device: str) -> None:
+    """DeviceError when `device` names a GPU this process cannot use (the reason: no CUDA backend
+    in this build, the driver's message, no such device); NotSupportedError for a usable GPU,
+    since whole models run on the CPU so far."""
+    if device == "cpu":
+        return
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise _core.InvalidInputError(f"device={device!r} is not 'cpu', 'cuda' or 'cuda:N'")
+    count = _core.cuda_device_count()
+    if int(index or 0) >= count:
+        reason = _core.cuda_status() if count == 0 else f"this machine has {count} CUDA devices"
+        raise _core.DeviceError(f"device={device!r}: no such CUDA device ({reason})")
+    raise _core.NotSupportedError(f"device={device!r}: whole models run on the CPU so far; the CUDA backend has kernels only")
 
 
 def _read_generation_config(folder: Path) -> dict:
