@@ -66,24 +66,26 @@ void rms_norm(const Stream& s, void* y, const void* x, DType act, const void* w,
 
 void silu_mul(const Stream& s, float* out, int64_t ld_out, const float* gate, const float* up,
               int64_t ld_in, int64_t rows, int64_t n) {
-  require_cpu(s, "silu_mul");
+  CORRAL_ON_CUDA(s, silu_mul, out, ld_out, gate, up, ld_in, rows, n);
   cpu::silu_mul(out, ld_out, gate, up, ld_in, rows, n);
 }
 
 void rope_interleaved(const Stream& s, float* x, int64_t ld, int64_t tokens, int64_t heads,
                       int64_t head_dim, const int32_t* positions, const float* inv_freq) {
-  require_cpu(s, "rope_interleaved");
+  CORRAL_ON_CUDA(s, rope_interleaved, x, ld, tokens, heads, head_dim, positions, inv_freq);
   cpu::rope_interleaved(x, ld, tokens, heads, head_dim, positions, inv_freq);
 }
 
 void embedding(const Stream& s, float* out, const void* table, DType dtype, int64_t vocab,
                int64_t dim, const int32_t* ids, int64_t tokens) {
-  require_cpu(s, "embedding");
+  // On CUDA the ids are device memory: an id outside [0, vocab) cannot throw there; its row is
+  // written as zeros (nothing outside the table is read). Callers validate ids on the host first.
+  CORRAL_ON_CUDA(s, embedding, out, table, dtype, vocab, dim, ids, tokens);
   cpu::embedding(out, table, dtype, vocab, dim, ids, tokens);
 }
 
 void argmax(const Stream& s, int32_t* out, const float* logits, int64_t rows, int64_t vocab) {
-  require_cpu(s, "argmax");
+  CORRAL_ON_CUDA(s, argmax, out, logits, rows, vocab);
   cpu::argmax(out, logits, rows, vocab);
 }
 
@@ -113,7 +115,7 @@ void kv_cache_write(const Stream& s, const PagedKv& cache, const float* k, const
 
 void kv_cache_copy_pages(const Stream& s, void* pool, int64_t page_bytes, const int32_t* src,
                          const int32_t* dst, int64_t count) {
-  require_cpu(s, "kv_cache_copy_pages");
+  CORRAL_ON_CUDA(s, kv_cache_copy_pages, pool, page_bytes, src, dst, count);
   cpu::kv_cache_copy_pages(pool, page_bytes, src, dst, count);
 }
 

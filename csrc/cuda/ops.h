@@ -41,6 +41,20 @@ void unfold_patches(void* stream, float* out, const float* pixels, int64_t tiles
 void pixel_shuffle(void* stream, float* out, const float* x, int64_t tiles, int64_t tile_rows, int64_t grid,
                    int64_t dim, int64_t s);
 
+// The text model's element-wise ops (csrc/cuda/elementwise.cu) and argmax (csrc/cuda/sampling.cu);
+// every pointer is a device pointer. embedding cannot throw for an id outside [0, vocab) (the ids
+// are on the device): it writes that token's row as zeros, reading nothing outside the table
+// (callers validate ids beforehand, as the CPU's InvalidInputError contract asks).
+void embedding(void* stream, float* out, const void* table, DType dtype, int64_t vocab, int64_t dim,
+               const int32_t* ids, int64_t tokens);
+void rope_interleaved(void* stream, float* x, int64_t ld, int64_t tokens, int64_t heads, int64_t head_dim,
+                      const int32_t* positions, const float* inv_freq);
+void silu_mul(void* stream, float* out, int64_t ld_out, const float* gate, const float* up, int64_t ld_in,
+              int64_t rows, int64_t n);
+void kv_cache_copy_pages(void* stream, void* pool, int64_t page_bytes, const int32_t* src, const int32_t* dst,
+                         int64_t count);
+void argmax(void* stream, int32_t* out, const float* logits, int64_t rows, int64_t vocab);
+
 void moe(void* stream, float* out, const float* x, int64_t tokens, const MoeWeights& w, int top_k,
          int64_t* expert_tokens);
 

@@ -16,43 +16,13 @@
 #include "check.h"
 #include "convert.cuh"
 #include "corral/error.h"
+#include "launch.cuh"
 #include "ops.h"
+#include "rope.cuh"
 
 namespace corral::cuda {
 
 namespace {
-
-constexpr int64_t kMaxBlocks = int64_t(1) << 20;  // grid-stride loops cover the rest
-constexpr int64_t kMaxBlocksY = 65535;            // gridDim.y's limit
-
-unsigned blocks_for(int64_t items) { return unsigned(std::min(std::max<int64_t>(items, 1), kMaxBlocks)); }
-
-// A grid for `rows` x `cols` element-wise work: blockIdx.y walks rows, blockIdx.x column blocks.
-dim3 rows_cols_grid(int64_t rows, int64_t cols, int threads) {
-  const int64_t x = std::min<int64_t>((cols + threads - 1) / threads, 1024);
-  const int64_t y = std::min(rows, kMaxBlocksY);
-  return dim3(unsigned(std::max<int64_t>(x, 1)), unsigned(std::max<int64_t>(y, 1)));
-}
-
-int threads_for_row(int64_t n) { return n >= 4096 ? 1024 : n >= 1024 ? 256 : n >= 256 ? 128 : 32; }
-
-template <class T>
-struct Tag {
-  using type = T;
-};
-
-// Calls fn(Tag<T>{}) with the CUDA element type of a float dtype; DTypeError for any other.
-template <class Fn>
-void with_float_type(DType t, const char* what, Fn&& fn) {
-  switch (t) {
-    case DType::F32: return fn(Tag<float>{});
-    case DType::BF16: return fn(Tag<__nv_bfloat16>{});
-    case DType::F16: return fn(Tag<__half>{});
-    default:
-      throw DTypeError(std::string(what) + ": dtype " + dtype_name(t) +
-                       " is not supported on CUDA (float32, bfloat16 and float16 are)");
-  }
-}
 
 // Lets `kernel` take `smem` bytes of dynamic shared memory (beyond 48 KB: the device's opt-in).
 template <class K>
@@ -129,42 +99,6 @@ __global__ void add_rows_kernel(float* y, int64_t ldy, int64_t rows, const T* sr
     const T* s = src + (r % src_rows) * n;
     for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
       yr[i] = __fadd_rn(yr[i], to_f32(s[i]));
-  }
-}
-
-// ---- 2-D RoPE ------------------------------------------------------------------------------------
-
-constexpr int kRopeThreads = 128;
-constexpr int kRopePairs = 256;  // pairs whose cos / sin are held at once
-
-// A block per token: cos / sin of kRopePairs pairs' angles (fp32 angle, accurate sincosf), then
-// those pairs of every head rotated.
-__global__ void __launch_bounds__(kRopeThreads)
-    rope_2d_kernel(float* x, int64_t ld, int64_t tokens, int64_t heads, int64_t head_dim, const int32_t* pos_x,
-                   const int32_t* pos_y, const float* inv_freq) {
-  __shared__ float cs[kRopePairs], sn[kRopePairs];
-  const int64_t quarter = head_dim / 4, half = head_dim / 2;
-  for (int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
-    const float px = float(pos_x[t]), py = float(pos_y[t]);
-    float* xt = x + t * ld;
-    for (int64_t j0 = 0; j0 < half; j0 += kRopePairs) {
-      const int m = int(std::min<int64_t>(kRopePairs, half - j0));
-      __syncthreads();  // the previous chunk's readers are done
-      for (int j = threadIdx.x; j < m; j += blockDim.x) {
-        const int64_t i = j0 + j;
-        const float angle = i < quarter ? __fmul_rn(px, inv_freq[i]) : __fmul_rn(py, inv_freq[i - quarter]);
-        sincosf(angle, &sn[j], &cs[j]);
-      }
-      __syncthreads();
-      for (int64_t k = threadIdx.x; k < heads * m; k += blockDim.x) {
-        const int64_t h = k / m;
-        const int j = int(k - h * m);
-        float* p = xt + h * head_dim + 2 * (j0 + j);
-        const float a = p[0], b = p[1], c = cs[j], s = sn[j];
-        p[0] = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
-        p[1] = __fadd_rn(__fmul_rn(a, s), __fmul_rn(b, c));
-      }
-    }
   }
 }
 
@@ -393,9 +327,8 @@ void rope_2d(void* stream, float* x, int64_t ld, int64_t tokens, int64_t heads, 
     throw ShapeError("rope_2d: head_dim must be a multiple of 4, got " + std::to_string(head_dim));
   if (tokens <= 0 || heads <= 0 || head_dim <= 0) return;
   if (!x || !pos_x || !pos_y || !inv_freq) throw InvalidInputError("rope_2d: a pointer is null");
-  rope_2d_kernel<<<blocks_for(tokens), kRopeThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-      x, ld, tokens, heads, head_dim, pos_x, pos_y, inv_freq);
-  CORRAL_CUDA_CHECK_LAUNCH();
+  rope::launch(static_cast<cudaStream_t>(stream), x, ld, tokens, heads, head_dim,
+               rope::Angles2d{pos_x, pos_y, inv_freq, head_dim / 4});
 }
 
 void attention_dense(void* stream, float* out, const float* q, const float* k, const float* v, int64_t ld,

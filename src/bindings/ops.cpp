@@ -732,15 +732,21 @@ void register_ops(py::module_& m) {
 
   m.def(
       "silu_mul",
-      [](F32 gate, F32 up) {
+      [](F32 gate, F32 up, const std::string& device) {
         expect(gate.ndim() == 2 && up.ndim() == 2 && gate.shape(0) == up.shape(0) && gate.shape(1) == up.shape(1),
                "gate and up must be 2-D of one shape, got " + shape_of(gate) + " and " + shape_of(up));
-        F32 out({gate.shape(0), gate.shape(1)});
-        kernels::silu_mul(kCpu, out.mutable_data(), gate.shape(1), gate.data(), up.data(), gate.shape(1), gate.shape(0),
-                          gate.shape(1));
+        const int64_t rows = gate.shape(0), n = gate.shape(1);
+        F32 out({rows, n});
+        OnDevice d(device);
+        const float* dg = d.put<const float>(gate.data(), nbytes(gate));
+        const float* du = d.put<const float>(up.data(), nbytes(up));
+        float* dout = d.put<float>(nullptr, nbytes(out));
+        kernels::silu_mul(d.stream(), dout, n, dg, du, n, rows, n);
+        d.get(out.mutable_data(), dout, nbytes(out));
         return out;
       },
-      py::arg("gate"), py::arg("up"));
+      "silu_mul(gate, up, *, device='cpu') -> silu(gate) * up element-wise (gate, up: (rows, n)).", py::arg("gate"),
+      py::arg("up"), py::kw_only(), py::arg("device") = "cpu");
 
   m.def(
       "rope_inv_freq",
@@ -766,30 +772,53 @@ void register_ops(py::module_& m) {
 
   m.def(
       "rope_interleaved",
-      [](F32 x, I32 positions, F32 inv_freq) {
+      [](F32 x, I32 positions, F32 inv_freq, const std::string& device) {
         expect(x.ndim() == 3, "x must be (tokens, heads, head_dim), got " + shape_of(x));
         const int64_t T = x.shape(0), heads = x.shape(1), d = x.shape(2);
         expect(positions.ndim() == 1 && positions.shape(0) == T, "positions must be (" + std::to_string(T) + ",)");
         expect(inv_freq.ndim() == 1 && inv_freq.shape(0) == d / 2 && d % 2 == 0,
                "inv_freq must be (" + std::to_string(d / 2) + ",) for an even head_dim");
         F32 out({T, heads, d});
-        std::copy(x.data(), x.data() + T * heads * d, out.mutable_data());
-        kernels::rope_interleaved(kCpu, out.mutable_data(), heads * d, T, heads, d, positions.data(), inv_freq.data());
+        OnDevice dev(device);
+        float* dx = dev.put<float>(x.data(), nbytes(x));
+        const int32_t* dp = dev.put<const int32_t>(positions.data(), nbytes(positions));
+        const float* df = dev.put<const float>(inv_freq.data(), nbytes(inv_freq));
+        kernels::rope_interleaved(dev.stream(), dx, heads * d, T, heads, d, dp, df);
+        dev.get(out.mutable_data(), dx, nbytes(out));
         return out;
       },
-      py::arg("x"), py::arg("positions"), py::arg("inv_freq"));
+      "rope_interleaved(x, positions, inv_freq, *, device='cpu') -> y: x (tokens, heads, head_dim) with pairs\n"
+      "(2i, 2i+1) rotated by float(positions[t]) * inv_freq[i].",
+      py::arg("x"), py::arg("positions"), py::arg("inv_freq"), py::kw_only(), py::arg("device") = "cpu");
 
   m.def(
       "embedding",
-      [](const py::array& table, const py::array& id_array, const std::string& dtype) {
+      [](const py::array& table, const py::array& id_array, const std::string& dtype, const std::string& device,
+         bool check_ids) {
         const I32 ids = token_ids(id_array, "ids");
         const Typed t = typed(table, dtype, "table");
         expect(t.array.ndim() == 2, "table must be 2-D, got shape " + shape_of(t.array));
-        F32 out({ids.shape(0), py::ssize_t(t.dim(1))});
-        kernels::embedding(kCpu, out.mutable_data(), t.data(), t.dtype, t.dim(0), t.dim(1), ids.data(), ids.shape(0));
+        const int64_t vocab = t.dim(0), dim = t.dim(1), tokens = ids.shape(0);
+        F32 out({py::ssize_t(tokens), py::ssize_t(dim)});
+        OnDevice d(device);
+        // The CUDA kernel cannot throw for an id outside the vocabulary (it writes zeros): the
+        // ids are checked here, on the host, with the CPU kernel's message.
+        if (check_ids && parse_device(device).type != DeviceType::CPU)
+          for (int64_t i = 0; i < tokens; ++i)
+            if (ids.data()[i] < 0 || ids.data()[i] >= vocab)
+              throw InvalidInputError("token id " + std::to_string(ids.data()[i]) + " at index " + std::to_string(i) +
+                                      " is outside the vocabulary [0, " + std::to_string(vocab) + ")");
+        const void* dt = d.put(t.data(), nbytes(t.array));
+        const int32_t* di = d.put<const int32_t>(ids.data(), nbytes(ids));
+        float* dout = d.put<float>(nullptr, nbytes(out));
+        kernels::embedding(d.stream(), dout, dt, t.dtype, vocab, dim, di, tokens);
+        d.get(out.mutable_data(), dout, nbytes(out));
         return out;
       },
-      py::arg("table"), py::arg("ids"), py::arg("dtype") = "float32");
+      "embedding(table, ids, dtype='float32', *, device='cpu', check_ids=True) -> float32 rows table[ids].\n"
+      "An id outside [0, vocab) raises InvalidInputError; on CUDA with check_ids=False it gives a row of zeros.",
+      py::arg("table"), py::arg("ids"), py::arg("dtype") = "float32", py::kw_only(), py::arg("device") = "cpu",
+      py::arg("check_ids") = true);
 
   m.def(
       "to_fp8_e4m3",
@@ -814,13 +843,44 @@ void register_ops(py::module_& m) {
 
   m.def(
       "argmax",
-      [](F32 logits) {
+      [](F32 logits, const std::string& device) {
         expect(logits.ndim() == 2, "logits must be 2-D, got " + shape_of(logits));
         I32 out({logits.shape(0)});
-        kernels::argmax(kCpu, out.mutable_data(), logits.data(), logits.shape(0), logits.shape(1));
+        OnDevice d(device);
+        const float* dl = d.put<const float>(logits.data(), nbytes(logits));
+        int32_t* dout = d.put<int32_t>(nullptr, nbytes(out));
+        kernels::argmax(d.stream(), dout, dl, logits.shape(0), logits.shape(1));
+        d.get(out.mutable_data(), dout, nbytes(out));
         return out;
       },
-      py::arg("logits"));
+      "argmax(logits, *, device='cpu') -> int32 index of each row's largest logit (the lowest among ties).",
+      py::arg("logits"), py::kw_only(), py::arg("device") = "cpu");
+
+  m.def(
+      "kv_cache_copy_pages",
+      [](const py::array& pool, int64_t page_bytes, I32 src, I32 dst, const std::string& device) {
+        expect(pool.flags() & py::array::c_style, "pool must be C-contiguous");
+        expect(page_bytes > 0, "page_bytes must be positive, got " + std::to_string(page_bytes));
+        const int64_t bytes = int64_t(pool.nbytes()), pages = bytes / page_bytes;
+        expect(src.ndim() == 1 && dst.ndim() == 1 && src.shape(0) == dst.shape(0),
+               "src and dst must be 1-D of one length, got " + shape_of(src) + " and " + shape_of(dst));
+        const int64_t count = src.shape(0);
+        for (int64_t i = 0; i < count; ++i)
+          if (src.data()[i] < 0 || src.data()[i] >= pages || dst.data()[i] < 0 || dst.data()[i] >= pages)
+            throw InvalidInputError("page pair " + std::to_string(i) + " is outside the pool's " + std::to_string(pages) +
+                                    " pages");
+        py::array out(pool.dtype(), std::vector<py::ssize_t>(pool.shape(), pool.shape() + pool.ndim()));
+        OnDevice d(device);
+        void* dp = d.put(pool.data(), size_t(bytes));
+        const int32_t* ds = d.put<const int32_t>(src.data(), nbytes(src));
+        const int32_t* dd = d.put<const int32_t>(dst.data(), nbytes(dst));
+        kernels::kv_cache_copy_pages(d.stream(), dp, page_bytes, ds, dd, count);
+        d.get(out.mutable_data(), dp, size_t(bytes));
+        return out;
+      },
+      "kv_cache_copy_pages(pool, page_bytes, src, dst, *, device='cpu') -> a copy of pool (any C-contiguous array,\n"
+      "taken as bytes) with page src[i] copied to page dst[i].",
+      py::arg("pool"), py::arg("page_bytes"), py::arg("src"), py::arg("dst"), py::kw_only(), py::arg("device") = "cpu");
 
   m.def(
       "sample",
