@@ -97,13 +97,16 @@ void sample(const Stream& s, int32_t* out, const float* logits, int64_t rows, in
 
 void apply_penalties(const Stream& s, float* logits, int64_t rows, int64_t vocab, const int64_t* offsets,
                      const int32_t* token_ids, const int32_t* output_counts, const PenaltyRow* penalties) {
-  require_cpu(s, "apply_penalties");
+  CORRAL_ON_CUDA(s, apply_penalties, logits, rows, vocab, offsets, token_ids, output_counts, penalties);
   cpu::apply_penalties(logits, rows, vocab, offsets, token_ids, output_counts, penalties);
 }
 
 void logprobs(const Stream& s, const float* logits, int64_t rows, int64_t vocab, const int32_t* chosen,
               float* chosen_logprob, int64_t top_n, int32_t* top_ids, float* top_logprobs) {
-  require_cpu(s, "logprobs");
+  if (rows > 0 && (vocab < 1 || top_n < 0 || top_n > vocab))
+    throw InvalidInputError("logprobs: top_n " + std::to_string(top_n) + " must be in [0, vocab = " +
+                            std::to_string(vocab) + "]");
+  CORRAL_ON_CUDA(s, logprobs, logits, rows, vocab, chosen, chosen_logprob, top_n, top_ids, top_logprobs);
   cpu::logprobs(logits, rows, vocab, chosen, chosen_logprob, top_n, top_ids, top_logprobs);
 }
 

@@ -1,5 +1,6 @@
 """The text model's element-wise kernels (embedding, rope_interleaved, silu_mul, kv_cache_copy_pages,
-argmax) against independent float64 numpy references.
+argmax) and the sampling side's apply_penalties and logprobs against independent float64 numpy
+references.
 
 Every test body runs on the CPU and, with the `cuda` marker, on a GPU (tools/gpu_check.sh runs
 `pytest -m cuda`; elsewhere those cases are reported as skipped). 16-bit tables are compared with a
@@ -219,3 +220,210 @@ def test_argmax_many_rows(device, rng):
 @pytest.mark.parametrize("device", DEVICES)
 def test_argmax_no_rows(device):
     assert ops.argmax(np.zeros((0, 5), np.float32), device=device).shape == (0,)
+
+
+# ---- apply_penalties ---------------------------------------------------------------------------------
+
+
+def penalty_lists(rng, rows, vocab, max_prompt, max_output):
+    """Per row: prompt and output token lists, and the op's (offsets, distinct ids, output counts)."""
+    prompts = [rng.integers(0, vocab, rng.integers(0, max_prompt + 1)) for _ in range(rows)]
+    outputs = [rng.integers(0, vocab, rng.integers(0, max_output + 1)) for _ in range(rows)]
+    return penalty_lists_from(prompts, outputs)
+
+
+def penalty_lists_from(prompts, outputs):
+    offsets, ids, counts = [0], [], []
+    for prompt, output in zip(prompts, outputs):
+        seen = np.union1d(prompt, output).astype(np.int64)
+        ids += list(seen)
+        counts += [int(np.sum(output == t)) for t in seen]
+        offsets.append(len(ids))
+    return prompts, outputs, np.array(offsets, np.int64), np.array(ids, np.int64), np.array(counts, np.int32)
+
+
+def penalties_ref(logits, prompts, outputs, repetition, presence, frequency):
+    """float64 from the raw token lists: divide positive logits / multiply the rest by `repetition`
+    for every token seen, then subtract frequency * count and presence for output tokens."""
+    want = logits.astype(np.float64)
+    vocab = logits.shape[1]
+    for r in range(len(prompts)):
+        out_counts = np.bincount(outputs[r], minlength=vocab)
+        seen = (np.bincount(prompts[r], minlength=vocab) > 0) | (out_counts > 0)
+        rep = np.where(seen, float(repetition[r]), 1.0)
+        with np.errstate(invalid="ignore"):
+            want[r] = np.where(want[r] > 0, want[r] / rep, want[r] * rep)
+            want[r] -= float(frequency[r]) * out_counts + float(presence[r]) * (out_counts > 0)
+    return want
+
+
+def penalties_f32(logits, offsets, ids, counts, repetition, presence, frequency):
+    """The contract's float32 steps, each rounded once, in its order (the op is bit-exact to this)."""
+    out = logits.copy()
+    f32 = np.float32
+    for r in range(len(offsets) - 1):
+        for e in range(offsets[r], offsets[r + 1]):
+            x = out[r, ids[e]]
+            x = x / repetition[r] if x > 0 else x * repetition[r]
+            if counts[e] > 0:
+                x = f32(x - f32(frequency[r] * f32(counts[e])))
+                x = f32(x - presence[r])
+            out[r, ids[e]] = x
+    return out
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows, vocab, max_prompt, max_output", [(1, 1, 1, 1), (6, 300, 40, 30), (4, 202048, 3000, 500)])
+def test_apply_penalties(device, rows, vocab, max_prompt, max_output, rng):
+    """Random prompt / output lists (tokens shared between rows, rows with no tokens at all and rows
+    left alone by neutral penalties), -inf, +-0 and +inf logits among the penalized ones."""
+    logits = (rng.standard_normal((rows, vocab)) * 3).astype(np.float32)
+    prompts, outputs, offsets, ids, counts = penalty_lists(rng, rows, vocab, max_prompt, max_output)
+    if rows > 1:  # row 1: no penalized tokens
+        prompts[1], outputs[1] = np.zeros(0, np.int64), np.zeros(0, np.int64)
+        prompts, outputs, offsets, ids, counts = penalty_lists_from(prompts, outputs)
+    special = np.array([-np.inf, 0.0, -0.0, np.inf, 1e-30, -1e-30], np.float32)
+    for e, v in zip(ids[: len(special)], special):
+        logits[:, e] = v  # every row's copy: shared tokens
+    repetition = rng.uniform(0.5, 2.0, rows).astype(np.float32)
+    presence = rng.uniform(-1, 1, rows).astype(np.float32)
+    frequency = rng.uniform(-0.5, 0.5, rows).astype(np.float32)
+    repetition[-1], presence[-1], frequency[-1] = 1.0, 0.0, 0.0  # the last row left alone
+
+    got = ops.apply_penalties(logits, offsets, ids, counts, repetition, presence, frequency, device=device)
+    assert got.dtype == np.float32 and got.shape == logits.shape
+    want = penalties_ref(logits, prompts, outputs, repetition, presence, frequency)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5)
+    np.testing.assert_array_equal(got, penalties_f32(logits, offsets, ids, counts, repetition, presence, frequency))
+    np.testing.assert_array_equal(got[-1], logits[-1])
+    if rows > 1:
+        np.testing.assert_array_equal(got[1], logits[1])
+
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_apply_penalties_many_rows(device, rng):
+    """Many short rows, each penalizing the same few tokens (0, vocab - 1 and one in between)."""
+    rows, vocab = 2000, 64
+    logits = (rng.standard_normal((rows, vocab)) * 3).astype(np.float32)
+    ids = np.tile(np.array([0, 17, vocab - 1], np.int64), rows)
+    counts = rng.integers(0, 4, ids.size).astype(np.int32)
+    offsets = np.arange(0, ids.size + 1, 3, dtype=np.int64)
+    repetition = rng.uniform(0.5, 2.0, rows).astype(np.float32)
+    presence = rng.uniform(-1, 1, rows).astype(np.float32)
+    frequency = rng.uniform(-0.5, 0.5, rows).astype(np.float32)
+    got = ops.apply_penalties(logits, offsets, ids, counts, repetition, presence, frequency, device=device)
+    np.testing.assert_array_equal(got, penalties_f32(logits, offsets, ids, counts, repetition, presence, frequency))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_apply_penalties_no_rows(device):
+    empty = np.zeros(0, np.float32)
+    got = ops.apply_penalties(np.zeros((0, 7), np.float32), np.zeros(1, np.int64), np.zeros(0, np.int64),
+                              np.zeros(0, np.int32), empty, empty, empty, device=device)
+    assert got.shape == (0, 7)
+
+
+# ---- logprobs ------------------------------------------------------------------------------------------
+
+
+def logprobs_ref(logits, chosen, top_n):
+    """float64 log_softmax (max-subtracted); the top_n by value, then the lower id among ties."""
+    x = logits.astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        m = x.max(axis=1, keepdims=True)
+        lse = np.log(np.exp(x - m).sum(axis=1, keepdims=True)) + m
+        lp = x - lse
+    rows, vocab = x.shape
+    order = np.stack([np.lexsort((np.arange(vocab), -x[r]))[:top_n] for r in range(rows)]) if rows else np.zeros((0, top_n))
+    order = order.astype(np.int64).reshape(rows, top_n)
+    return lp[np.arange(rows), chosen], order, np.take_along_axis(lp, order, axis=1)
+
+
+def check_logprobs(logits, chosen, top_n, device):
+    got_lp, got_ids, got_top = ops.logprobs(logits, chosen, top_n, device=device)
+    rows = logits.shape[0]
+    assert got_lp.dtype == np.float32 and got_lp.shape == (rows,)
+    assert got_ids.dtype == np.int32 and got_ids.shape == (rows, top_n)
+    assert got_top.dtype == np.float32 and got_top.shape == (rows, top_n)
+    want_lp, want_ids, want_top = logprobs_ref(logits, chosen, top_n)
+    np.testing.assert_allclose(got_lp, want_lp, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(got_ids, want_ids)
+    np.testing.assert_allclose(got_top, want_top, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("vocab", [1, 5, 37, 1000, 4097, 202048])
+@pytest.mark.parametrize("top_n", [0, 1, 20])
+def test_logprobs(device, vocab, top_n, rng):
+    """Random rows, rows of coarse values (many ties, also within the top_n), rows with -inf logits,
+    a +-0 tie and rows of one large value."""
+    top_n = min(top_n, vocab)
+    rows = 8
+    logits = (rng.standard_normal((rows, vocab)) * 4).astype(np.float32)
+    logits[1] = np.round(logits[1])  # ties everywhere
+    logits[2] = np.float32(7.0)  # all equal: ids in order
+    logits[3, rng.random(vocab) < 0.5] = -np.inf
+    logits[3, 0] = 1.0  # at least one finite
+    logits[4, 1:] = -np.inf  # only id 0 finite: the rest of the top_n are -inf, in id order
+    logits[5] = -1.0
+    logits[5, [vocab // 2, vocab - 1]] = [-0.0, 0.0]  # +-0 tie: the lower id first
+    logits[6] = logits[6] + np.float32(80.0)  # large logits: the maximum is subtracted
+    logits[7, rng.integers(0, vocab, 5)] = np.float32(3e4)
+    chosen = rng.integers(0, vocab, rows)
+    chosen[4] = vocab - 1  # a -inf token's log-probability is -inf
+    check_logprobs(logits, chosen, top_n, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_logprobs_many_rows(device, rng):
+    rows, vocab = 1500, 300
+    logits = np.round(rng.standard_normal((rows, vocab)) * 3).astype(np.float32)
+    check_logprobs(logits, rng.integers(0, vocab, rows), 20, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("top_n", [20, 64])
+def test_logprobs_top_n_large(device, top_n, rng):
+    """top_n up to 64 (the CUDA kernel's limit), over a vocabulary of 202048 with tied values."""
+    rows, vocab = 3, 202048
+    logits = np.round(rng.standard_normal((rows, vocab)) * 8).astype(np.float32)
+    check_logprobs(logits, rng.integers(0, vocab, rows), top_n, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_logprobs_nan(device):
+    """A NaN or +inf logit, or a row of -inf, makes every log-probability of the row NaN."""
+    vocab = 50
+    logits = np.zeros((4, vocab), np.float32)
+    logits[0, 7] = np.nan
+    logits[1, 0] = np.nan
+    logits[2, 3] = np.inf
+    logits[3] = -np.inf
+    lp, ids, top = ops.logprobs(logits, np.array([1, 2, 3, 4]), 5, device=device)
+    assert np.isnan(lp).all() and np.isnan(top).all()
+    assert ((ids >= 0) & (ids < vocab)).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_logprobs_no_rows(device):
+    lp, ids, top = ops.logprobs(np.zeros((0, 5), np.float32), np.zeros(0, np.int32), 3, device=device)
+    assert lp.shape == (0,) and ids.shape == (0, 3) and top.shape == (0, 3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_logprobs_bad_arguments(device):
+    logits = np.zeros((2, 10), np.float32)
+    with pytest.raises(corral.InvalidInputError):
+        ops.logprobs(logits, np.array([0, 10]), 1, device=device)
+    with pytest.raises(corral.InvalidInputError):
+        ops.logprobs(logits, np.array([0, 1]), 11, device=device)
+
+
+@pytest.mark.cuda
+def test_logprobs_cuda_top_n_limit():
+    """Over 64 top tokens: NotSupportedError on CUDA (the CPU has no limit)."""
+    logits = np.zeros((1, 100), np.float32)
+    with pytest.raises(corral.NotSupportedError, match="64"):
+        ops.logprobs(logits, np.array([0]), 65, device="cuda")
+    assert ops.logprobs(logits, np.array([0]), 65)[1].shape == (1, 65)

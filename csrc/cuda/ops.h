@@ -5,6 +5,7 @@
 #include "corral/kernels/attention.h"
 #include "corral/kernels/kv_cache.h"
 #include "corral/kernels/moe.h"
+#include "corral/kernels/sampling.h"
 #include "corral/kernels/types.h"
 
 namespace corral::cuda {
@@ -41,7 +42,8 @@ void unfold_patches(void* stream, float* out, const float* pixels, int64_t tiles
 void pixel_shuffle(void* stream, float* out, const float* x, int64_t tiles, int64_t tile_rows, int64_t grid,
                    int64_t dim, int64_t s);
 
-// The text model's element-wise ops (csrc/cuda/elementwise.cu) and argmax (csrc/cuda/sampling.cu);
+// The text model's element-wise ops (csrc/cuda/elementwise.cu) and argmax, apply_penalties and
+// logprobs (csrc/cuda/sampling.cu);
 // every pointer is a device pointer. embedding cannot throw for an id outside [0, vocab) (the ids
 // are on the device): it writes that token's row as zeros, reading nothing outside the table
 // (callers validate ids beforehand, as the CPU's InvalidInputError contract asks).
@@ -54,6 +56,15 @@ void silu_mul(void* stream, float* out, int64_t ld_out, const float* gate, const
 void kv_cache_copy_pages(void* stream, void* pool, int64_t page_bytes, const int32_t* src, const int32_t* dst,
                          int64_t count);
 void argmax(void* stream, int32_t* out, const float* logits, int64_t rows, int64_t vocab);
+// Token ids, counts and offsets are on the device and unchecked there: an entry whose id is outside
+// [0, vocab) is skipped. Entries repeating a token within a row (outside the contract) race.
+void apply_penalties(void* stream, float* logits, int64_t rows, int64_t vocab, const int64_t* offsets,
+                     const int32_t* token_ids, const int32_t* output_counts, const PenaltyRow* penalties);
+// top_n up to kMaxLogprobsTopN (NotSupportedError beyond) and at most vocab (InvalidInputError); a
+// chosen id outside [0, vocab) gets a NaN log-probability.
+constexpr int64_t kMaxLogprobsTopN = 64;
+void logprobs(void* stream, const float* logits, int64_t rows, int64_t vocab, const int32_t* chosen,
+              float* chosen_logprob, int64_t top_n, int32_t* top_ids, float* top_logprobs);
 
 void moe(void* stream, float* out, const float* x, int64_t tokens, const MoeWeights& w, int top_k,
          int64_t* expert_tokens);

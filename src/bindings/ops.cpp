@@ -907,7 +907,7 @@ void register_ops(py::module_& m) {
   m.def(
       "apply_penalties",
       [](F32 logits, I64 offsets, const py::array& ids, I32 output_counts, F32 repetition, F32 presence,
-         F32 frequency) {
+         F32 frequency, const std::string& device) {
         expect(logits.ndim() == 2, "logits must be 2-D, got " + shape_of(logits));
         const int64_t rows = logits.shape(0), vocab = logits.shape(1);
         const I32 tokens = token_ids(ids, "token_ids");
@@ -925,13 +925,52 @@ void register_ops(py::module_& m) {
         for (int64_t r = 0; r < rows; ++r)
           penalties[r] = {repetition.data()[r], presence.data()[r], frequency.data()[r]};
         F32 out({rows, vocab});
-        std::copy(logits.data(), logits.data() + rows * vocab, out.mutable_data());
-        kernels::apply_penalties(kCpu, out.mutable_data(), rows, vocab, offsets.data(), tokens.data(),
-                                 output_counts.data(), penalties.data());
+        OnDevice d(device);
+        float* dl = d.put<float>(logits.data(), nbytes(logits));
+        const int64_t* doff = d.put<const int64_t>(offsets.data(), nbytes(offsets));
+        const int32_t* dids = d.put<const int32_t>(tokens.data(), nbytes(tokens));
+        const int32_t* dcounts = d.put<const int32_t>(output_counts.data(), nbytes(output_counts));
+        const PenaltyRow* dpen = d.put<const PenaltyRow>(penalties.data(), penalties.size() * sizeof(PenaltyRow));
+        kernels::apply_penalties(d.stream(), dl, rows, vocab, doff, dids, dcounts, dpen);
+        d.get(out.mutable_data(), dl, nbytes(out));
         return out;
       },
+      "apply_penalties(logits, offsets, token_ids, output_counts, repetition, presence, frequency, *, device='cpu')\n"
+      "-> logits with row r's entries [offsets[r], offsets[r + 1]) penalized (corral/kernels/sampling.h).",
       py::arg("logits"), py::arg("offsets"), py::arg("token_ids"), py::arg("output_counts"), py::arg("repetition"),
-      py::arg("presence"), py::arg("frequency"));
+      py::arg("presence"), py::arg("frequency"), py::kw_only(), py::arg("device") = "cpu");
+
+  m.def(
+      "logprobs",
+      [](F32 logits, const py::array& chosen_ids, int64_t top_n, const std::string& device) {
+        expect(logits.ndim() == 2, "logits must be 2-D, got " + shape_of(logits));
+        const int64_t rows = logits.shape(0), vocab = logits.shape(1);
+        const I32 chosen = token_ids(chosen_ids, "chosen");
+        expect(chosen.size() == rows, "chosen needs one token id per row");
+        for (int64_t r = 0; r < rows; ++r)
+          if (chosen.data()[r] < 0 || chosen.data()[r] >= vocab)
+            throw InvalidInputError("chosen: token id " + std::to_string(chosen.data()[r]) + " is outside the vocabulary");
+        if (top_n < 0 || top_n > vocab)
+          throw InvalidInputError("top_n " + std::to_string(top_n) + " is not in [0, " + std::to_string(vocab) + "]");
+        F32 lp({rows});
+        I32 ids({rows, top_n});
+        F32 top({rows, top_n});
+        OnDevice d(device);
+        const float* dl = d.put<const float>(logits.data(), nbytes(logits));
+        const int32_t* dc = d.put<const int32_t>(chosen.data(), nbytes(chosen));
+        float* dlp = d.put<float>(nullptr, nbytes(lp));
+        int32_t* dids = d.put<int32_t>(nullptr, nbytes(ids));
+        float* dtop = d.put<float>(nullptr, nbytes(top));
+        kernels::logprobs(d.stream(), dl, rows, vocab, dc, dlp, top_n, dids, dtop);
+        d.get(lp.mutable_data(), dlp, nbytes(lp));
+        d.get(ids.mutable_data(), dids, nbytes(ids));
+        d.get(top.mutable_data(), dtop, nbytes(top));
+        return py::make_tuple(lp, ids, top);
+      },
+      "logprobs(logits, chosen, top_n, *, device='cpu') -> (chosen_logprob (rows,), top_ids (rows, top_n),\n"
+      "top_logprobs (rows, top_n)): log_softmax of each row at its chosen token and at its top_n largest\n"
+      "logits, in descending order (ties: lower id first).",
+      py::arg("logits"), py::arg("chosen"), py::arg("top_n"), py::kw_only(), py::arg("device") = "cpu");
 
   m.def(
       "kv_cache_write",
