@@ -4,6 +4,7 @@
 #include <string>
 
 #include "corral/error.h"
+#include "corral/hash.h"
 
 namespace corral {
 
@@ -11,15 +12,8 @@ namespace {
 
 // 64-bit hash of a block: its parent's hash and its tokens (never 0, which means "no hash").
 uint64_t block_hash(uint64_t parent, const int32_t* tokens, int64_t n) {
-  auto mix = [](uint64_t x) {  // splitmix64's finalizer
-    x ^= x >> 30;
-    x *= 0xbf58476d1ce4e5b9ULL;
-    x ^= x >> 27;
-    x *= 0x94d049bb133111ebULL;
-    return x ^ (x >> 31);
-  };
-  uint64_t h = mix(parent + 0x9e3779b97f4a7c15ULL);
-  for (int64_t i = 0; i < n; ++i) h = mix(h ^ uint64_t(uint32_t(tokens[i])));
+  uint64_t h = mix64(parent + 0x9e3779b97f4a7c15ULL);
+  for (int64_t i = 0; i < n; ++i) h = mix64(h ^ uint64_t(uint32_t(tokens[i])));
   return h ? h : 1;
 }
 

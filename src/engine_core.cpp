@@ -9,6 +9,7 @@
 #include <unordered_map>
 
 #include "corral/error.h"
+#include "corral/hash.h"
 #include "corral/kernels/sampling.h"
 
 namespace corral {
@@ -597,13 +598,6 @@ EngineCore::PromptImages EngineCore::prepare_images(const Prompt& prompt, std::v
   const int64_t per_tile = v.tokens_per_tile();
   // One key per image token: the pixels' hash mixed with the token's place in the image, as a
   // negative id (no real token). Two blocks match only if their images match too.
-  const auto mix = [](uint64_t x) {  // splitmix64's finalizer
-    x ^= x >> 30;
-    x *= 0xbf58476d1ce4e5b9ULL;
-    x ^= x >> 27;
-    x *= 0x94d049bb133111ebULL;
-    return x ^ (x >> 31);
-  };
   std::vector<uint64_t> hashes;
   for (int64_t i = 0; i < count; ++i) {
     const ImageInput& im = prompt.images[size_t(i)];
@@ -613,27 +607,30 @@ EngineCore::PromptImages EngineCore::prepare_images(const Prompt& prompt, std::v
       throw InvalidInputError(name + ": pixel_values holds " + std::to_string(im.pixel_values.size()) + " floats, not " +
                               std::to_string(im.num_tiles) + " tiles x " + std::to_string(v.num_channels) + " x " +
                               std::to_string(v.image_size) + " x " + std::to_string(v.image_size));
-    uint64_t h = mix(uint64_t(im.num_tiles) + 0x9e3779b97f4a7c15ULL);
+    uint64_t h = mix64(uint64_t(im.num_tiles) + 0x9e3779b97f4a7c15ULL);
     for (float f : im.pixel_values) {
       if (!std::isfinite(f)) throw InvalidInputError(name + ": pixel_values holds a value that is not finite");
       uint32_t bits;
       std::memcpy(&bits, &f, 4);
-      h = mix(h ^ bits);
+      h = mix64(h ^ bits);
     }
     hashes.push_back(h);
     out.tiles += im.num_tiles;
   }
   out.row_of.assign(keys.size(), -1);
-  int64_t found = 0;
+  // Feature rows go to the image tokens in order, image after image; `within` counts the current
+  // image's rows.
+  int64_t found = 0, image = 0, within = 0;
   for (size_t p = 0; p < keys.size(); ++p) {
     if (keys[p] != v.image_token_id) continue;
     if (found == 0) out.first = int64_t(p);
     if (found < out.tiles * per_tile) {
-      // Which image this feature row belongs to: images are laid out one after the other.
-      int64_t row = found, image = 0;
-      while (row >= prompt.images[size_t(image)].num_tiles * per_tile) row -= prompt.images[size_t(image++)].num_tiles * per_tile;
-      keys[p] = -1 - int32_t(mix(hashes[size_t(image)] ^ uint64_t(row + 1) * 0x9e3779b97f4a7c15ULL) & 0x3fffffff);
+      keys[p] = -1 - int32_t(mix64(hashes[size_t(image)] ^ uint64_t(within + 1) * 0x9e3779b97f4a7c15ULL) & 0x3fffffff);
       out.row_of[p] = int32_t(found);
+      if (++within == prompt.images[size_t(image)].num_tiles * per_tile) {
+        ++image;
+        within = 0;
+      }
     }
     ++found;
   }
