@@ -35,6 +35,34 @@ void use_cuda_device(Device d) {
 
 }  // namespace
 
+void use_device(Device d) {
+  if (d.type == DeviceType::CUDA) use_cuda_device(d);
+}
+
+Device parse_device(const std::string& name) {
+  if (name == "cpu") return Device{};
+  if (name == "cuda") return Device{DeviceType::CUDA, 0};
+  const std::string prefix = "cuda:";
+  if (name.compare(0, prefix.size(), prefix) == 0 && name.size() > prefix.size() && name.size() <= prefix.size() + 4 &&
+      name.find_first_not_of("0123456789", prefix.size()) == std::string::npos)
+    return Device{DeviceType::CUDA, std::stoi(name.substr(prefix.size()))};
+  throw InvalidInputError("device='" + name + "' is not 'cpu', 'cuda' or 'cuda:N'");
+}
+
+std::string device_name(Device d) {
+  return d.type == DeviceType::CPU ? "cpu" : "cuda:" + std::to_string(d.index);
+}
+
+MemoryInfo device_memory(Device d) {
+  if (d.type == DeviceType::CPU) throw DeviceError("device_memory: the CPU's memory is not a device's");
+  use_cuda_device(d);
+  MemoryInfo m;
+#if CORRAL_WITH_CUDA
+  cuda::memory_info(&m.free, &m.total);
+#endif
+  return m;
+}
+
 bool cuda_backend_built() { return CORRAL_WITH_CUDA != 0; }
 
 int cuda_device_count() {
@@ -107,10 +135,12 @@ StreamOwner::~StreamOwner() {
 #endif
 }
 
-void StreamOwner::synchronize() const {
-  if (stream_.device.type == DeviceType::CPU) return;
+void StreamOwner::synchronize() const { corral::synchronize(stream_); }
+
+void synchronize(const Stream& stream) {
+  if (stream.device.type == DeviceType::CPU) return;
 #if CORRAL_WITH_CUDA
-  cuda::synchronize(stream_.handle);
+  cuda::synchronize(stream.handle);
 #endif
 }
 
@@ -132,6 +162,32 @@ void copy_to_device(DeviceBuffer& dst, const void* src, size_t bytes, const Stre
   cuda::copy_async(dst.data(), src, bytes, cuda::CopyKind::HostToDevice, stream.handle);
 #else
   (void)stream;
+  no_backend();
+#endif
+}
+
+void copy_rows(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t width, size_t rows,
+               const Stream& stream) {
+  if (stream.device.type == DeviceType::CPU) {
+    for (size_t r = 0; r < rows; ++r)
+      std::memcpy(static_cast<char*>(dst) + r * dst_pitch, static_cast<const char*>(src) + r * src_pitch, width);
+    return;
+  }
+#if CORRAL_WITH_CUDA
+  cuda::copy_2d_async(dst, dst_pitch, src, src_pitch, width, rows, stream.handle);
+#else
+  no_backend();
+#endif
+}
+
+void fill_zero(void* dst, size_t bytes, const Stream& stream) {
+  if (stream.device.type == DeviceType::CPU) {
+    std::memset(dst, 0, bytes);
+    return;
+  }
+#if CORRAL_WITH_CUDA
+  cuda::memset_async(dst, 0, bytes, stream.handle);
+#else
   no_backend();
 #endif
 }

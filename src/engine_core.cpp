@@ -94,7 +94,7 @@ EngineCore::EngineCore(const std::string& model_dir, const EngineOptions& option
     throw InvalidInputError("dtype '" + options_.dtype + "' is not supported (auto, float32)");
   model_ = std::make_unique<Llama4Model>(
       model_dir, options_.dtype == "float32" ? kernels::Activations::Float32 : kernels::Activations::Native,
-      LoadOptions{options_.quantization, options_.max_images_per_prompt != 0});
+      LoadOptions{options_.quantization, options_.max_images_per_prompt != 0, parse_device(options_.device)});
   const ModelConfig& c = model_->config();
   if (model_->vision()) {
     const VisionConfig& v = model_->vision()->config();
@@ -103,7 +103,9 @@ EngineCore::EngineCore(const std::string& model_dir, const EngineOptions& option
   defaults_ = load_generation_defaults(model_dir, options_.tokenizer_dir.empty() ? model_dir : options_.tokenizer_dir, c);
   max_model_len_ = options_.max_model_len > 0 ? options_.max_model_len : c.max_position_embeddings;
   const KvLayout layout = make_kv_layout(c, options_.block_size, parse_kv_dtype(options_.kv_cache_dtype, model_->weights_dtype()));
-  cache_ = std::make_unique<KvCache>(layout, options_.kv_cache_bytes, options_.enable_prefix_caching);
+  cache_ = std::make_unique<KvCache>(layout, options_.kv_cache_bytes, options_.enable_prefix_caching, model_->stream());
+  processed_ = DeviceArray<float>(model_->device());
+  staging_ = SamplingArrays(model_->device());
 }
 
 EngineCore::~EngineCore() = default;
@@ -312,8 +314,7 @@ std::vector<RequestUpdate> EngineCore::step() {
                             " tokens; raise kv_cache_bytes");
   }
 
-  logits_.resize(size_t(std::max<size_t>(sampled.size(), 1)) * size_t(config().vocab_size));
-  model_->forward(batch, *cache_, logits_.data());
+  const float* logits = model_->forward(batch, *cache_);
   for (auto& [s, n] : scheduled) {
     (s->computed >= s->prompt_len ? decode_tokens_ : prefill_tokens_) += n;
     blocks.commit(s->kv, s->tokens.data() + s->computed, n);
@@ -334,28 +335,32 @@ std::vector<RequestUpdate> EngineCore::step() {
       }
   }
   std::vector<RequestUpdate> updates;
-  sample(draws, rows, updates);
+  sample(logits, draws, rows, updates);
   for (auto it = requests_.begin(); it != requests_.end();)
     it = it->second->live == 0 ? requests_.erase(it) : std::next(it);
   return updates;
 }
 
-void EngineCore::sample(const std::vector<Sequence*>& seqs, const std::vector<int64_t>& rows,
-                    std::vector<RequestUpdate>& updates) {
+void EngineCore::sample(const float* logits_in, const std::vector<Sequence*>& seqs, const std::vector<int64_t>& rows,
+                        std::vector<RequestUpdate>& updates) {
   const int64_t D = int64_t(seqs.size()), vocab = config().vocab_size;
+  const Stream& stream = model_->stream();
+  const bool gpu = stream.device.type == DeviceType::CUDA;
   // Rows are adjusted in a copy, one per draw, when a penalty or ban changes them or a row is
-  // drawn from more than once; otherwise the draws read the model's logits as they are.
-  bool copy = D != (D ? rows.back() + 1 : 0);  // rows rise from 0: equal counts mean draw d reads row d
+  // drawn from more than once; otherwise the draws read the model's logits as they are. Both
+  // live on the model's device; only the drawn tokens (and log-probabilities) come back.
+  bool copy_rows_first = D != (D ? rows.back() + 1 : 0);  // rows rise from 0: equal counts mean draw d reads row d
   for (const Sequence* s : seqs)
-    copy = copy || s->request->penalized() || s->generated() < s->request->params.min_tokens ||
-           !s->request->constraints.empty();
+    copy_rows_first = copy_rows_first || s->request->penalized() || s->generated() < s->request->params.min_tokens ||
+                      !s->request->constraints.empty();
+  const size_t row_bytes = size_t(vocab) * sizeof(float);
   const auto gather = [&] {
-    processed_.resize(size_t(D * vocab));
-    for (int64_t d = 0; d < D; ++d)
-      std::copy_n(logits_.data() + rows[d] * vocab, vocab, processed_.data() + d * vocab);
-    return processed_.data();
+    float* dst = processed_.reserve(size_t(D * vocab));
+    for (int64_t d = 0; d < D; ++d) copy(dst + d * vocab, logits_in + rows[d] * vocab, row_bytes, stream);
+    return dst;
   };
-  float* logits = copy ? gather() : logits_.data();
+  float* edited = copy_rows_first ? gather() : nullptr;  // every edit below implies copy_rows_first
+  const float* logits = edited ? edited : logits_in;
 
   // The grammar's mask, min_tokens' bans, then penalties from the token counts, then the draw.
   std::vector<int64_t> offsets{0};
@@ -365,6 +370,7 @@ void EngineCore::sample(const std::vector<Sequence*>& seqs, const std::vector<in
   std::vector<float> uniform(static_cast<size_t>(D));
   std::vector<std::string> failed(static_cast<size_t>(D));  // a matcher's exception ends its sample
   std::vector<Allowed> allowed(static_cast<size_t>(D), Allowed::Some);  // by the grammar
+  std::vector<float> host_row;  // on a GPU, the host's copy of a row it edits
   for (int64_t d = 0; d < D; ++d) {
     const Sequence& s = *seqs[d];
     const SamplingParams& p = s.request->params;
@@ -374,34 +380,67 @@ void EngineCore::sample(const std::vector<Sequence*>& seqs, const std::vector<in
     }
     offsets.push_back(int64_t(ids.size()));
     penalties[d] = {p.repetition_penalty, p.presence_penalty, p.frequency_penalty};
-    float* row = logits + d * vocab;
-    if (!s.request->constraints.empty()) {
-      try {
-        allowed[size_t(d)] = apply_constraint(*s.request->constraints[size_t(s.index)], s.request->stop_ids, row, vocab);
-      } catch (const std::exception& e) {
-        failed[size_t(d)] = std::string("structured output: ") + e.what();
+    const bool constrained = !s.request->constraints.empty(), banned = s.generated() < p.min_tokens;
+    if (constrained || banned) {  // edited on the host: in place on the CPU, through a copy on a GPU
+      float* row = edited + d * vocab;
+      if (gpu) {
+        host_row.resize(size_t(vocab));
+        copy(host_row.data(), row, row_bytes, stream);
+        synchronize(stream);
+        row = host_row.data();
       }
+      if (constrained) {
+        try {
+          allowed[size_t(d)] = apply_constraint(*s.request->constraints[size_t(s.index)], s.request->stop_ids, row, vocab);
+        } catch (const std::exception& e) {
+          failed[size_t(d)] = std::string("structured output: ") + e.what();
+        }
+      }
+      // min_tokens bans the stop tokens, unless the grammar allows nothing else.
+      if (banned && allowed[size_t(d)] == Allowed::Some)
+        for (int32_t t : s.request->stop_ids) row[t] = -INFINITY;
+      if (gpu) copy(edited + d * vocab, row, row_bytes, stream);
     }
-    // min_tokens bans the stop tokens, unless the grammar allows nothing else.
-    if (s.generated() < p.min_tokens && allowed[size_t(d)] == Allowed::Some)
-      for (int32_t t : s.request->stop_ids) row[t] = -INFINITY;
     settings[d] = {p.temperature, int32_t(std::min<int64_t>(p.top_k, vocab)), p.top_p, p.min_p};
     uniform[d] = std::uniform_real_distribution<float>(0.f, 1.f)(seqs[d]->rng);
   }
   if (!ids.empty())
-    kernels::apply_penalties(Stream{}, logits, D, vocab, offsets.data(), ids.data(), counts.data(),
-                             penalties.data());
+    kernels::apply_penalties(stream, edited, D, vocab, on_device(staging_.offsets, offsets, stream),
+                             on_device(staging_.ids, ids, stream), on_device(staging_.counts, counts, stream),
+                             on_device(staging_.penalties, penalties, stream));
   std::vector<int32_t> next(static_cast<size_t>(D));
-  kernels::sample(Stream{}, next.data(), logits, D, vocab, settings.data(), uniform.data());
+  int32_t* next_on_device = gpu ? staging_.next.reserve(size_t(D)) : next.data();
+  kernels::sample(stream, next_on_device, logits, D, vocab, on_device(staging_.settings, settings, stream),
+                  on_device(staging_.uniform, uniform, stream));
 
-  // Log-probabilities of the model's own distribution (before penalties and temperature), as vLLM.
+  // Log-probabilities of the model's own distribution (before penalties and temperature), as vLLM;
+  // on the host when a GPU cannot give that many top tokens.
   int64_t top_n = -1;
   for (const Sequence* s : seqs) top_n = std::max(top_n, std::min(s->request->params.logprobs, vocab));
   std::vector<float> chosen_lp(static_cast<size_t>(D)), top_lp(size_t(D * std::max<int64_t>(top_n, 0)));
   std::vector<int32_t> top_ids(top_lp.size());
-  if (top_n >= 0)
-    kernels::logprobs(Stream{}, copy ? gather() : logits_.data(), D, vocab, next.data(), chosen_lp.data(), top_n,
-                      top_ids.data(), top_lp.data());
+  const bool lp_on_host = gpu && top_n > kernels::kMaxDeviceLogprobs;
+  if (gpu && !lp_on_host && top_n >= 0) {
+    const float* model_rows = copy_rows_first ? gather() : logits_in;
+    kernels::logprobs(stream, model_rows, D, vocab, next_on_device, staging_.chosen_lp.reserve(size_t(D)), top_n,
+                      staging_.top_ids.reserve(top_ids.size()), staging_.top_lp.reserve(top_lp.size()));
+    copy(chosen_lp.data(), staging_.chosen_lp.data(), chosen_lp.size() * sizeof(float), stream);
+    copy(top_ids.data(), staging_.top_ids.data(), top_ids.size() * sizeof(int32_t), stream);
+    copy(top_lp.data(), staging_.top_lp.data(), top_lp.size() * sizeof(float), stream);
+  }
+  if (gpu) copy(next.data(), next_on_device, next.size() * sizeof(int32_t), stream);
+  synchronize(stream);  // the step's one wait: for the drawn tokens
+  if (top_n >= 0 && (!gpu || lp_on_host)) {
+    const float* model_rows = copy_rows_first ? gather() : logits_in;
+    if (lp_on_host) {  // the model's rows, brought to the host
+      host_rows_.resize(size_t(D * vocab));
+      copy(host_rows_.data(), model_rows, size_t(D) * row_bytes, stream);
+      synchronize(stream);
+      model_rows = host_rows_.data();
+    }
+    kernels::logprobs(Stream{}, model_rows, D, vocab, next.data(), chosen_lp.data(), top_n, top_ids.data(),
+                      top_lp.data());
+  }
 
   for (int64_t d = 0; d < D; ++d) {
     Sequence& s = *seqs[d];

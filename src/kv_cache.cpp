@@ -114,19 +114,23 @@ KvLayout make_kv_layout(const ModelConfig& c, int32_t block_size, DType dtype) {
   return l;
 }
 
-int64_t KvCache::pages_for(const KvLayout& layout, size_t bytes) {
-  // Pages are committed as they are first written: a budget beyond the memory this process may
-  // use would end with the kernel killing it mid-request rather than an OutOfKVCacheError now.
-  const size_t available = available_memory();
+int64_t KvCache::pages_for(const KvLayout& layout, size_t bytes, Device device) {
+  const bool gpu = device.type == DeviceType::CUDA;
+  // On the CPU pages are committed as they are first written: a budget beyond the memory this
+  // process may use would end with the kernel killing it mid-request rather than an
+  // OutOfKVCacheError now.
+  const size_t available = gpu ? device_memory(device).free : available_memory();
+  const std::string where = gpu ? "bytes free on " + device_name(device)
+                                : "bytes this process may still use (MemAvailable within its cgroup's limit)";
   if (bytes > available)
     throw OutOfKVCacheError("kv_cache_bytes=" + std::to_string(bytes) + " is more than the " + std::to_string(available) +
-                            " bytes this process may still use (MemAvailable within its cgroup's limit)");
-  const size_t budget = bytes == 0 ? available / 2 : bytes;
+                            " " + where);
+  const size_t budget = bytes != 0 ? bytes : gpu ? size_t(double(available) * kGpuDefaultShare) : available / 2;
   const int64_t pages = std::min<int64_t>(int64_t(budget / size_t(layout.page_bytes)), 0x7fffffff);
   if (pages < 1 && bytes == 0)
-    throw OutOfKVCacheError("no memory for a KV cache: the default budget, half of the " + std::to_string(available) +
-                            " bytes this process may still use (MemAvailable within its cgroup's limit), is less "
-                            "than one block of " + std::to_string(layout.page_bytes) + " bytes");
+    throw OutOfKVCacheError("no memory for a KV cache: the default budget, " + std::string(gpu ? "a share" : "half") +
+                            " of the " + std::to_string(available) + " " + where + ", is less than one block of " +
+                            std::to_string(layout.page_bytes) + " bytes");
   if (pages < 1)
     throw InvalidInputError("kv_cache_bytes=" + std::to_string(bytes) + " cannot hold one KV block of " +
                             std::to_string(layout.page_bytes) + " bytes (block_size " +
@@ -134,21 +138,30 @@ int64_t KvCache::pages_for(const KvLayout& layout, size_t bytes) {
   return pages;
 }
 
-KvCache::KvCache(const KvLayout& layout, size_t bytes, bool prefix_caching)
+KvCache::KvCache(const KvLayout& layout, size_t bytes, bool prefix_caching, const Stream& stream)
     : layout_(layout),
-      num_pages_(pages_for(layout, bytes)),
+      stream_(stream),
+      num_pages_(pages_for(layout, bytes, stream.device)),
       blocks_(BlockManager::Options{num_pages_, layout.block_size, layout.group_kind, layout.chunk_size,
-                                    prefix_caching}) {
-  mapped_ = size_t(num_pages_) * size_t(layout_.page_bytes);
+                                    prefix_caching}),
+      copies_(stream.device) {
+  const size_t size = size_t(num_pages_) * size_t(layout_.page_bytes);
+  if (stream.device.type == DeviceType::CUDA) {
+    on_gpu_ = DeviceBuffer(stream.device, size);
+    pool_ = static_cast<char*>(on_gpu_.data());
+    fill_zero(pool_, size, stream_);  // as the CPU's fresh pages are (fp8 scales of unwritten blocks)
+    return;
+  }
   // Anonymous, uncommitted memory: a large budget costs nothing until pages are written.
-  void* m = mmap(nullptr, mapped_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  void* m = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (m == MAP_FAILED)
-    throw OutOfKVCacheError("cannot reserve " + std::to_string(mapped_) + " bytes of address space for the KV cache");
+    throw OutOfKVCacheError("cannot reserve " + std::to_string(size) + " bytes of address space for the KV cache");
   pool_ = static_cast<char*>(m);
+  mapped_ = size;
 }
 
 KvCache::~KvCache() {
-  if (pool_) munmap(pool_, mapped_);
+  if (mapped_) munmap(pool_, mapped_);
 }
 
 PagedKv KvCache::layer(int64_t l) const {
@@ -180,7 +193,16 @@ bool KvCache::append(BlockManager::SeqId id, int64_t n) {
       src.push_back(c.src);
       dst.push_back(c.dst);
     }
-    kernels::kv_cache_copy_pages(Stream{}, pool_, layout_.page_bytes, src.data(), dst.data(), int64_t(src.size()));
+    if (stream_.device.type == DeviceType::CPU) {
+      kernels::kv_cache_copy_pages(stream_, pool_, layout_.page_bytes, src.data(), dst.data(), int64_t(src.size()));
+    } else {  // the kernel reads the page lists from device memory
+      use_device(stream_.device);
+      copies_.reserve(2 * src.size());
+      copy(copies_.data(), src.data(), src.size() * sizeof(int32_t), stream_);
+      copy(copies_.data() + src.size(), dst.data(), dst.size() * sizeof(int32_t), stream_);
+      kernels::kv_cache_copy_pages(stream_, pool_, layout_.page_bytes, copies_.data(), copies_.data() + src.size(),
+                                   int64_t(src.size()));
+    }
   }
   return true;
 }

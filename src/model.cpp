@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 
 #include "corral/error.h"
 #include "corral/kernels/attention.h"
@@ -36,6 +37,7 @@ void ForwardBatch::add_sequence(const int32_t* tokens, int64_t n, int64_t positi
 Llama4Model::Llama4Model(const std::string& dir, kernels::Activations act, const LoadOptions& load)
     : checkpoint_(dir),
       config_(load_config(checkpoint_.config_path())),
+      stream_(load.device),
       weights_(load_weights(checkpoint_, config_, load)),
       act_(act) {
   if (config_.has_vision() && load.vision)
@@ -45,91 +47,134 @@ Llama4Model::Llama4Model(const std::string& dir, kernels::Activations act, const
   expert_tokens_.resize(config_.num_layers);
   for (int64_t l = 0; l < config_.num_layers; ++l)
     if (config_.layers[l].moe) expert_tokens_[l].assign(config_.num_experts, 0);
+  const Device d = device();
+  for (DeviceArray<float>* a : {&x_, &a_, &qkv_, &q_, &k_, &v_, &attn_, &inv_freq_device_, &logits_})
+    *a = DeviceArray<float>(d);
+  for (DeviceArray<int32_t>* a : {&ids_, &positions_, &seq_starts_}) *a = DeviceArray<int32_t>(d);
+  expert_counts_ = DeviceArray<int64_t>(d);
+  if (d.type == DeviceType::CUDA) {
+    inv_freq_device_.assign(inv_freq_.data(), inv_freq_.size(), stream());
+    const std::vector<int64_t> zeros(size_t(config_.num_layers * config_.num_experts), 0);
+    expert_counts_.assign(zeros.data(), zeros.size(), stream());
+    stream_.synchronize();
+  }
 }
 
-void Llama4Model::forward(const ForwardBatch& batch, const KvCache& cache, float* logits) {
+const std::vector<std::vector<int64_t>>& Llama4Model::expert_tokens() {
+  if (device().type == DeviceType::CUDA) {
+    const int64_t E = config_.num_experts;
+    std::vector<int64_t> counts(size_t(config_.num_layers * E));
+    use_device(device());
+    copy(counts.data(), expert_counts_.data(), counts.size() * sizeof(int64_t), stream());
+    stream_.synchronize();
+    for (int64_t l = 0; l < config_.num_layers; ++l)
+      if (config_.layers[l].moe) std::copy_n(counts.begin() + l * E, E, expert_tokens_[l].begin());
+  }
+  return expert_tokens_;
+}
+
+const float* Llama4Model::forward(const ForwardBatch& batch, const KvCache& cache, float* host_logits) {
   const ModelConfig& c = config_;
   const int64_t T = batch.num_tokens(), H = c.hidden_size;
-  if (T == 0) return;
-  x_.resize(T * H);
-  a_.resize(T * H);
-  kernels::embedding(stream_, x_.data(), weights_.embed.data, weights_.embed.dtype, c.vocab_size, H,
-                     batch.token_ids.data(), T);
-  for (const auto& [row, values] : batch.embeddings) std::copy_n(values, H, x_.data() + int64_t(row) * H);
+  if (T == 0) return nullptr;
+  const Stream& s = stream();
+  const bool gpu = s.device.type == DeviceType::CUDA;
+  use_device(s.device);
+  if (gpu)  // the CPU's embedding checks the ids; the GPU's cannot throw
+    for (int64_t t = 0; t < T; ++t)
+      if (batch.token_ids[t] < 0 || batch.token_ids[t] >= c.vocab_size)
+        throw InvalidInputError("token id " + std::to_string(batch.token_ids[t]) + " at index " + std::to_string(t) +
+                                " is outside the vocabulary [0, " + std::to_string(c.vocab_size) + ")");
+  float* x = x_.reserve(T * H);
+  float* a = a_.reserve(T * H);
+  kernels::embedding(s, x, weights_.embed.data, weights_.embed.dtype, c.vocab_size, H, on_device(ids_, batch.token_ids, s),
+                     T);
+  for (const auto& [row, values] : batch.embeddings) copy(x + int64_t(row) * H, values, H * sizeof(float), s);
+  const int32_t* positions = on_device(positions_, batch.positions, s);
+  const int32_t* seq_starts = on_device(seq_starts_, batch.seq_starts, s);
 
   // Each layer group's block tables as one padded [S, max_blocks] array for the attention kernel.
   const int64_t S = int64_t(batch.seq_starts.size()) - 1;
-  std::vector<std::vector<int32_t>> tables(batch.tables.size());
-  std::vector<AttentionBatch> groups(batch.tables.size());
-  for (size_t g = 0; g < batch.tables.size(); ++g) {
+  const size_t G = batch.tables.size();
+  while (tables_.size() < G) tables_.emplace_back(s.device);
+  while (slots_.size() < G) slots_.emplace_back(s.device);
+  std::vector<std::vector<int32_t>> tables(G);
+  std::vector<AttentionBatch> groups(G);
+  std::vector<const int64_t*> slots(G);
+  for (size_t g = 0; g < G; ++g) {
     int32_t max_blocks = 1;
     for (const auto& t : batch.tables[g]) max_blocks = std::max(max_blocks, int32_t(t.size()));
     tables[g].assign(S * max_blocks, -1);
-    for (int64_t s = 0; s < S; ++s)
-      std::copy(batch.tables[g][s].begin(), batch.tables[g][s].end(), tables[g].begin() + s * max_blocks);
-    groups[g] = AttentionBatch{batch.seq_starts.data(), int32_t(S), batch.positions.data(), tables[g].data(), max_blocks};
+    for (int64_t q = 0; q < S; ++q)
+      std::copy(batch.tables[g][q].begin(), batch.tables[g][q].end(), tables[g].begin() + q * max_blocks);
+    groups[g] = AttentionBatch{seq_starts, int32_t(S), positions, on_device(tables_[g], tables[g], s), max_blocks};
+    slots[g] = on_device(slots_[g], batch.slots[g], s);
   }
 
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const LayerWeights& w = weights_.layers[l];
-    kernels::rms_norm(stream_, a_.data(), x_.data(), DType::F32, w.input_norm.data, w.input_norm.dtype, T, H,
-                      c.rms_norm_eps);
+    kernels::rms_norm(s, a, x, DType::F32, w.input_norm.data, w.input_norm.dtype, T, H, c.rms_norm_eps);
     const int64_t g = cache.layout().group_of_layer[l];
-    attention(l, batch, cache.layer(l), groups[g], batch.slots[g].data());
-    kernels::linear(stream_, x_.data(), H, attn_.data(), c.num_heads * c.head_dim, T, w.o, /*accumulate=*/true, act_);
-    kernels::rms_norm(stream_, a_.data(), x_.data(), DType::F32, w.post_attention_norm.data,
-                      w.post_attention_norm.dtype, T, H, c.rms_norm_eps);
+    attention(l, T, cache.layer(l), groups[g], positions, slots[g]);
+    kernels::linear(s, x, H, attn_.data(), c.num_heads * c.head_dim, T, w.o, /*accumulate=*/true, act_);
+    kernels::rms_norm(s, a, x, DType::F32, w.post_attention_norm.data, w.post_attention_norm.dtype, T, H,
+                      c.rms_norm_eps);
     feed_forward(l, T);
   }
 
-  // Final norm and lm_head on the requested rows only.
+  // Final norm and lm_head on the requested rows only; runs of consecutive rows (a decode batch
+  // is one) go through the norm together.
   const int64_t R = int64_t(batch.logit_rows.size());
-  for (int64_t i = 0; i < R; ++i)
-    kernels::rms_norm(stream_, a_.data() + i * H, x_.data() + int64_t(batch.logit_rows[i]) * H, DType::F32,
-                      weights_.final_norm.data, weights_.final_norm.dtype, 1, H, c.rms_norm_eps);
-  kernels::linear(stream_, logits, c.vocab_size, a_.data(), H, R, weights_.lm_head, false, act_);
+  for (int64_t i = 0, j; i < R; i = j) {
+    for (j = i + 1; j < R && batch.logit_rows[j] == batch.logit_rows[j - 1] + 1;) ++j;
+    kernels::rms_norm(s, a + i * H, x + int64_t(batch.logit_rows[i]) * H, DType::F32, weights_.final_norm.data,
+                      weights_.final_norm.dtype, j - i, H, c.rms_norm_eps);
+  }
+  float* out = host_logits && !gpu ? host_logits : logits_.reserve(R * c.vocab_size);
+  kernels::linear(s, out, c.vocab_size, a, H, R, weights_.lm_head, false, act_);
+  if (host_logits && gpu) {
+    copy(host_logits, out, size_t(R * c.vocab_size) * sizeof(float), s);
+    synchronize(s);
+  }
+  return out;
 }
 
-void Llama4Model::attention(int64_t l, const ForwardBatch& batch, const PagedKv& kv, const AttentionBatch& ab,
+void Llama4Model::attention(int64_t l, int64_t T, const PagedKv& kv, const AttentionBatch& ab, const int32_t* positions,
                             const int64_t* slots) {
   const ModelConfig& c = config_;
   const LayerSpec& spec = c.layers[l];
   const LayerWeights& w = weights_.layers[l];
-  const int64_t T = batch.num_tokens(), H = c.hidden_size, d = c.head_dim;
+  const Stream& s = stream();
+  const int64_t H = c.hidden_size, d = c.head_dim;
   const int64_t qw = c.num_heads * d, kvw = c.num_kv_heads * d;
-  q_.resize(T * qw);
-  k_.resize(T * kvw);
-  v_.resize(T * kvw);
-  attn_.resize(T * qw);
+  float *q = q_.reserve(T * qw), *k = k_.reserve(T * kvw), *v = v_.reserve(T * kvw);
+  float* out = attn_.reserve(T * qw);
   if (w.qkv.data) {  // one product, then its rows split into q, k and v
     const int64_t n = qw + 2 * kvw;
-    qkv_.resize(T * n);
-    kernels::linear(stream_, qkv_.data(), n, a_.data(), H, T, w.qkv, false, act_);
-    for (int64_t t = 0; t < T; ++t) {
-      const float* row = qkv_.data() + t * n;
-      std::copy_n(row, qw, q_.data() + t * qw);
-      std::copy_n(row + qw, kvw, k_.data() + t * kvw);
-      std::copy_n(row + qw + kvw, kvw, v_.data() + t * kvw);
-    }
+    float* qkv = qkv_.reserve(T * n);
+    kernels::linear(s, qkv, n, a_.data(), H, T, w.qkv, false, act_);
+    const size_t row = size_t(n) * sizeof(float), f = sizeof(float);
+    copy_rows(q, qw * f, qkv, row, qw * f, T, s);
+    copy_rows(k, kvw * f, qkv + qw, row, kvw * f, T, s);
+    copy_rows(v, kvw * f, qkv + qw + kvw, row, kvw * f, T, s);
   } else {
-    kernels::linear(stream_, q_.data(), qw, a_.data(), H, T, w.q, false, act_);
-    kernels::linear(stream_, k_.data(), kvw, a_.data(), H, T, w.k, false, act_);
-    kernels::linear(stream_, v_.data(), kvw, a_.data(), H, T, w.v, false, act_);
+    kernels::linear(s, q, qw, a_.data(), H, T, w.q, false, act_);
+    kernels::linear(s, k, kvw, a_.data(), H, T, w.k, false, act_);
+    kernels::linear(s, v, kvw, a_.data(), H, T, w.v, false, act_);
   }
   // Llama 4's order: RoPE, then QK norm (both RoPE layers only), then temperature (NoPE layers).
+  const float* inv_freq = s.device.type == DeviceType::CUDA ? inv_freq_device_.data() : inv_freq_.data();
   if (spec.use_rope) {
-    kernels::rope_interleaved(stream_, q_.data(), qw, T, c.num_heads, d, batch.positions.data(), inv_freq_.data());
-    kernels::rope_interleaved(stream_, k_.data(), kvw, T, c.num_kv_heads, d, batch.positions.data(), inv_freq_.data());
+    kernels::rope_interleaved(s, q, qw, T, c.num_heads, d, positions, inv_freq);
+    kernels::rope_interleaved(s, k, kvw, T, c.num_kv_heads, d, positions, inv_freq);
   }
   if (spec.qk_norm) {
-    kernels::rms_norm(stream_, q_.data(), q_.data(), DType::F32, nullptr, DType::F32, T * c.num_heads, d, c.rms_norm_eps);
-    kernels::rms_norm(stream_, k_.data(), k_.data(), DType::F32, nullptr, DType::F32, T * c.num_kv_heads, d,
-                      c.rms_norm_eps);
+    kernels::rms_norm(s, q, q, DType::F32, nullptr, DType::F32, T * c.num_heads, d, c.rms_norm_eps);
+    kernels::rms_norm(s, k, k, DType::F32, nullptr, DType::F32, T * c.num_kv_heads, d, c.rms_norm_eps);
   }
-  if (spec.temperature_tuning)
-    kernels::attn_temperature_scale(stream_, q_.data(), qw, T, qw, batch.positions.data(), c.attn_scale, c.floor_scale);
-  kernels::kv_cache_write(stream_, kv, k_.data(), v_.data(), kvw, T, slots);
-  kernels::paged_attention(stream_, attn_.data(), q_.data(), c.num_heads, kv, ab, float(1.0 / std::sqrt(double(d))),
+  if (spec.temperature_tuning) kernels::attn_temperature_scale(s, q, qw, T, qw, positions, c.attn_scale, c.floor_scale);
+  kernels::kv_cache_write(s, kv, k, v, kvw, T, slots);
+  kernels::paged_attention(s, out, q, c.num_heads, kv, ab, float(1.0 / std::sqrt(double(d))),
                            spec.chunked ? c.attention_chunk_size : 0);
 }
 
@@ -137,10 +182,12 @@ void Llama4Model::feed_forward(int64_t l, int64_t T) {
   const ModelConfig& c = config_;
   const LayerWeights& w = weights_.layers[l];
   if (c.layers[l].moe) {
-    kernels::moe(stream_, x_.data(), a_.data(), T, w.moe, int(c.top_k), expert_tokens_[l].data(), act_);
+    int64_t* counts = device().type == DeviceType::CUDA ? expert_counts_.data() + l * c.num_experts
+                                                        : expert_tokens_[l].data();
+    kernels::moe(stream(), x_.data(), a_.data(), T, w.moe, int(c.top_k), counts, act_);
     return;
   }
-  kernels::swiglu_mlp(stream_, x_.data(), a_.data(), T, w.mlp_gate_up, w.mlp_down, act_);
+  kernels::swiglu_mlp(stream(), x_.data(), a_.data(), T, w.mlp_gate_up, w.mlp_down, act_);
 }
 
 }  // namespace corral

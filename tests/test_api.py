@@ -149,10 +149,18 @@ def test_bad_options(model_path, options, match):
 
 @pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:7"], ids=["default-gpu", "gpu-0", "gpu-7"])
 def test_cuda_device(model_path, device):
-    """Without a usable GPU: DeviceError naming the reason; with one, whole models are not on CUDA
-    yet (NotSupportedError)."""
-    usable = int(device.partition(":")[2] or 0) < corral._core.cuda_device_count()
-    with pytest.raises(corral.NotSupportedError if usable else corral.DeviceError, match=device):
+    """Without a usable GPU: DeviceError naming the reason, before anything loads. With one, the
+    model loads there (tests/test_model_cuda.py checks what it computes)."""
+    if int(device.partition(":")[2] or 0) < corral._core.cuda_device_count():
+        assert corral.LLM(model_path, device=device).generate([1, 2, 3], corral.SamplingParams(max_tokens=2))
+        return
+    with pytest.raises(corral.DeviceError, match=device):
+        corral.LLM(model_path, device=device)
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "cuda:", "cuda:-1"], ids=["gpu", "letter", "no-index", "negative"])
+def test_malformed_device_names(model_path, device):
+    with pytest.raises(corral.InvalidInputError, match="device"):
         corral.LLM(model_path, device=device)
 
 
@@ -170,3 +178,30 @@ def test_sampling_params_validation():
 
 def test_devices_lists_cpu_first():
     assert corral.devices()[0] == "cpu"
+    assert corral.devices()[1:] == [f"cuda:{i}" for i in range(corral._core.cuda_device_count())]
+
+
+def test_memory_info_without_a_gpu():
+    """Without a usable GPU, asking for its memory is a DeviceError naming why (the build, the
+    driver's message, no device): never a crash."""
+    if corral._core.cuda_device_count() > 0:
+        pytest.skip("this machine has a GPU: test_memory_info_gpu checks it")
+    with pytest.raises(corral.DeviceError, match="device='cuda"):
+        corral.memory_info("cuda")
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu:0", "cuda:x", "cuda:"], ids=["host", "gpu", "letter", "no-index"])
+def test_memory_info_names(name):
+    with pytest.raises(corral.InvalidInputError, match="is not 'cuda' or 'cuda:N'"):
+        corral.memory_info(name)
+
+
+@pytest.mark.cuda
+def test_memory_info_gpu(model_path):
+    """cuda-python's free/total memory; a model on the GPU takes its weights and, by default,
+    85% of the memory free after them for its KV cache."""
+    free, total = corral.memory_info("cuda:0")
+    assert 0 < free <= total
+    llm = corral.LLM(model_path, device="cuda:0")
+    after, _ = corral.memory_info("cuda:0")
+    assert after < free - llm.stats()["weight_bytes"] - 0.8 * (free - llm.stats()["weight_bytes"])

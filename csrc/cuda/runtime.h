@@ -13,8 +13,14 @@ int device_count(std::string* why);
 void set_device(int index);
 void* malloc_device(size_t bytes);
 void free_device(void* ptr) noexcept;
-enum class CopyKind { HostToDevice, DeviceToHost, DeviceToDevice };
+enum class CopyKind { HostToDevice, DeviceToHost, DeviceToDevice, Default };
 void copy_async(void* dst, const void* src, size_t bytes, CopyKind kind, void* stream);
+// `rows` rows of `width` bytes, rows dpitch / spitch bytes apart; either side host or device
+// (unified addressing tells which).
+void copy_2d_async(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width, size_t rows, void* stream);
+void memset_async(void* dst, int value, size_t bytes, void* stream);
+// The current device's free and total memory in bytes.
+void memory_info(size_t* free, size_t* total);
 void* create_stream();
 void destroy_stream(void* stream) noexcept;
 void synchronize(void* stream);

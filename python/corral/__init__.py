@@ -18,12 +18,15 @@ from corral._core import (
     ShapeError,
 )
 from corral.detokenize import IncrementalDetokenizer
-from corral.devices import devices
+from corral.devices import devices, memory_info
 from corral.llm import LLM, demo_model_path
 from corral.outputs import CompletionOutput, RequestOutput
 from corral.perplexity import Perplexity, perplexity
 from corral.sampling_params import SamplingParams
 from corral.tokenizer import NoTokenizerError, Tokenizer
+from corral.cuda_libs import point_to_pip_cublaslt
+
+point_to_pip_cublaslt()  # where the C++ core finds cuBLASLt, if nvidia-cublas is installed
 
 __version__ = "0.1.0"
 
@@ -38,6 +41,7 @@ __all__ = [
     "Tokenizer",
     "IncrementalDetokenizer",
     "devices",
+    "memory_info",
     "CorralError",
     "ConfigError",
     "CorruptCheckpointError",

@@ -78,6 +78,8 @@ def _common_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log messages")
     p.add_argument("-v", "--verbose", action="store_true", help="log what was loaded and which kernels run")
     e = p.add_argument_group("engine options")
+    e.add_argument("--device", default="cpu", metavar="DEVICE",
+                   help="cpu (default), cuda or cuda:N: where the model runs")
     e.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (default: MODEL)")
     e.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16", "fp8"))
     e.add_argument("--quantization", default=None, choices=("int8", "int4"),
@@ -251,6 +253,7 @@ def _load(args, need_tokenizer: bool) -> LLM:
         max_num_batched_tokens=args.max_num_batched_tokens,
         num_threads=args.threads,
         max_images_per_prompt=args.max_images_per_prompt,
+        device=args.device,
     )
     show = not args.quiet and sys.stderr.isatty()
     if not show:

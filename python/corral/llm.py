@@ -82,7 +82,10 @@ class LLM:
             (default 8192).
         num_threads: CPU threads (default: all cores).
         seed: seed of the samplers of requests that bring none (default 0).
-        device: "cpu" (the only device that runs whole models so far).
+        device: "cpu" (default), "cuda" or "cuda:N": where the weights, the KV cache and the
+            forward passes live. On a GPU: bfloat16 / float16 / float32 checkpoints (quantized
+            ones are NotSupportedError so far), the vision encoder on the CPU; DeviceError
+            naming the reason when the GPU cannot be used.
         max_images_per_prompt: images one prompt may carry (default: any number; 0: the vision
             encoder of a multimodal checkpoint is not loaded, and images are refused).
 
@@ -144,6 +147,7 @@ class LLM:
         options.seed = seed
         options.max_images_per_prompt = -1 if max_images_per_prompt is None else max_images_per_prompt
         options.tokenizer_dir = "" if tokenizer is None else os.fspath(tokenizer)
+        options.device = device
         self.model_path = os.fspath(demo_model_path() if model_path is None else model_path)
         # The engine reads the stop tokens and sampling defaults (generation_config.json, the
         # tokenizer's special tokens) itself, as a C++ service gets them.
@@ -547,19 +551,17 @@ def _prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
 
 
 def _check_device(device: str) -> None:
-    """DeviceError when `device` names a GPU this process cannot use (the reason: no CUDA backend
-    in this build, the driver's message, no such device); NotSupportedError for a usable GPU,
-    since whole models run on the CPU so far."""
+    """DeviceError, before anything loads, when `device` names a GPU this process cannot use (the
+    reason: no CUDA backend in this build, the driver's message, no such device)."""
     if device == "cpu":
         return
     kind, _, index = device.partition(":")
-    if kind != "cuda" or (index and not index.isdigit()):
+    if kind != "cuda" or (index and not index.isdigit()) or device == "cuda:":
         raise _core.InvalidInputError(f"device={device!r} is not 'cpu', 'cuda' or 'cuda:N'")
     count = _core.cuda_device_count()
     if int(index or 0) >= count:
         reason = _core.cuda_status() if count == 0 else f"this machine has {count} CUDA devices"
         raise _core.DeviceError(f"device={device!r}: no such CUDA device ({reason})")
-    raise _core.NotSupportedError(f"device={device!r}: whole models run on the CPU so far; the CUDA backend has kernels only")
 
 
 def _read_generation_config(folder: Path) -> dict:

@@ -200,6 +200,7 @@ py::dict stats_of(const E& e) {
 void register_engine(py::module_& m) {
   py::class_<EngineOptions>(m, "EngineOptions")
       .def(py::init<>())
+      .def_readwrite("device", &EngineOptions::device)
       .def_readwrite("tokenizer_dir", &EngineOptions::tokenizer_dir)
       .def_readwrite("block_size", &EngineOptions::block_size)
       .def_readwrite("kv_cache_bytes", &EngineOptions::kv_cache_bytes)

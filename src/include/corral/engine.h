@@ -74,9 +74,13 @@ struct Prompt {
 };
 
 struct EngineOptions {
+  // "cpu", "cuda" or "cuda:N": where the text model's weights, KV cache and forward passes live
+  // (DeviceError naming the reason when that GPU cannot be used). On a GPU: bfloat16, float16 or
+  // float32 checkpoints, the vision encoder on the CPU, logits sampled on the host.
+  std::string device = "cpu";
   std::string tokenizer_dir;                 // "": the model folder (its special tokens end samples)
   int32_t block_size = 16;
-  size_t kv_cache_bytes = 0;                 // 0: half the memory available after loading
+  size_t kv_cache_bytes = 0;                 // 0: half the memory available after loading (GPU: 85% of its free memory)
   std::string kv_cache_dtype = "auto";       // auto (the weights' dtype), float32, bfloat16, float16, fp8
   // What the products multiply bf16 weights with: auto (bf16-rounded activations, vdpbf16ps) or
   // float32 (exact products, float32 speed). Other weights always take float32 activations.

@@ -2,8 +2,10 @@
 // CUDA backend and a GPU, and otherwise fail with DeviceError (never a crash).
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <string>
+#include <vector>
 
 #include "corral/kernels/types.h"
 
@@ -14,6 +16,22 @@ bool cuda_backend_built();
 int cuda_device_count();
 // One line on CUDA's state, e.g. "1 device(s)", "not built", or the driver's error.
 std::string cuda_status();
+
+// Free and total bytes of a device's memory (the CPU: MemAvailable and MemTotal are not asked
+// here; DeviceError for it).
+struct MemoryInfo {
+  size_t free = 0;
+  size_t total = 0;
+};
+MemoryInfo device_memory(Device device);
+
+// Makes `device` the calling thread's current CUDA device (DeviceError if it cannot be used);
+// nothing for the CPU. CUDA's current device is per thread: whoever runs work on a device calls it.
+void use_device(Device device);
+
+// Parses "cpu", "cuda" or "cuda:N" (InvalidInputError otherwise).
+Device parse_device(const std::string& name);
+std::string device_name(Device device);
 
 // A block of memory on a device, freed when destroyed.
 class DeviceBuffer {
@@ -54,5 +72,50 @@ class StreamOwner {
 // Copies between host memory and a device buffer, ordered on `stream`.
 void copy_to_device(DeviceBuffer& dst, const void* src, size_t bytes, const Stream& stream);
 void copy_to_host(void* dst, const DeviceBuffer& src, size_t bytes, const Stream& stream);
+// `rows` rows of `width` bytes, dst_pitch / src_pitch bytes apart, ordered on `stream`: host
+// memory only on a CPU stream; on a CUDA stream either side may be host or device memory. A copy
+// to pageable host memory is complete when the call returns; one from it may reuse src at once.
+void copy_rows(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t width, size_t rows,
+               const Stream& stream);
+// Sets `bytes` bytes at dst (memory of the stream's device) to zero, ordered on `stream`.
+void fill_zero(void* dst, size_t bytes, const Stream& stream);
+inline void copy(void* dst, const void* src, size_t bytes, const Stream& stream) {
+  copy_rows(dst, bytes, src, bytes, bytes, 1, stream);
+}
+
+// An array in one device's memory that grows on demand (its contents are not kept when it does):
+// a forward pass's activations, the same code on the CPU and on a GPU.
+template <class T>
+class DeviceArray {
+ public:
+  explicit DeviceArray(Device device = {}) : device_(device) {}
+  // At least n elements; returns the data.
+  T* reserve(size_t n) {
+    if (n * sizeof(T) > buffer_.size()) buffer_ = DeviceBuffer(device_, std::max<size_t>(n, 1) * sizeof(T));
+    return data();
+  }
+  T* data() const { return static_cast<T*>(buffer_.data()); }
+  // Grows to hold `values` and copies them in, ordered on `stream`; returns the data.
+  T* assign(const T* values, size_t n, const Stream& stream) {
+    reserve(n);
+    if (n) copy(data(), values, n * sizeof(T), stream);
+    return data();
+  }
+
+ private:
+  Device device_;
+  DeviceBuffer buffer_;
+};
+
+// Host values as kernels on `stream` read them: v.data() itself on the CPU, else a copy in
+// `staging` (device memory, valid until staging's next use).
+template <class T>
+const T* on_device(DeviceArray<T>& staging, const std::vector<T>& v, const Stream& stream) {
+  if (stream.device.type == DeviceType::CPU) return v.data();
+  return staging.assign(v.data(), v.size(), stream);
+}
+
+// Waits for the work queued on `stream` (nothing to wait for on the CPU).
+void synchronize(const Stream& stream);
 
 }  // namespace corral

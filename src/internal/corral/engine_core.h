@@ -11,7 +11,9 @@
 #include <string>
 #include <vector>
 
+#include "corral/device.h"
 #include "corral/engine.h"
+#include "corral/kernels/sampling.h"
 #include "corral/generation_config.h"
 #include "corral/kv_cache.h"
 #include "corral/model.h"
@@ -77,8 +79,9 @@ class EngineCore {
   void preempt(Sequence& s);
   void fork_samples(Request& r);
   void finish(Sequence& s, FinishReason why, RequestUpdate* update);
-  // Draws the next token of seqs[d] from logits row rows[d], and ends the samples that stop.
-  void sample(const std::vector<Sequence*>& seqs, const std::vector<int64_t>& rows,
+  // Draws the next token of seqs[d] from row rows[d] of `logits` (the model's, on its device),
+  // and ends the samples that stop.
+  void sample(const float* logits, const std::vector<Sequence*>& seqs, const std::vector<int64_t>& rows,
               std::vector<RequestUpdate>& updates);
 
   mutable std::mutex mutex_;  // held by every public member function but the immutable accessors
@@ -93,7 +96,22 @@ class EngineCore {
   Queue waiting_;  // hold no KV blocks: not started yet, or preempted
   Queue running_;  // hold KV blocks
   std::mt19937_64 seeder_;
-  std::vector<float> logits_, processed_;  // model logits; their copies for penalties and sampling
+  // Sampling's arrays on the model's device: the rows it adjusts (penalties, bans, masks), and on
+  // a GPU the per-row inputs and outputs of the kernels; host_rows_ takes rows back for what only
+  // the host computes (log-probabilities of more than kMaxDeviceLogprobs tokens).
+  struct SamplingArrays {
+    explicit SamplingArrays(Device d = {})
+        : offsets(d), ids(d), counts(d), next(d), top_ids(d), penalties(d), settings(d), uniform(d), chosen_lp(d),
+          top_lp(d) {}
+    DeviceArray<int64_t> offsets;
+    DeviceArray<int32_t> ids, counts, next, top_ids;
+    DeviceArray<PenaltyRow> penalties;
+    DeviceArray<SamplerRow> settings;
+    DeviceArray<float> uniform, chosen_lp, top_lp;
+  };
+  DeviceArray<float> processed_;
+  SamplingArrays staging_;
+  std::vector<float> host_rows_;
   int64_t prefill_tokens_ = 0, decode_tokens_ = 0, preemptions_ = 0;
 };
 

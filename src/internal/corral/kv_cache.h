@@ -8,6 +8,7 @@
 
 #include "corral/block_manager.h"
 #include "corral/config.h"
+#include "corral/device.h"
 #include "corral/kernels/kv_cache.h"
 
 namespace corral {
@@ -42,9 +43,12 @@ KvLayout make_kv_layout(const ModelConfig& config, int32_t block_size, DType dty
 
 class KvCache {
  public:
-  // `bytes` of memory (0: half of what this process may still use now, MemAvailable within its
-  // cgroup's memory limit; pages are committed as first written).
-  KvCache(const KvLayout& layout, size_t bytes, bool prefix_caching);
+  // `bytes` of memory on the stream's device. On the CPU, 0 means half of what this process may
+  // still use now (MemAvailable within its cgroup's memory limit; pages are committed as first
+  // written); on a GPU, kGpuDefaultShare of its free memory now (after the weights), the rest
+  // left to activations and workspaces. Page copies (copy-on-write) run on `stream`.
+  KvCache(const KvLayout& layout, size_t bytes, bool prefix_caching, const Stream& stream = {});
+  static constexpr double kGpuDefaultShare = 0.85;
   ~KvCache();
   KvCache(const KvCache&) = delete;
   KvCache& operator=(const KvCache&) = delete;
@@ -61,12 +65,15 @@ class KvCache {
   bool append(BlockManager::SeqId id, int64_t n);
 
  private:
-  static int64_t pages_for(const KvLayout& layout, size_t bytes);
+  static int64_t pages_for(const KvLayout& layout, size_t bytes, Device device);
   KvLayout layout_;
+  Stream stream_;
   int64_t num_pages_;
   BlockManager blocks_;
   char* pool_ = nullptr;
-  size_t mapped_ = 0;
+  size_t mapped_ = 0;      // CPU: the anonymous mapping's size
+  DeviceBuffer on_gpu_;    // GPU: the pool
+  DeviceArray<int32_t> copies_;  // GPU: a step's copy-on-write page lists
 };
 
 }  // namespace corral

@@ -6,6 +6,7 @@
 
 #include "corral/checkpoint.h"
 #include "corral/config.h"
+#include "corral/device.h"
 #include "corral/kernels/attention.h"
 #include "corral/kv_cache.h"
 #include "corral/vision_model.h"
@@ -46,41 +47,56 @@ struct ForwardBatch {
 
 class Llama4Model {
  public:
-  // Loads config.json and the safetensors weights of `dir` and packs the matrices for the CPU
-  // products, which multiply bfloat16 weights with activations as `act` says.
+  // Loads config.json and the safetensors weights of `dir` onto load.device: packed for the CPU
+  // products, which multiply bfloat16 weights with activations as `act` says, or copied as stored
+  // to a GPU (its products round activations to bfloat16 whatever `act` says).
   explicit Llama4Model(const std::string& dir, kernels::Activations act = kernels::Activations::Native,
                        const LoadOptions& load = {});
 
   const ModelConfig& config() const { return config_; }
+  Device device() const { return stream_.get().device; }
+  // The stream every pass runs on (the KV cache's page copies go on it too).
+  const Stream& stream() const { return stream_.get(); }
   // The dtype of the checkpoint's weights (of its embedding table).
   DType weights_dtype() const { return weights_.embed.dtype; }
   const ModelWeights& weights() const { return weights_; }
-  // The vision encoder, when the checkpoint has one and LoadOptions::vision asked for it.
+  // The vision encoder, when the checkpoint has one and LoadOptions::vision asked for it (always
+  // on the CPU; its features are copied to the text model's device).
   VisionModel* vision() { return vision_.get(); }
   // Tokens routed to each expert of each layer by all forward passes so far ([layer][expert];
   // empty for dense layers).
-  const std::vector<std::vector<int64_t>>& expert_tokens() const { return expert_tokens_; }
+  const std::vector<std::vector<int64_t>>& expert_tokens();
 
-  // Runs every layer over the batch, writing each token's K/V into `cache`, and stores the
-  // logits of batch.logit_rows in logits[i * vocab_size ...]. Throws InvalidInputError for a
-  // token id outside the vocabulary (before anything is written).
-  void forward(const ForwardBatch& batch, const KvCache& cache, float* logits);
+  // Runs every layer over the batch, writing each token's K/V into `cache` (on this model's
+  // device), and returns the logits of batch.logit_rows, [rows, vocab_size], in this model's
+  // device memory (valid until the next pass; on a GPU possibly not computed yet: work on
+  // stream() orders after them). With host_logits they are also (on the CPU: only) stored there,
+  // complete when forward returns. Throws InvalidInputError for a token id outside the
+  // vocabulary (before anything is written).
+  const float* forward(const ForwardBatch& batch, const KvCache& cache, float* host_logits = nullptr);
 
  private:
-  void attention(int64_t layer, const ForwardBatch& batch, const PagedKv& kv, const AttentionBatch& ab,
+  void attention(int64_t layer, int64_t tokens, const PagedKv& kv, const AttentionBatch& ab, const int32_t* positions,
                  const int64_t* slots);
   void feed_forward(int64_t layer, int64_t rows);
 
   Checkpoint checkpoint_;  // first: a missing folder is reported as such, before its config
   ModelConfig config_;
+  StreamOwner stream_;
   ModelWeights weights_;
   std::unique_ptr<VisionModel> vision_;
   std::vector<float> inv_freq_;
   std::vector<std::vector<int64_t>> expert_tokens_;
-  Stream stream_;
   kernels::Activations act_;
   // Activations of the current pass, kept between passes to avoid reallocation.
-  std::vector<float> x_, a_, qkv_, q_, k_, v_, attn_;
+  DeviceArray<float> x_, a_, qkv_, q_, k_, v_, attn_;
+  // The logits a pass returns; on a GPU also the batch's arrays, the rotary frequencies and the
+  // expert counts [layer * experts].
+  DeviceArray<int32_t> ids_, positions_, seq_starts_;
+  std::vector<DeviceArray<int32_t>> tables_;
+  std::vector<DeviceArray<int64_t>> slots_;
+  DeviceArray<float> inv_freq_device_, logits_;
+  DeviceArray<int64_t> expert_counts_;
 };
 
 }  // namespace corral

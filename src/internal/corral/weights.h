@@ -8,6 +8,7 @@
 
 #include "corral/checkpoint.h"
 #include "corral/config.h"
+#include "corral/device.h"
 #include "corral/kernels/moe.h"
 
 namespace corral {
@@ -18,7 +19,9 @@ struct VectorRef {
 };
 
 // Matrices are packed for the CPU products (kernels::pack_weights, pack_quantized): a copy of
-// each, made at load.
+// each, made at load. On a GPU they are device copies as stored (OutIn nn.Linear matrices, the
+// fused expert tensors InOut), with q, k and v as one [q + k + v widths, hidden] matrix (qkv) and
+// a dense MLP's gate and up as one [2 * intermediate, hidden] matrix (mlp_gate_up).
 struct LayerWeights {
   VectorRef input_norm, post_attention_norm;
   MatrixRef q, k, v, o;
@@ -35,7 +38,8 @@ struct ModelWeights {
   MatrixRef lm_head;  // [vocab, hidden], packed (from the embedding when tied)
   std::vector<LayerWeights> layers;
   std::vector<std::shared_ptr<const SafetensorsFile>> files;  // keeps the mappings alive
-  kernels::PackedStorage packed;  // every packed matrix
+  kernels::PackedStorage packed;  // every packed matrix (CPU)
+  DeviceBuffer device_data;       // every tensor (GPU)
   int64_t bytes = 0;              // bytes of weights held: packed matrices, embedding, norms
   std::string format;             // e.g. "bfloat16", "int4 (quantized at load)", for logs
 };
@@ -80,6 +84,7 @@ const void* float_tensor(const Checkpoint& checkpoint, const std::string& name, 
 struct LoadOptions {
   std::string quantization;
   bool vision = true;  // load the vision encoder of a multimodal checkpoint
+  Device device;       // where the text model's weights go (the vision encoder stays on the CPU)
 };
 
 // Binds every text-model tensor (Llama4ForCausalLM names, or Llama4ForConditionalGeneration's
@@ -87,6 +92,7 @@ struct LoadOptions {
 // checkpoint's pages are dropped after each: memory holds the packed model and one layer).
 // Throws MissingTensorError, ShapeError or DTypeError naming the tensor and its file,
 // ConfigError for a quantization_config Corral cannot run, InvalidInputError for a bad option.
+// On a GPU, quantized weights (in the checkpoint or at load) are NotSupportedError so far.
 ModelWeights load_weights(const Checkpoint& checkpoint, const ModelConfig& config, const LoadOptions& options = {});
 
 }  // namespace corral

@@ -44,7 +44,8 @@ void apply_penalties(const Stream& stream, float* logits, int64_t rows, int64_t 
 // Log-probabilities of row r of log_softmax(logits): the chosen token's, chosen_logprob[r], and
 // the top_n largest, top_ids[r, :top_n] / top_logprobs[r, :top_n] in descending order (ties:
 // lower id first). Computed in float64, stored as float32. top_n in [0, vocab] (InvalidInputError
-// otherwise); on CUDA at most 64 (NotSupportedError beyond).
+// otherwise); on CUDA at most kMaxDeviceLogprobs (NotSupportedError beyond).
+constexpr int64_t kMaxDeviceLogprobs = 64;
 void logprobs(const Stream& stream, const float* logits, int64_t rows, int64_t vocab, const int32_t* chosen,
               float* chosen_logprob, int64_t top_n, int32_t* top_ids, float* top_logprobs);
 
