@@ -349,14 +349,17 @@ void EngineCore::sample(const float* logits_in, const std::vector<Sequence*>& se
   // Rows are adjusted in a copy, one per draw, when a penalty or ban changes them or a row is
   // drawn from more than once; otherwise the draws read the model's logits as they are. Both
   // live on the model's device; only the drawn tokens (and log-probabilities) come back.
-  bool copy_rows_first = D != (D ? rows.back() + 1 : 0);  // rows rise from 0: equal counts mean draw d reads row d
+  const bool one_each = D == (D ? rows.back() + 1 : 0);  // rows rise from 0: equal counts mean draw d reads row d
+  bool copy_rows_first = !one_each;
   for (const Sequence* s : seqs)
     copy_rows_first = copy_rows_first || s->request->penalized() || s->generated() < s->request->params.min_tokens ||
                       !s->request->constraints.empty();
   const size_t row_bytes = size_t(vocab) * sizeof(float);
   const auto gather = [&] {
     float* dst = processed_.reserve(size_t(D * vocab));
-    for (int64_t d = 0; d < D; ++d) copy(dst + d * vocab, logits_in + rows[d] * vocab, row_bytes, stream);
+    if (one_each) copy(dst, logits_in, size_t(D) * row_bytes, stream);
+    else
+      for (int64_t d = 0; d < D; ++d) copy(dst + d * vocab, logits_in + rows[d] * vocab, row_bytes, stream);
     return dst;
   };
   float* edited = copy_rows_first ? gather() : nullptr;  // every edit below implies copy_rows_first

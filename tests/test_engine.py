@@ -264,3 +264,12 @@ def test_bad_sampling_params(model_path, fields, match):
     with pytest.raises(_core.InvalidInputError, match=match):
         eng.add_request(prompt(9, 5), params(**fields))
     assert not eng.has_unfinished()
+
+
+@pytest.mark.parametrize("device, error", [("tpu", "InvalidInputError"), ("cuda:x", "InvalidInputError"),
+                                           ("cuda:99", "DeviceError")], ids=["tpu", "letter", "index-99"])
+def test_engine_device_option(model_path, device, error):
+    """EngineOptions.device (the C++ API): a malformed name is InvalidInputError, a GPU that is not
+    there DeviceError naming the reason, both before any weight is read."""
+    with pytest.raises(getattr(_core, error), match="device|CUDA"):
+        engine(model_path, device=device)
