@@ -16,6 +16,7 @@
 #include "corral/kernels/sampling.h"
 #include "cpu/ops.h"
 #if CORRAL_WITH_CUDA
+#include "cuda/cublaslt.h"
 #include "cuda/ops.h"
 #endif
 
@@ -25,18 +26,11 @@ namespace {
 
 bool is_cuda(const Stream& s) { return s.device.type == DeviceType::CUDA; }
 
+#if !CORRAL_WITH_CUDA
 [[noreturn]] void no_cuda(const char* op) {
-#if CORRAL_WITH_CUDA
-  throw NotSupportedError(std::string(op) + " has no CUDA implementation yet");
-#else
   throw DeviceError(std::string(op) + ": this build of Corral has no CUDA backend");
+}
 #endif
-}
-
-// Ops whose only implementation is the CPU one.
-void require_cpu(const Stream& s, const char* op) {
-  if (is_cuda(s)) no_cuda(op);
-}
 
 }  // namespace
 
@@ -52,8 +46,16 @@ void require_cpu(const Stream& s, const char* op) {
 
 void linear(const Stream& s, float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows,
             const MatrixRef& w, bool accumulate, Activations act) {
-  require_cpu(s, "linear");
+  CORRAL_ON_CUDA(s, linear, y, ldy, x, ldx, rows, w, accumulate, act);
   cpu::linear(y, ldy, x, ldx, rows, w, accumulate, act);
+}
+
+std::string cuda_blas_status() {
+#if CORRAL_WITH_CUDA
+  return cuda::cublaslt_status();
+#else
+  return "not built";
+#endif
 }
 
 void rms_norm(const Stream& s, void* y, const void* x, DType act, const void* w, DType w_dtype,
@@ -91,7 +93,8 @@ void argmax(const Stream& s, int32_t* out, const float* logits, int64_t rows, in
 
 void sample(const Stream& s, int32_t* out, const float* logits, int64_t rows, int64_t vocab,
             const SamplerRow* settings, const float* uniform) {
-  require_cpu(s, "sample");
+  if (rows > 0 && vocab < 1) throw InvalidInputError("sample: vocab " + std::to_string(vocab) + " must be at least 1");
+  CORRAL_ON_CUDA(s, sample, out, logits, rows, vocab, settings, uniform);
   cpu::sample(out, logits, rows, vocab, settings, uniform);
 }
 
@@ -137,7 +140,7 @@ void attn_temperature_scale(const Stream& s, float* q, int64_t ld, int64_t rows,
 
 void swiglu_mlp(const Stream& s, float* out, const float* x, int64_t rows, const MatrixRef& gate_up,
                 const MatrixRef& down, Activations act) {
-  require_cpu(s, "swiglu_mlp");
+  CORRAL_ON_CUDA(s, swiglu_mlp, out, x, rows, gate_up, down, act);
   cpu::swiglu_mlp(out, x, rows, gate_up, down, act);
 }
 

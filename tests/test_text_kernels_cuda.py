@@ -1,12 +1,13 @@
 """The text model's element-wise kernels (embedding, rope_interleaved, silu_mul, kv_cache_copy_pages,
 argmax) and the sampling side's apply_penalties and logprobs against independent float64 numpy
-references.
+references; the CUDA sample against the CPU's (whose own tests are in test_kernels.py).
 
 Every test body runs on the CPU and, with the `cuda` marker, on a GPU (tools/gpu_check.sh runs
 `pytest -m cuda`; elsewhere those cases are reported as skipped). 16-bit tables are compared with a
 reference computed from the ROUNDED values (numerics.rounded): their conversion to float32 is exact.
 """
 
+import itertools
 import re
 
 import numpy as np
@@ -427,3 +428,128 @@ def test_logprobs_cuda_top_n_limit():
     with pytest.raises(corral.NotSupportedError, match="64"):
         ops.logprobs(logits, np.array([0]), 65, device="cuda")
     assert ops.logprobs(logits, np.array([0]), 65)[1].shape == (1, 65)
+
+
+# ---- sample --------------------------------------------------------------------------------------
+# With the same uniform numbers the CUDA sampler picks the CPU's tokens: they differ only where
+# float64 sums rounded in other orders (or exp's last bit) fall on the two sides of a cut, cases of
+# measure zero that these rows do not hit, so every test asks for equal tokens.
+
+
+def sample_both(logits, uniform, settings):
+    """The CPU's and the CUDA's tokens; settings: one (temperature, top_k, top_p, min_p) per row."""
+    t, k, p, m = (np.array(c) for c in zip(*settings))
+    kw = dict(temperature=t.astype(np.float32), top_k=k.astype(np.int32), top_p=p.astype(np.float32),
+              min_p=m.astype(np.float32))
+    uniform = np.asarray(uniform, np.float32)
+    want = ops.sample(logits, uniform, **kw)
+    got = ops.sample(logits, uniform, **kw, device="cuda")
+    assert got.dtype == np.int32 and got.shape == (len(logits),)
+    return want, got
+
+
+def sample_logits(rng, rows, vocab, pattern):
+    logits = (rng.standard_normal((rows, vocab)) * 2).astype(np.float32)
+    if pattern == "ties":  # many exact ties, also at the top-k and top-p cuts
+        logits = np.round(logits)
+    elif pattern == "quarters":
+        logits = np.round(logits * 4) / 4 - 1
+    elif pattern == "-inf":
+        logits[rng.random((rows, vocab)) < 0.3] = -np.inf
+    return logits
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("vocab", [1000, 50000, 202048])
+@pytest.mark.parametrize("pattern", ["random", "ties", "quarters", "-inf"])
+def test_sample_cuda_matches_cpu(vocab, pattern, rng):
+    """Every combination of temperature 0 / 0.7 / 1.5, top_k 0 / 1 / 5 / 5000 (over the 4096 tokens
+    the kernel sorts in shared memory) / vocab + 3, top_p 1 / 0.9 / 0.3 and min_p 0 / 0.1, one row
+    each, drawn with u = 0, 0.5 and 1 - 2^-24 and with random u."""
+    settings = list(itertools.product([0.0, 0.7, 1.5], [0, 1, 5, 5000, vocab + 3], [1.0, 0.9, 0.3], [0.0, 0.1]))
+    logits = sample_logits(rng, len(settings), vocab, pattern)
+    for u in [0.0, 0.5, 1 - 2**-24, None]:
+        uniform = rng.random(len(settings), dtype=np.float32) if u is None else np.full(len(settings), u)
+        want, got = sample_both(logits, uniform, settings)
+        np.testing.assert_array_equal(got, want, err_msg=f"u = {u}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("vocab", [5, 1000, 10000])
+def test_sample_cuda_edge_rows(vocab, rng):
+    """Rows of one finite logit among -inf, two tied ones, all equal, NaN at index 0 (greedy on the
+    CPU), +inf, a +-0 tie at the top, huge logits, a float32 overflow in l - max; each with every
+    setting of a list that includes top_k at and around the list's 4096 tokens, top_p 0 and
+    just under 1, min_p 1 and over 1, temperatures tiny, huge and NaN."""
+    base = (rng.standard_normal(vocab) * 2).astype(np.float32)
+    rows = []
+    row = np.full(vocab, -np.inf, np.float32)
+    row[vocab // 2] = 1.0
+    rows.append(row)
+    row = np.full(vocab, -np.inf, np.float32)
+    row[[1, vocab - 1]] = 2.0
+    rows.append(row)
+    rows.append(np.full(vocab, 0.25, np.float32))
+    row = base.copy()
+    row[0] = np.nan
+    rows.append(row)
+    row = base.copy()
+    row[vocab // 3] = np.inf
+    rows.append(row)
+    row = np.minimum(base, -1.0)
+    row[[vocab // 4, vocab // 2]] = [0.0, -0.0]
+    rows.append(row)
+    rows.append(base * 100)
+    rows.append(base + 1000)
+    row = np.full(vocab, -3e38, np.float32)
+    row[vocab - 2] = 3e38
+    rows.append(row)
+    settings = [(0.7, k, p, m) for k in [0, 1, 5, 4095, 4096, 4097, vocab - 1, vocab] for p in [1.0, 0.9, 0.0]
+                for m in [0.0, 0.1]]
+    settings += [(1.0, 0, 0.9999999, 0.0), (1.0, 3, 0.9999999, 0.0), (1.0, 0, 1.0, 1.0), (1.0, 0, 0.9, 1.5),
+                 (1e-30, 0, 1.0, 0.0), (1e-45, 3, 0.9, 0.0), (1e30, 0, 1.0, 0.0), (1e30, 7, 0.5, 0.0),
+                 (np.nan, 0, 1.0, 0.0), (np.nan, 5, 1.0, 0.0), (np.nan, 0, 0.9, 0.0), (-1.0, 0, 0.5, 0.0),
+                 (1.5, -3, 1.0, 0.0)]
+    logits = np.repeat(np.stack(rows).astype(np.float32), len(settings), axis=0)
+    settings = settings * len(rows)
+    for u in [0.0, 0.5, 1 - 2**-24]:
+        want, got = sample_both(logits, np.full(len(logits), u), settings)
+        np.testing.assert_array_equal(got, want, err_msg=f"u = {u}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("vocab", [1000, 202048])
+def test_sample_cuda_nan_logits(vocab, rng):
+    """Without truncation (where the CPU's order of NaN is defined): a NaN weight is walked, and once
+    the running sum is NaN nothing passes u * total, so the walk ends on its last token."""
+    settings = [(1.0, 0, 1.0, 0.0), (0.7, 0, 1.0, 0.1), (1.5, vocab + 3, 1.0, 0.0)]
+    rows = []
+    for at in [1, vocab // 2, vocab - 1]:
+        row = (rng.standard_normal(vocab) * 2).astype(np.float32)
+        row[at] = np.nan
+        rows.append(row)
+    logits = np.repeat(np.stack(rows), len(settings), axis=0)
+    settings = settings * len(rows)
+    for u in [0.0, 0.3, 0.7, 0.999, 1 - 2**-24]:
+        want, got = sample_both(logits, np.full(len(logits), u), settings)
+        np.testing.assert_array_equal(got, want, err_msg=f"u = {u}")
+
+
+@pytest.mark.cuda
+def test_sample_cuda_many_rows(rng):
+    """300 short rows, each with its own settings and uniform number."""
+    rows, vocab = 300, 129
+    logits = np.round(rng.standard_normal((rows, vocab)) * 3).astype(np.float32)
+    settings = list(zip(rng.choice([0.0, 0.5, 1.0, 2.0], rows), rng.integers(0, vocab + 5, rows),
+                        rng.choice([1.0, 0.95, 0.5, 0.1], rows), rng.choice([0.0, 0.05, 0.3], rows)))
+    want, got = sample_both(logits, rng.random(rows, dtype=np.float32), settings)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sample_no_rows_and_empty_vocabulary(device):
+    """No rows: no tokens; rows of no logits: InvalidInputError on either device."""
+    got = ops.sample(np.zeros((0, 5), np.float32), np.zeros(0, np.float32), temperature=1.0, device=device)
+    assert got.shape == (0,)
+    with pytest.raises(corral.InvalidInputError, match="vocab"):
+        ops.sample(np.zeros((2, 0), np.float32), np.zeros(2, np.float32), temperature=1.0, device=device)

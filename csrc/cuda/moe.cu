@@ -7,24 +7,20 @@
 //      in the epilogue;
 //   4. one grouped launch for the down projections;
 //   5. out[t] += shared[t] + the token's routed rows, summed in k order (deterministic).
-// Products: tensor cores (wmma, float32 accumulation) for bfloat16 / float16 weights, CUDA cores in
-// float32 for float32 weights, and for decode (at most kDecodePairs (token, k) pairs) a GEMV that
-// streams each active expert's weights once. Experts without tokens get no work. Scratch memory
-// comes from cudaMallocAsync on the stream.
+// Products (grouped_product.cuh): tensor cores (wmma, float32 accumulation) for bfloat16 /
+// float16 weights, CUDA cores in float32 for float32 weights, and for decode (at most kDecodePairs
+// (token, k) pairs) a GEMV that streams each active expert's weights once. Experts without tokens
+// get no work. Scratch memory comes from cudaMallocAsync on the stream.
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <string>
-#include <type_traits>
 
 #include "check.h"
 #include "corral/error.h"
 #include "corral/kernels/moe.h"
-#include "moe_common.cuh"
-#include "moe_gemm_simt.cuh"
-#include "moe_gemm_tc.cuh"
-#include "moe_gemv.cuh"
+#include "grouped_product.cuh"
 #include "moe_route.cuh"
 #include "ops.h"
 #include "scratch.h"
@@ -37,147 +33,11 @@ using namespace moe_detail;
 
 // Up to this many (token, k) pairs the products run as GEMVs (decode).
 constexpr int64_t kDecodePairs = kMaxGemvRows;
-// Row counts live in int32 on the device.
-constexpr int64_t kMaxRows = int64_t(1) << 30;
-
-enum class Path { Gemv, TensorCore, CudaCore };
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-// B can be read in 16-byte pieces of `elems` elements: every row (and every expert's matrix)
-// starts 16-byte aligned and the contiguous extent is a whole number of pieces.
-bool vector_ok(const Operand& op, bool swiglu, int64_t elems) {
-  const int64_t contiguous = op.n_major ? op.k : op.n;
-  return contiguous % elems == 0 && op.ldb % elems == 0 && op.b_stride % elems == 0 && aligned16(op.b0) &&
-         (!swiglu || aligned16(op.b1));
-}
-
-// One grouped product over the routed experts and/or the shared expert (whichever `g` includes).
-struct Product {
-  cudaStream_t stream;
-  Groups g;
-  Operand routed, shared;
-  bool swiglu;
-  int64_t pairs, tokens, experts;
-  int gemv_rows;       // R of the GEMV kernels
-  int gemv_chunks = 1;  // GEMV: chunks of gemv_rows rows of the shared side (blockIdx.z)
-
-  bool has_routed() const { return g.num_experts > 0 || g.routed_slots > 0; }
-  bool has_shared() const { return g.shared_rows > 0; }
-  bool vec(int64_t elems) const {
-    return (!has_routed() || vector_ok(routed, swiglu, elems)) && (!has_shared() || vector_ok(shared, swiglu, elems));
-  }
-  // Grid of the GEMM kernels: x = M tiles for the worst case of the device-side counts (every
-  // expert's last tile partial), y = N tiles.
-  dim3 gemm_grid() const {
-    int64_t x = 0, y = 0;
-    if (has_routed()) {
-      x += ceil_div(pairs, kTileM) + std::min(experts, pairs);
-      y = std::max(y, ceil_div(routed.n, kTileN));
-    }
-    if (has_shared()) {
-      x += ceil_div(tokens, kTileM);
-      y = std::max(y, ceil_div(shared.n, kTileN));
-    }
-    if (x > 0x7fffffff || y > 65535)
-      throw ShapeError("moe: the products are too large for one CUDA launch (" + std::to_string(x) + " x " +
-                       std::to_string(y) + " tiles)");
-    return dim3(unsigned(x), unsigned(y));
-  }
-};
-
-template <class W, bool Swiglu>
-void launch_tc(const Product& p) {
-  const dim3 grid = p.gemm_grid();
-  if (p.vec(8))
-    grouped_gemm_tc<W, Swiglu, true><<<grid, tc::kThreads, 0, p.stream>>>(p.g, p.routed, p.shared);
-  else
-    grouped_gemm_tc<W, Swiglu, false><<<grid, tc::kThreads, 0, p.stream>>>(p.g, p.routed, p.shared);
-  CORRAL_CUDA_CHECK_LAUNCH();
-}
-
-template <class W, bool Swiglu>
-void launch_simt(const Product& p) {
-  grouped_gemm_simt<W, Swiglu><<<p.gemm_grid(), simt::kThreads, 0, p.stream>>>(p.g, p.routed, p.shared);
-  CORRAL_CUDA_CHECK_LAUNCH();
-}
-
-template <class W, int R, bool Swiglu>
-void launch_gemv_rows(const Product& p) {
-  constexpr int64_t VW = Vec16<W>::kElems;
-  const bool vec = p.vec(VW);
-  auto cols = [&](const Operand& op) -> int64_t {
-    if (op.n_major) return gemv::nmajor_cols<Swiglu>();
-    return vec ? gemv::kmajor_cols<int(VW), Swiglu>() : gemv::kmajor_cols<1, Swiglu>();
-  };
-  int64_t x = 0;
-  if (p.has_routed()) x = std::max(x, ceil_div(p.routed.n, cols(p.routed)));
-  if (p.has_shared()) x = std::max(x, ceil_div(p.shared.n, cols(p.shared)));
-  if (x > 0x7fffffff) throw ShapeError("moe: the products are too large for one CUDA launch");
-  const dim3 grid(unsigned(x), unsigned(p.g.routed_slots + (p.has_shared() ? 1 : 0)), unsigned(p.gemv_chunks));
-  if (vec)
-    grouped_gemv<W, R, Swiglu, true><<<grid, gemv::kThreads, 0, p.stream>>>(p.g, p.routed, p.shared);
-  else
-    grouped_gemv<W, R, Swiglu, false><<<grid, gemv::kThreads, 0, p.stream>>>(p.g, p.routed, p.shared);
-  CORRAL_CUDA_CHECK_LAUNCH();
-}
-
-template <class W, bool Swiglu>
-void launch_gemv(const Product& p) {
-  switch (p.gemv_rows) {
-    case 1: return launch_gemv_rows<W, 1, Swiglu>(p);
-    case 2: return launch_gemv_rows<W, 2, Swiglu>(p);
-    case 4: return launch_gemv_rows<W, 4, Swiglu>(p);
-    default: return launch_gemv_rows<W, kMaxGemvRows, Swiglu>(p);
-  }
-}
-
-template <class W>
-void launch_typed(const Product& p, Path path) {
-  switch (path) {
-    case Path::Gemv: return p.swiglu ? launch_gemv<W, true>(p) : launch_gemv<W, false>(p);
-    case Path::CudaCore: return p.swiglu ? launch_simt<W, true>(p) : launch_simt<W, false>(p);
-    case Path::TensorCore:
-      if constexpr (std::is_same<W, float>::value) {
-        throw NotSupportedError("moe: no tensor-core path for float32 weights");
-      } else {
-        return p.swiglu ? launch_tc<W, true>(p) : launch_tc<W, false>(p);
-      }
-  }
-}
-
-void launch(const Product& p, DType weights, Path path) {
-  switch (weights) {
-    case DType::F32: return launch_typed<float>(p, path);
-    case DType::BF16: return launch_typed<__nv_bfloat16>(p, path);
-    case DType::F16: return launch_typed<__half>(p, path);
-    default: throw DTypeError(std::string("moe: weights of ") + dtype_name(weights) + " are not supported on CUDA");
-  }
-}
 
 DType check_float(DType t, const char* what) {
   if (t != DType::F32 && t != DType::BF16 && t != DType::F16)
     throw DTypeError(std::string("moe ") + what + ": dtype " + dtype_name(t) + " is not supported on CUDA");
   return t;
-}
-
-// The operand of a product with matrix m: C[rows, n] (rows ldc apart) = A[rows, k] (rows lda
-// apart) . m. For the routed experts m is expert 0's; the caller sets b_stride to step to the next.
-Operand matrix_operand(const void* a, int64_t lda, const MatrixRef& m, void* c, int64_t ldc, int64_t n, int64_t k) {
-  Operand op;
-  op.a = a;
-  op.lda = lda;
-  op.b0 = m.data;
-  op.n_major = m.layout == WeightLayout::OutIn;
-  op.ldb = m.row_stride();
-  op.c = c;
-  op.ldc = ldc;
-  op.n = n;
-  op.k = k;
-  return op;
 }
 
 }  // namespace
@@ -265,15 +125,11 @@ void moe(void* stream, float* out, const float* x, int64_t tokens, const MoeWeig
   // 1. Router logits [T, E] in float32, as the shared-expert side of a product over all tokens: a
   // GEMV over chunks of 8 tokens (the router stays in L2) when x allows its float4 reads, else the
   // CUDA-core GEMM.
-  const int gemv_rows = T <= 1 ? 1 : T <= 2 ? 2 : T <= 4 ? 4 : int(kMaxGemvRows);
   {
-    const int64_t chunks = ceil_div(T, gemv_rows);
-    const bool gemv = aligned16(x) && H % 8 == 0 && chunks <= 65535;
-    Product p{s, Groups{}, Operand{}, Operand{}, false, P, T, E, gemv_rows, int(gemv ? chunks : 1)};
-    p.g.shared_rows = int(T);
-    p.shared = matrix_operand(x, H, w.router, logits, E, E, H);
+    const bool gemv = aligned16(x) && H % 8 == 0 && ceil_div(T, kMaxGemvRows) <= 65535;
     CORRAL_CUDA_CHECK(cudaMemsetAsync(counts, 0, size_t(E) * sizeof(int), s));
-    launch(p, w.router.dtype, gemv ? Path::Gemv : Path::CudaCore);
+    dense_product("moe", s, matrix_operand(x, H, w.router, logits, E, E, H), T, w.router.dtype,
+                  gemv ? Path::Gemv : Path::CudaCore);
   }
   route_topk<<<unsigned(ceil_div(T, 8)), 256, 0, s>>>(logits, T, int(E), top_k, chosen, score, counts);
   CORRAL_CUDA_CHECK_LAUNCH();
@@ -288,8 +144,9 @@ void moe(void* stream, float* out, const float* x, int64_t tokens, const MoeWeig
   CORRAL_CUDA_CHECK_LAUNCH();
 
   // 3 and 4. Gate + up (SwiGLU), then down; one launch each when both sides share a weight dtype.
+  // No expert has more rows than there are tokens.
   auto run = [&](const Operand& r, const Operand& sh, bool swiglu) {
-    Product p{s, g, r, sh, swiglu, P, T, E, gemv_rows};
+    Product p{"moe", s, g, r, sh, swiglu, P, T, E, gemv_rows_for(T)};
     if (wt == st) return launch(p, wt, path_r);
     Product pr = p, ps = p;
     pr.g.shared_rows = 0;

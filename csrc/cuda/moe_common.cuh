@@ -1,6 +1,7 @@
-// Pieces shared by the MoE kernels (csrc/cuda/moe*.cuh): how a block finds its expert and rows
-// from the device-side routing tables, the operand descriptors of the grouped matrix products,
-// and element conversions. Device code only; no host synchronisation anywhere.
+// Pieces shared by the MoE kernels (csrc/cuda/moe*.cuh), whose grouped matrix products also serve
+// dense products (grouped_product.cuh): how a block finds its expert and rows from the device-side
+// routing tables, the operand descriptors of the products, and element conversions. Device code
+// only; no host synchronisation anywhere.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -47,6 +48,7 @@ struct Operand {
   int64_t ldc = 0;
   int64_t n = 0, k = 0;  // C is rows x n, the reduction runs over k
   // With SwiGLU, columns [n, ldc) of C are written with zeros: C is the next product's A.
+  int accumulate = 0;  // 1 (no SwiGLU): C += A . B, the product added to C's float32 value
 };
 
 // A block's share of the work: a run of rows of one expert (or of the shared expert).

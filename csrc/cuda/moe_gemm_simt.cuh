@@ -1,8 +1,9 @@
 // The grouped GEMM of the MoE on CUDA cores, all in float32: float32 activations, weights of any
 // float dtype converted on load, float32 output. Serves float32 expert weights (exactness over
-// speed) and the router logits. Same tiling of rows as the tensor-core kernel (kTileM x kTileN
-// tiles, one expert per tile, the same routing tables); 256 threads, 4 x 4 outputs each (per
-// matrix), element-wise guarded loads (any shape, stride and alignment).
+// speed), the router logits and kernels::linear's float32 activations. Same tiling of rows as the
+// tensor-core kernel (kTileM x kTileN tiles, one expert per tile, the same routing tables); 256
+// threads, 4 x 4 outputs each (per matrix), element-wise guarded loads (any shape, stride and
+// alignment).
 #pragma once
 
 #include "moe_common.cuh"
@@ -90,6 +91,7 @@ __device__ __forceinline__ void tile(const Operand& op, const Tile& t, int64_t n
       if (col >= col_end) continue;
       float v = acc[0][i][j];
       if constexpr (Swiglu) v = col < N ? silu(v) * acc[1][i][j] : 0.0f;
+      else if (op.accumulate) v += C[r * op.ldc + col];
       C[r * op.ldc + col] = v;
     }
   }

@@ -176,7 +176,12 @@ __device__ __forceinline__ void tile(const Operand& op, const Tile& t, int64_t n
 #pragma unroll
         for (int v = 0; v < 8; ++v) {
           const int64_t col = col0 + v;
-          if (col < col_end) C[r * op.ldc + col] = from_f32<Out>(col < N ? stage[rr * 16 + cc + v] : 0.0f);
+          if (col >= col_end) continue;
+          float value = col < N ? stage[rr * 16 + cc + v] : 0.0f;
+          if constexpr (!Swiglu) {
+            if (op.accumulate) value += C[r * op.ldc + col];
+          }
+          C[r * op.ldc + col] = from_f32<Out>(value);
         }
       }
       __syncwarp();

@@ -1,8 +1,9 @@
 // The decode path of the MoE: few rows per expert (at most R <= kMaxGemvRows), so the products
-// are bound by reading the weights. Also the router logits, in chunks of R tokens. Each block streams a slice of one active expert's weights
-// exactly once, in 16-byte loads, for all of that expert's rows; blockIdx.y is the active-expert
-// slot (experts without tokens get no slot), the last slot the shared expert. Activations are
-// float32 (zero-padded rows, pitch a multiple of 8), accumulation float32, output float32.
+// are bound by reading the weights. Also the router logits, in chunks of R tokens, and
+// kernels::linear's few rows. Each block streams a slice of one active expert's weights exactly
+// once, in 16-byte loads, for all of that expert's rows; blockIdx.y is the active-expert slot
+// (experts without tokens get no slot), the last slot the shared expert. Activations are float32
+// (zero-padded rows, pitch a multiple of 8), accumulation float32, output float32.
 //
 // InOut weights (routed experts, x @ W, k-major): column threads x k-slices; a column thread owns
 // V consecutive columns (one 16-byte load per row of W), a k-slice every KS-th group of 4 rows of
@@ -124,7 +125,7 @@ __device__ __forceinline__ void kmajor(const Operand& op, const Tile& t) {
       // Gate column c sits at res[r][c], its up column at res[r][COLS + c]. Padding [N, ldc) gets 0.
       if (oc < op.ldc) C[r * op.ldc + oc] = oc < N ? silu(res[r][c]) * res[r][COLS + c] : 0.0f;
     } else {
-      if (oc < N) C[r * op.ldc + oc] = res[r][c];
+      if (oc < N) C[r * op.ldc + oc] = op.accumulate ? C[r * op.ldc + oc] + res[r][c] : res[r][c];
     }
   }
 }
@@ -215,7 +216,7 @@ __device__ __forceinline__ void nmajor(const Operand& op, const Tile& t) {
       if constexpr (Swiglu) {
         if (oc < op.ldc) C[r * op.ldc + oc] = oc < N ? silu(acc[p][r]) * acc[NPW + p][r] : 0.0f;
       } else {
-        if (oc < N) C[r * op.ldc + oc] = acc[p][r];
+        if (oc < N) C[r * op.ldc + oc] = op.accumulate ? C[r * op.ldc + oc] + acc[p][r] : acc[p][r];
       }
     }
   }

@@ -4,6 +4,7 @@
 
 #include "corral/kernels/attention.h"
 #include "corral/kernels/kv_cache.h"
+#include "corral/kernels/linear.h"
 #include "corral/kernels/moe.h"
 #include "corral/kernels/sampling.h"
 #include "corral/kernels/types.h"
@@ -42,8 +43,8 @@ void unfold_patches(void* stream, float* out, const float* pixels, int64_t tiles
 void pixel_shuffle(void* stream, float* out, const float* x, int64_t tiles, int64_t tile_rows, int64_t grid,
                    int64_t dim, int64_t s);
 
-// The text model's element-wise ops (csrc/cuda/elementwise.cu) and argmax, apply_penalties and
-// logprobs (csrc/cuda/sampling.cu);
+// The text model's element-wise ops (csrc/cuda/elementwise.cu), argmax, apply_penalties and
+// logprobs (csrc/cuda/sampling.cu) and sample (csrc/cuda/sample.cu);
 // every pointer is a device pointer. embedding cannot throw for an id outside [0, vocab) (the ids
 // are on the device): it writes that token's row as zeros, reading nothing outside the table
 // (callers validate ids beforehand, as the CPU's InvalidInputError contract asks).
@@ -56,17 +57,29 @@ void silu_mul(void* stream, float* out, int64_t ld_out, const float* gate, const
 void kv_cache_copy_pages(void* stream, void* pool, int64_t page_bytes, const int32_t* src, const int32_t* dst,
                          int64_t count);
 void argmax(void* stream, int32_t* out, const float* logits, int64_t rows, int64_t vocab);
+// vocab in [1, 2^30] (InvalidInputError otherwise). The token is the CPU's for the same uniform
+// number but where float64 sums rounded in another order (or exp's last bit) fall on the other side
+// of a cut (sample.cu says which).
+void sample(void* stream, int32_t* out, const float* logits, int64_t rows, int64_t vocab, const SamplerRow* settings,
+            const float* uniform);
 // Token ids, counts and offsets are on the device and unchecked there: an entry whose id is outside
 // [0, vocab) is skipped. Entries repeating a token within a row (outside the contract) race.
 void apply_penalties(void* stream, float* logits, int64_t rows, int64_t vocab, const int64_t* offsets,
                      const int32_t* token_ids, const int32_t* output_counts, const PenaltyRow* penalties);
-// top_n up to kMaxLogprobsTopN (NotSupportedError beyond) and at most vocab (InvalidInputError); a
-// chosen id outside [0, vocab) gets a NaN log-probability.
-constexpr int64_t kMaxLogprobsTopN = 64;
+// top_n up to kernels::kMaxDeviceLogprobs (NotSupportedError beyond) and at most vocab
+// (InvalidInputError); a chosen id outside [0, vocab) gets a NaN log-probability.
 void logprobs(void* stream, const float* logits, int64_t rows, int64_t vocab, const int32_t* chosen,
               float* chosen_logprob, int64_t top_n, int32_t* top_ids, float* top_logprobs);
 
 void moe(void* stream, float* out, const float* x, int64_t tokens, const MoeWeights& w, int top_k,
          int64_t* expert_tokens);
+
+// Dense products (csrc/cuda/linear.cu): x, y, out and the weights' data are device pointers; the
+// weights unpacked (OutIn or InOut) float32, bfloat16 or float16 (NotSupportedError for packed or
+// quantized ones). swiglu_mlp's gate_up is one matrix: the gate's outputs, then the up's.
+void linear(void* stream, float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, const MatrixRef& w,
+            bool accumulate, kernels::Activations act);
+void swiglu_mlp(void* stream, float* out, const float* x, int64_t rows, const MatrixRef& gate_up,
+                const MatrixRef& down, kernels::Activations act);
 
 }  // namespace corral::cuda

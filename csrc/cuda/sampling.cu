@@ -1,69 +1,31 @@
 // argmax, apply_penalties and logprobs on CUDA (contract: corral/kernels/sampling.h; CPU code:
-// csrc/cpu/sampling.cpp). argmax gives the CPU's answer for every row: the lowest index among equal maxima; a NaN never wins over a number (NaN > x is
-// false), and a NaN at index 0 wins the row, since the CPU's scan starts from index 0 and nothing
-// compares greater than NaN. A row of -inf (or of NaN) gives 0, and so does every row of an
-// empty vocabulary (nothing read).
+// csrc/cpu/sampling.cpp); sample is in sample.cu. argmax gives the CPU's answer for every row
+// (token_order.cuh's block_argmax).
 #include <cuda_runtime_api.h>
 
 #include <climits>
 #include <cstdint>
 #include <string>
 
+#include "block_reduce.cuh"
 #include "check.h"
 #include "corral/error.h"
 #include "launch.cuh"
 #include "ops.h"
+#include "token_order.cuh"
 
 namespace corral::cuda {
 
 namespace {
 
-// A candidate: index -1 is none (every value seen was NaN).
-struct Best {
-  float v;
-  int64_t i;
-};
-
-// Whether candidate a beats b: a number over none, a larger value, or an equal one at a lower index.
-__device__ __forceinline__ bool beats(const Best& a, const Best& b) {
-  if (a.i < 0) return false;
-  if (b.i < 0) return true;
-  return a.v > b.v || (a.v == b.v && a.i < b.i);
-}
-
-__device__ __forceinline__ Best warp_best(Best b) {
-  for (int off = 16; off > 0; off >>= 1) {
-    const Best o{__shfl_xor_sync(0xffffffffu, b.v, off), __shfl_xor_sync(0xffffffffu, b.i, off)};
-    if (beats(o, b)) b = o;
-  }
-  return b;
-}
-
-// A block per row (grid-stride): each thread scans a strided slice, then warps and blocks reduce.
+// A block per row (grid-stride).
 __global__ void argmax_kernel(int32_t* out, const float* logits, int64_t rows, int64_t vocab) {
-  __shared__ Best partial[32];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = int(blockDim.x / 32);
+  __shared__ Best scratch[kMaxWarps];
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
-    const float* l = logits + r * vocab;
-    Best b{0.f, -1};
-    for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
-      const float v = l[i];
-      if (v == v && (b.i < 0 || v > b.v)) b = Best{v, i};  // strided scan: later i only wins if larger
-    }
-    b = warp_best(b);
-    __syncthreads();  // the previous row's readers are done with `partial`
-    if (lane == 0) partial[warp] = b;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      Best best = partial[0];
-      for (int w = 1; w < warps; ++w)
-        if (beats(partial[w], best)) best = partial[w];
-      out[r] = best.i < 0 || isnan(l[0]) ? 0 : int32_t(best.i);
-    }
+    const int64_t best = block_argmax(logits + r * vocab, vocab, scratch);
+    if (threadIdx.x == 0) out[r] = int32_t(best);
   }
 }
-
-using u64 = unsigned long long;  // __shfl_xor_sync's 64-bit integer type
 
 // ---- apply_penalties ---------------------------------------------------------------------------
 // A block per row (grid-stride), its threads over the row's entries. The contract's entries name
@@ -106,18 +68,6 @@ __global__ void apply_penalties_kernel(float* logits, int64_t rows, int64_t voca
 // thread holding the best of its slice below the last pick, rescanning its slice only when its
 // candidate was picked. NaN ranks below -inf (the CPU's order is unspecified for NaN).
 
-// A key whose unsigned order is the CPU's order: larger value first, then lower id; -0 == +0, NaN last.
-__device__ __forceinline__ u64 rank_key(float v, int64_t i) {
-  uint32_t k = 0;  // NaN
-  if (v == v) {
-    const uint32_t b = __float_as_uint(v == 0.f ? 0.f : v);
-    k = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-  }
-  return (u64(k) << 32) | u64(0xffffffffu - uint32_t(i));
-}
-
-__device__ __forceinline__ int64_t key_id(u64 key) { return int64_t(0xffffffffu - uint32_t(key)); }
-
 // The best key of this thread's slice below `limit` (0: none).
 __device__ __forceinline__ u64 best_below(const float* l, int64_t vocab, u64 limit) {
   u64 best = 0;
@@ -127,29 +77,6 @@ __device__ __forceinline__ u64 best_below(const float* l, int64_t vocab, u64 lim
   }
   return best;
 }
-
-// Block-wide reductions; every thread gets the result. `scratch` holds 32 entries.
-template <class T, class Op>
-__device__ __forceinline__ T block_reduce(T v, T* scratch, Op op) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = int(blockDim.x / 32);
-  for (int off = 16; off > 0; off >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, off));
-  __syncthreads();  // earlier readers of `scratch` are done
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  T r = scratch[0];
-  for (int w = 1; w < warps; ++w) r = op(r, scratch[w]);
-  return r;
-}
-
-struct MaxF {
-  __device__ float operator()(float a, float b) const { return fmaxf(a, b); }  // a NaN loses
-};
-struct SumD {
-  __device__ double operator()(double a, double b) const { return __dadd_rn(a, b); }
-};
-struct MaxU64 {
-  __device__ u64 operator()(u64 a, u64 b) const { return a > b ? a : b; }
-};
 
 __global__ void logprobs_kernel(const float* logits, int64_t rows, int64_t vocab, const int32_t* chosen,
                                 float* chosen_logprob, int64_t top_n, int32_t* top_ids, float* top_logprobs) {
@@ -174,7 +101,7 @@ __global__ void logprobs_kernel(const float* logits, int64_t rows, int64_t vocab
     if (top_n <= 0) continue;
     unsigned long long cand = best_below(l, vocab, ~0ull);
     for (int64_t k = 0; k < top_n; ++k) {
-      const unsigned long long w = block_reduce(cand, uscratch, MaxU64{});
+      const unsigned long long w = block_reduce(cand, uscratch, Max{});
       const int64_t id = key_id(w);
       if (threadIdx.x == 0) {
         top_ids[r * top_n + k] = int32_t(id);
@@ -208,9 +135,9 @@ void apply_penalties(void* stream, float* logits, int64_t rows, int64_t vocab, c
 void logprobs(void* stream, const float* logits, int64_t rows, int64_t vocab, const int32_t* chosen,
               float* chosen_logprob, int64_t top_n, int32_t* top_ids, float* top_logprobs) {
   if (rows <= 0) return;
-  if (top_n > kMaxLogprobsTopN)
+  if (top_n > kernels::kMaxDeviceLogprobs)
     throw NotSupportedError("logprobs: top_n " + std::to_string(top_n) + " is over the CUDA kernel's limit of " +
-                            std::to_string(kMaxLogprobsTopN));
+                            std::to_string(kernels::kMaxDeviceLogprobs));
   if (vocab <= 0 || vocab > INT32_MAX)
     throw InvalidInputError("logprobs: vocab " + std::to_string(vocab) + " is not in [1, 2^31)");
   if (top_n > vocab)

@@ -17,6 +17,7 @@ from corral._core import (
     OutOfKVCacheError,
     ShapeError,
 )
+from corral.cuda_libs import point_to_pip_cublaslt
 from corral.detokenize import IncrementalDetokenizer
 from corral.devices import devices, memory_info
 from corral.llm import LLM, demo_model_path
@@ -24,7 +25,6 @@ from corral.outputs import CompletionOutput, RequestOutput
 from corral.perplexity import Perplexity, perplexity
 from corral.sampling_params import SamplingParams
 from corral.tokenizer import NoTokenizerError, Tokenizer
-from corral.cuda_libs import point_to_pip_cublaslt
 
 point_to_pip_cublaslt()  # where the C++ core finds cuBLASLt, if nvidia-cublas is installed
 

@@ -2,6 +2,7 @@
 
 #include "bindings.h"
 #include "corral/device.h"
+#include "corral/kernels/linear.h"
 
 namespace py = pybind11;
 
@@ -16,6 +17,9 @@ PYBIND11_MODULE(_core, m) {
   m.def("cuda_backend_built", &corral::cuda_backend_built, "Whether this build has the CUDA backend");
   m.def("cuda_device_count", &corral::cuda_device_count, "Usable CUDA devices (0 without a driver or GPU)");
   m.def("cuda_status", &corral::cuda_status, "One line on CUDA's state here");
+  m.def("cuda_blas_status", &corral::kernels::cuda_blas_status,
+        "The library behind CUDA's products of 16-bit weights: 'cuBLASLt <version> from <path>', why it is not "
+        "loaded (Corral's own kernels run instead), or 'not built'. Loads it.");
   m.def("num_threads", [] { return omp_get_max_threads(); }, "Threads the CPU kernels use");
   m.def("set_num_threads", [](int n) { omp_set_num_threads(n); }, py::arg("n"));
 }

@@ -119,6 +119,18 @@ MatrixRef matrix(const Typed& w, const std::string& layout, const char* what) {
   throw InvalidInputError("layout must be 'out_in' or 'in_out', got '" + layout + "'");
 }
 
+// matrix() of the first `width` elements of each stored row of w (0: all of them): a slice of a
+// wider matrix, its rows w's row length apart (OutIn: width inputs, InOut: width outputs).
+MatrixRef matrix_slice(const Typed& w, const std::string& layout, int64_t width, const char* what) {
+  MatrixRef m = matrix(w, layout, what);
+  if (width == 0) return m;
+  expect(width >= 1 && width <= w.dim(1), std::string(what) + ": width " + std::to_string(width) +
+                                              " must be in [1, " + std::to_string(w.dim(1)) + "]");
+  m.ld = w.dim(1);
+  (m.layout == WeightLayout::OutIn ? m.in : m.out) = width;
+  return m;
+}
+
 const Stream kCpu{};
 
 // A paged cache given as numpy arrays, used in place: k_cache [num_blocks, kv_heads, head_dim,
@@ -467,18 +479,30 @@ void register_ops(py::module_& m) {
       py::arg("dtype") = "float32", py::arg("layout") = "out_in");
   m.def(
       "linear_packed",
-      [](F32 x, const PackedMatrix& p, const std::string& act) {
+      [](F32 x, const PackedMatrix& p, const std::string& act, const std::string& device) {
         const kernels::Activations a = parse_activations(act);
         expect(x.ndim() == 2 && x.shape(1) == p.w.in, "x must be (rows, " + std::to_string(p.w.in) + "), got " + shape_of(x));
         F32 y({x.shape(0), py::ssize_t(p.w.out)});
         float* yp = y.mutable_data();
         const float* xp = x.data();
         const int64_t rows = x.shape(0);
+        const size_t xbytes = nbytes(x), ybytes = nbytes(y);
+        const bool cpu = parse_device(device).type == DeviceType::CPU;
         py::gil_scoped_release release;
-        kernels::linear(kCpu, yp, p.w.out, xp, p.w.in, rows, p.w, false, a);
+        if (cpu) {
+          kernels::linear(kCpu, yp, p.w.out, xp, p.w.in, rows, p.w, false, a);
+          return y;
+        }
+        // A GPU gets the packed bytes as they are (its products read unpacked weights: NotSupportedError).
+        OnDevice d(device);
+        MatrixRef w = p.w;
+        w.data = d.put(p.w.data, size_t(kernels::packed_size(p.w)));
+        float* dy = d.put<float>(nullptr, ybytes);
+        kernels::linear(d.stream(), dy, p.w.out, d.put<const float>(xp, xbytes), p.w.in, rows, w, false, a);
+        d.get(yp, dy, ybytes);
         return y;
       },
-      py::arg("x"), py::arg("w"), py::arg("activations") = "native");
+      py::arg("x"), py::arg("w"), py::arg("activations") = "native", py::kw_only(), py::arg("device") = "cpu");
   py::class_<PackedMoe, std::shared_ptr<PackedMoe>>(m, "PackedMoe");
   m.def(
       "pack_moe",
@@ -526,23 +550,55 @@ void register_ops(py::module_& m) {
 
   m.def(
       "linear",
-      [](F32 x, const py::array& w, const std::string& dtype, const std::string& layout, const std::string& act) {
+      [](F32 x, const py::array& w, const std::string& dtype, const std::string& layout, const std::string& act,
+         const std::string& device, const py::object& y_in, bool accumulate, int64_t width) {
         const kernels::Activations a = parse_activations(act);
         const Typed tw = typed(w, dtype, "w");
-        const MatrixRef mw = matrix(tw, layout, "w");
-        expect(x.ndim() == 2 && x.shape(1) == mw.in,
-               "x must be (rows, " + std::to_string(mw.in) + "), got " + shape_of(x));
-        F32 y({x.shape(0), py::ssize_t(mw.out)});
+        const MatrixRef mw = matrix_slice(tw, layout, width, "w");
+        expect(x.ndim() == 2 && x.shape(1) >= mw.in,
+               "x must be (rows, " + std::to_string(mw.in) + ") or wider, got " + shape_of(x));
+        const int64_t rows = x.shape(0), ldx = x.shape(1);
+        // y starts as zeros, or as a copy of the caller's y (which is left as it was).
+        F32 y({rows, mw.out});
+        if (y_in.is_none()) {
+          std::fill(y.mutable_data(), y.mutable_data() + y.size(), 0.f);
+        } else {
+          const F32 given = F32::ensure(y_in);
+          expect(given && given.ndim() == 2 && given.shape(0) == rows && given.shape(1) >= mw.out,
+                 "y must be (" + std::to_string(rows) + ", " + std::to_string(mw.out) + ") or wider");
+          y = F32({given.shape(0), given.shape(1)});
+          std::copy(given.data(), given.data() + given.size(), y.mutable_data());
+        }
+        const int64_t ldy = y.shape(1);
         float* yp = y.mutable_data();
         const float* xp = x.data();
-        const int64_t rows = x.shape(0);
+        const bool cpu = parse_device(device).type == DeviceType::CPU;
+        const size_t ybytes = nbytes(y), xbytes = nbytes(x), wbytes = nbytes(tw.array);
         py::gil_scoped_release release;
-        const kernels::PackedStorage packed = kernels::allocate_packed(kernels::packed_bytes(mw));
-        kernels::linear(kCpu, yp, mw.out, xp, mw.in, rows, kernels::pack_weights(packed.get(), mw), false, a);
+        OnDevice d(device);
+        float* dy = d.put<float>(yp, ybytes);
+        const float* dx = d.put<const float>(xp, xbytes);
+        // The CPU's products read weights packed as a model packs them at load, CUDA's read them as stored.
+        MatrixRef dw = mw;
+        kernels::PackedStorage packed;
+        if (cpu) {
+          packed = kernels::allocate_packed(kernels::packed_bytes(mw));
+          dw = kernels::pack_weights(packed.get(), mw);
+        } else {
+          dw.data = d.put(tw.data(), wbytes);
+        }
+        kernels::linear(d.stream(), dy, ldy, dx, ldx, rows, dw, accumulate, a);
+        d.get(yp, dy, ybytes);
         return y;
       },
+      "linear(x, w, dtype='float32', layout='out_in', activations='native', *, device='cpu', y=None,\n"
+      "accumulate=False, width=0) -> y: x . W for W = w (out_in: (out, in), in_out: (in, out)) of dtype (16-bit\n"
+      "floats as uint16 bits). width > 0: W is the first `width` columns of w, a slice whose rows are w's row\n"
+      "length apart. x may be wider than in (its first in columns are read, rows x.shape[1] apart), y (a copy\n"
+      "of it is returned) wider than out; accumulate adds the product to y's columns [0, out).",
       py::arg("x"), py::arg("w"), py::arg("dtype") = "float32", py::arg("layout") = "out_in",
-      py::arg("activations") = "native");
+      py::arg("activations") = "native", py::kw_only(), py::arg("device") = "cpu", py::arg("y") = py::none(),
+      py::arg("accumulate") = false, py::arg("width") = 0);
 
   m.def(
       "rms_norm",
@@ -884,7 +940,7 @@ void register_ops(py::module_& m) {
 
   m.def(
       "sample",
-      [](F32 logits, F32 uniform, F32 temperature, I32 top_k, F32 top_p, F32 min_p) {
+      [](F32 logits, F32 uniform, F32 temperature, I32 top_k, F32 top_p, F32 min_p, const std::string& device) {
         expect(logits.ndim() == 2, "logits must be 2-D, got " + shape_of(logits));
         const int64_t rows = logits.shape(0);
         expect(uniform.size() == rows, "uniform needs one value per row");
@@ -898,11 +954,17 @@ void register_ops(py::module_& m) {
           settings[r] = {at(temperature, "temperature", r), at(top_k, "top_k", r), at(top_p, "top_p", r),
                          at(min_p, "min_p", r)};
         I32 out({rows});
-        kernels::sample(kCpu, out.mutable_data(), logits.data(), rows, logits.shape(1), settings.data(), uniform.data());
+        OnDevice d(device);
+        const float* dl = d.put<const float>(logits.data(), nbytes(logits));
+        const SamplerRow* ds = d.put<const SamplerRow>(settings.data(), settings.size() * sizeof(SamplerRow));
+        const float* du = d.put<const float>(uniform.data(), nbytes(uniform));
+        int32_t* dout = d.put<int32_t>(nullptr, nbytes(out));
+        kernels::sample(d.stream(), dout, dl, rows, logits.shape(1), ds, du);
+        d.get(out.mutable_data(), dout, nbytes(out));
         return out;
       },
       py::arg("logits"), py::arg("uniform"), py::kw_only(), py::arg("temperature"), py::arg("top_k") = 0,
-      py::arg("top_p") = 1.f, py::arg("min_p") = 0.f);
+      py::arg("top_p") = 1.f, py::arg("min_p") = 0.f, py::arg("device") = "cpu");
 
   m.def(
       "apply_penalties",
@@ -1124,19 +1186,43 @@ void register_ops(py::module_& m) {
   m.def(
       "swiglu_mlp",
       [](F32 x, const py::array& gate, const py::array& up, const py::array& down, const std::string& dtype,
-         const std::string& act) {
+         const std::string& act, const std::string& device, const std::string& layout) {
         const kernels::Activations a = parse_activations(act);
         const Typed g = typed(gate, dtype, "gate"), u = typed(up, dtype, "up"), d = typed(down, dtype, "down");
-        const MatrixRef mg = matrix(g, "out_in", "gate"), mu = matrix(u, "out_in", "up"), md = matrix(d, "out_in", "down");
+        const MatrixRef mg = matrix(g, layout, "gate"), mu = matrix(u, layout, "up"), md = matrix(d, layout, "down");
         expect(x.ndim() == 2 && x.shape(1) == mg.in && mu.in == mg.in && mu.out == mg.out && md.in == mg.out &&
                    md.out == mg.in,
                "expected x (rows, H), gate and up (I, H), down (H, I)");
-        const kernels::PackedStorage gu = kernels::allocate_packed(kernels::packed_glu_bytes(mg));
-        const kernels::PackedStorage dn = kernels::allocate_packed(kernels::packed_bytes(md));
-        return swiglu_rows(x, kernels::pack_glu(gu.get(), mg, mu), kernels::pack_weights(dn.get(), md), a);
+        if (parse_device(device).type == DeviceType::CPU) {
+          const kernels::PackedStorage gu = kernels::allocate_packed(kernels::packed_glu_bytes(mg));
+          const kernels::PackedStorage dn = kernels::allocate_packed(kernels::packed_bytes(md));
+          return swiglu_rows(x, kernels::pack_glu(gu.get(), mg, mu), kernels::pack_weights(dn.get(), md), a);
+        }
+        // CUDA reads gate and up as one matrix whose outputs are the gate's, then the up's: out_in
+        // [2I, H] (gate rows, then up rows), in_out [H, 2I] (each row: the gate's, then the up's).
+        const int64_t H = mg.in, I = mg.out, rows = x.shape(0);
+        const size_t part = size_t(mg.layout == WeightLayout::OutIn ? I * H : I) * dtype_size(g.dtype);
+        const int64_t parts = mg.layout == WeightLayout::OutIn ? 1 : H;
+        std::vector<char> gate_up(2 * part * size_t(parts));
+        for (int64_t i = 0; i < parts; ++i) {
+          std::memcpy(gate_up.data() + 2 * i * part, static_cast<const char*>(g.data()) + i * part, part);
+          std::memcpy(gate_up.data() + (2 * i + 1) * part, static_cast<const char*>(u.data()) + i * part, part);
+        }
+        F32 out({rows, H});
+        std::fill(out.mutable_data(), out.mutable_data() + out.size(), 0.f);
+        OnDevice on(device);
+        const MatrixRef mgu{on.put(gate_up.data(), gate_up.size()), g.dtype, mg.layout, H, 2 * I};
+        MatrixRef mdn = md;
+        mdn.data = on.put(d.data(), nbytes(d.array));
+        float* dout = on.put<float>(out.data(), nbytes(out));
+        kernels::swiglu_mlp(on.stream(), dout, on.put<const float>(x.data(), nbytes(x)), rows, mgu, mdn, a);
+        on.get(out.mutable_data(), dout, nbytes(out));
+        return out;
       },
+      "swiglu_mlp(x, gate, up, down, dtype='float32', activations='native', *, device='cpu', layout='out_in')\n"
+      "-> (silu(x . gate) * (x . up)) . down; gate, up and down in `layout` (out_in: (I, H), (I, H), (H, I)).",
       py::arg("x"), py::arg("gate"), py::arg("up"), py::arg("down"), py::arg("dtype") = "float32",
-      py::arg("activations") = "native");
+      py::arg("activations") = "native", py::kw_only(), py::arg("device") = "cpu", py::arg("layout") = "out_in");
 
   m.def(
       "moe",

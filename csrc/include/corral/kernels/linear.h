@@ -3,6 +3,7 @@
 
 #include <cstdlib>
 #include <memory>
+#include <string>
 
 #include "corral/kernels/types.h"
 
@@ -110,9 +111,20 @@ void unpack_weights(float* dst, const MatrixRef& packed);
 enum class Activations : uint8_t { Native, Float32 };
 
 // y[r, 0:out] = x[r, 0:in] . W for r < rows (y += ... when accumulate). x and y are float32 with
-// row strides ldy and ldx. On CPU W is Packed.
+// row strides ldx and ldy. On CPU W is Packed.
+// On CUDA x, y and W's data are device memory, y must not overlap x, and W is unpacked: OutIn or
+// InOut (any ld), float32, bfloat16 or float16 (packed or quantized weights: NotSupportedError).
+// Sums are float32. Native with bfloat16 or float16 weights rounds the activations to the weight
+// dtype (float16 too, unlike the CPU) and multiplies on cuBLASLt, or on Corral's own kernels where
+// cuBLASLt is not loaded (cuda_blas_status); the other products (float32 activations or weights)
+// run on Corral's kernels in float32, 16-bit weights widened exactly. A row's result may change in
+// the last bits with the number of rows (the algorithm is picked per shape).
 void linear(const Stream& stream, float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows,
             const MatrixRef& w, bool accumulate = false, Activations act = Activations::Native);
+
+// The library behind CUDA's products of 16-bit weights: "cuBLASLt 131000 from <path>", why it
+// is not loaded (csrc/cuda/cublaslt.h lists where it is looked for), or "not built". Loads it.
+std::string cuda_blas_status();
 
 // y[r, 0:n] += src[r % src_rows, 0:n] for r < rows (y rows ldy floats apart; src [src_rows, n]
 // of `dtype`): a bias when src_rows is 1, a table of position embeddings when it is the rows of
