@@ -41,7 +41,8 @@ Llama4Model::Llama4Model(const std::string& dir, kernels::Activations act, const
       weights_(load_weights(checkpoint_, config_, load)),
       act_(act) {
   if (config_.has_vision() && load.vision)
-    vision_ = std::make_unique<VisionModel>(config_, load_vision_weights(checkpoint_, config_), act);
+    vision_ = std::make_unique<VisionModel>(config_, load_vision_weights(checkpoint_, config_, stream()), act,
+                                            stream());
   inv_freq_.resize(config_.head_dim / 2);
   kernels::rope_inv_freq(inv_freq_.data(), config_.head_dim, config_.rope);
   expert_tokens_.resize(config_.num_layers);

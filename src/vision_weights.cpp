@@ -1,5 +1,7 @@
 // The vision tower's tensors, as Llama4ForConditionalGeneration saves them.
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "corral/error.h"
 #include "corral/weights.h"
@@ -25,61 +27,84 @@ struct VisionBinder {
 
 }  // namespace
 
-VisionWeights load_vision_weights(const Checkpoint& ckpt, const ModelConfig& config) {
+VisionWeights load_vision_weights(const Checkpoint& ckpt, const ModelConfig& config, const Stream& stream) {
   const VisionConfig& c = config.vision;
   const VisionBinder b{ckpt};
   const int64_t D = c.hidden_size, I = c.intermediate_size, P = c.projector_dim;
   const std::string m = "vision_model.";
   VisionWeights w;
-  // The matrices as stored first (bound to the mapping), packed together afterwards.
+  // Every tensor as stored first (bound to the mapping); then the matrices are packed for the CPU,
+  // or everything is copied to the GPU.
   std::vector<MatrixRef*> packed;
+  std::vector<std::pair<VectorRef*, int64_t>> vectors;  // with their element counts
   const auto mat = [&](MatrixRef* dst, const std::string& name, int64_t out, int64_t in) {
     *dst = b.matrix(name, out, in);
     packed.push_back(dst);
   };
-  const auto vec = [&](const std::string& name, int64_t n) { return b.vector(name, {n}); };
+  const auto bind = [&](VectorRef* dst, const std::string& name, std::vector<int64_t> shape) {
+    *dst = b.vector(name, shape);
+    vectors.emplace_back(dst, shape.size() == 1 ? shape[0] : shape[0] * shape[1]);
+  };
 
   mat(&w.patch_embedding, m + "patch_embedding.linear.weight", D, c.num_channels * c.patch_size * c.patch_size);
-  w.class_embedding = vec(m + "class_embedding", D);
-  w.position_embedding = b.vector(m + "positional_embedding_vlm", {c.grid() * c.grid() + 1, D});
-  w.pre_w = vec(m + "layernorm_pre.weight", D);
-  w.pre_b = vec(m + "layernorm_pre.bias", D);
-  w.post_w = vec(m + "layernorm_post.weight", D);
-  w.post_b = vec(m + "layernorm_post.bias", D);
+  bind(&w.class_embedding, m + "class_embedding", {D});
+  bind(&w.position_embedding, m + "positional_embedding_vlm", {c.grid() * c.grid() + 1, D});
+  bind(&w.pre_w, m + "layernorm_pre.weight", {D});
+  bind(&w.pre_b, m + "layernorm_pre.bias", {D});
+  bind(&w.post_w, m + "layernorm_post.weight", {D});
+  bind(&w.post_b, m + "layernorm_post.bias", {D});
   w.layers.resize(size_t(c.num_layers));
   for (int64_t i = 0; i < c.num_layers; ++i) {
     VisionLayerWeights& l = w.layers[size_t(i)];
     const std::string p = m + "model.layers." + std::to_string(i) + ".";
-    l.ln1_w = vec(p + "input_layernorm.weight", D);
-    l.ln1_b = vec(p + "input_layernorm.bias", D);
-    l.ln2_w = vec(p + "post_attention_layernorm.weight", D);
-    l.ln2_b = vec(p + "post_attention_layernorm.bias", D);
+    bind(&l.ln1_w, p + "input_layernorm.weight", {D});
+    bind(&l.ln1_b, p + "input_layernorm.bias", {D});
+    bind(&l.ln2_w, p + "post_attention_layernorm.weight", {D});
+    bind(&l.ln2_b, p + "post_attention_layernorm.bias", {D});
     const std::pair<MatrixRef*, VectorRef*> attn[] = {{&l.q, &l.q_b}, {&l.k, &l.k_b}, {&l.v, &l.v_b}, {&l.o, &l.o_b}};
     const char* names[] = {"q_proj", "k_proj", "v_proj", "o_proj"};
     for (int j = 0; j < 4; ++j) {
       mat(attn[j].first, p + "self_attn." + names[j] + ".weight", D, D);
-      *attn[j].second = vec(p + "self_attn." + names[j] + ".bias", D);
+      bind(attn[j].second, p + "self_attn." + names[j] + ".bias", {D});
     }
     mat(&l.fc1, p + "mlp.fc1.weight", I, D);
-    l.fc1_b = vec(p + "mlp.fc1.bias", I);
+    bind(&l.fc1_b, p + "mlp.fc1.bias", {I});
     mat(&l.fc2, p + "mlp.fc2.weight", D, I);
-    l.fc2_b = vec(p + "mlp.fc2.bias", D);
+    bind(&l.fc2_b, p + "mlp.fc2.bias", {D});
   }
   mat(&w.adapter_fc1, m + "vision_adapter.mlp.fc1.weight", P, I);
   mat(&w.adapter_fc2, m + "vision_adapter.mlp.fc2.weight", P, P);
   mat(&w.projector, "multi_modal_projector.linear_1.weight", config.hidden_size, P);
 
-  int64_t bytes = 0;
-  for (const MatrixRef* r : packed) bytes += kernels::packed_bytes(*r);
-  w.packed = kernels::allocate_packed(bytes);
-  char* at = w.packed.get();
-  for (MatrixRef* r : packed) {
-    const int64_t n = kernels::packed_bytes(*r);
-    *r = kernels::pack_weights(at, *r);
-    at += n;
+  if (stream.device.type == DeviceType::CUDA) {  // every tensor as stored, one allocation
+    const auto bytes_of = [](DType t, int64_t n) { return (n * int64_t(dtype_size(t)) + 255) / 256 * 256; };
+    int64_t bytes = 0;
+    for (const MatrixRef* r : packed) bytes += bytes_of(r->dtype, r->in * r->out);
+    for (const auto& [v, n] : vectors) bytes += bytes_of(v->dtype, n);
+    w.device_data = DeviceBuffer(stream.device, size_t(bytes));
+    char* at = static_cast<char*>(w.device_data.data());
+    const auto put = [&](const void*& data, DType t, int64_t n) {
+      copy(at, data, size_t(n) * dtype_size(t), stream);
+      data = at;
+      at += bytes_of(t, n);
+    };
+    for (MatrixRef* r : packed) put(r->data, r->dtype, r->in * r->out);
+    for (const auto& [v, n] : vectors) put(v->data, v->dtype, n);
+    synchronize(stream);
+    w.bytes = bytes;
+  } else {
+    int64_t bytes = 0;
+    for (const MatrixRef* r : packed) bytes += kernels::packed_bytes(*r);
+    w.packed = kernels::allocate_packed(bytes);
+    char* at = w.packed.get();
+    for (MatrixRef* r : packed) {
+      const int64_t n = kernels::packed_bytes(*r);
+      *r = kernels::pack_weights(at, *r);
+      at += n;
+    }
+    w.bytes = bytes;
   }
   w.files = ckpt.open_files();
-  w.bytes = bytes;
   return w;
 }
 

@@ -92,6 +92,28 @@ def test_logits_and_greedy_match_transformers(fp32_model, sizes):
     assert tokens == out[0, len(ids):].tolist()
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("sizes", [[(70, 120)], [(120, 50), (30, 40)]])
+def test_vision_on_cuda(fp32_model, sizes):
+    """device="cuda": the tower, the projector and the text model on the GPU: features and logits
+    within 1e-4 of transformers (fp32), and greedy tokens equal to the CPU's."""
+    variant, path, ref = fp32_model
+    ids, pixels = images_and_prompt(variant, sizes)
+    eng = engine(path, device="cuda")
+    with torch.no_grad():
+        want = ref.get_image_features(pixel_values=torch.from_numpy(pixels[0])).pooler_output
+    assert relative(eng.encode_image(pixels[0]), want.reshape(-1, want.shape[-1]).double().numpy()) <= 1e-4
+    assert relative(eng.prompt_logits([ids], [pixels])[0], tv.reference(ref, ids, np.concatenate(pixels))) <= 1e-4
+
+    def greedy_tokens(e):
+        rid, out = e.add_request(ids, greedy(6), pixels), []
+        while e.has_unfinished():
+            out += [t for u in e.step() if u.request_id == rid for t in u.new_token_ids]
+        return out
+
+    assert greedy_tokens(eng) == greedy_tokens(engine(path))
+
+
 def test_prompt_split_over_steps_and_batched_with_others(fp32_model):
     """A prompt whose image tokens are computed over several steps (max_num_batched_tokens), in
     the same steps as other requests with and without images, gives the same tokens as alone."""

@@ -84,7 +84,7 @@ class LLM:
         seed: seed of the samplers of requests that bring none (default 0).
         device: "cpu" (default), "cuda" or "cuda:N": where the weights, the KV cache and the
             forward passes live. On a GPU: bfloat16 / float16 / float32 checkpoints (quantized
-            ones are NotSupportedError so far), the vision encoder on the CPU; DeviceError
+            ones are NotSupportedError so far), the vision encoder there too; DeviceError
             naming the reason when the GPU cannot be used.
         max_images_per_prompt: images one prompt may carry (default: any number; 0: the vision
             encoder of a multimodal checkpoint is not loaded, and images are refused).

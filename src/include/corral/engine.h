@@ -75,8 +75,8 @@ struct Prompt {
 
 struct EngineOptions {
   // "cpu", "cuda" or "cuda:N": where the text model's weights, KV cache and forward passes live
-  // (DeviceError naming the reason when that GPU cannot be used). On a GPU: bfloat16, float16 or
-  // float32 checkpoints, the vision encoder on the CPU, logits sampled on the host.
+  // (DeviceError naming the reason when that GPU cannot be used), the vision encoder's too. On a
+  // GPU: bfloat16, float16 or float32 checkpoints (quantized ones: NotSupportedError so far).
   std::string device = "cpu";
   std::string tokenizer_dir;                 // "": the model folder (its special tokens end samples)
   int32_t block_size = 16;

@@ -60,8 +60,8 @@ class Llama4Model {
   // The dtype of the checkpoint's weights (of its embedding table).
   DType weights_dtype() const { return weights_.embed.dtype; }
   const ModelWeights& weights() const { return weights_; }
-  // The vision encoder, when the checkpoint has one and LoadOptions::vision asked for it (always
-  // on the CPU; its features are copied to the text model's device).
+  // The vision encoder, when the checkpoint has one and LoadOptions::vision asked for it (on the
+  // same device; its features pass through the host, where the engine keeps them).
   VisionModel* vision() { return vision_.get(); }
   // Tokens routed to each expert of each layer by all forward passes so far ([layer][expert];
   // empty for dense layers).

@@ -44,8 +44,9 @@ struct ModelWeights {
   std::string format;             // e.g. "bfloat16", "int4 (quantized at load)", for logs
 };
 
-// The vision tower of a multimodal checkpoint (vision_model.* and multi_modal_projector.*):
-// matrices packed for the CPU products as stored (never quantized), vectors bound to the mapping.
+// The vision tower of a multimodal checkpoint (vision_model.* and multi_modal_projector.*), never
+// quantized: on the CPU matrices packed for its products and vectors bound to the mapping; on a
+// GPU every tensor copied there as stored.
 struct VisionLayerWeights {
   VectorRef ln1_w, ln1_b, ln2_w, ln2_b;  // input_layernorm, post_attention_layernorm
   MatrixRef q, k, v, o, fc1, fc2;
@@ -61,13 +62,14 @@ struct VisionWeights {
   MatrixRef adapter_fc1, adapter_fc2;  // [projector, intermediate], [projector, projector]
   MatrixRef projector;                 // [text hidden, projector]
   std::vector<std::shared_ptr<const SafetensorsFile>> files;  // keeps the mappings alive
-  kernels::PackedStorage packed;
+  kernels::PackedStorage packed;  // CPU
+  DeviceBuffer device_data;       // GPU
   int64_t bytes = 0;
 };
 
 // Binds and packs the vision tower's tensors. Throws MissingTensorError, ShapeError or DTypeError
 // naming the tensor and its file.
-VisionWeights load_vision_weights(const Checkpoint& checkpoint, const ModelConfig& config);
+VisionWeights load_vision_weights(const Checkpoint& checkpoint, const ModelConfig& config, const Stream& stream = {});
 
 // The tensor `name` of `shape` in a float dtype the kernels read (F32, BF16, F16), its dtype in
 // *dtype; ShapeError or DTypeError naming the tensor and its file otherwise (`hint` ends the
@@ -84,7 +86,7 @@ const void* float_tensor(const Checkpoint& checkpoint, const std::string& name, 
 struct LoadOptions {
   std::string quantization;
   bool vision = true;  // load the vision encoder of a multimodal checkpoint
-  Device device;       // where the text model's weights go (the vision encoder stays on the CPU)
+  Device device;       // where the text model's weights go (the vision encoder's: see load_vision_weights)
 };
 
 // Binds every text-model tensor (Llama4ForCausalLM names, or Llama4ForConditionalGeneration's
