@@ -56,7 +56,8 @@ arch="${CORRAL_GPU_ARCH:-90}"  # the H200 is sm_90; CI compiles 80 and 90
 if step build 420 python3 -m pip install --no-build-isolation --no-deps -v . \
     -C cmake.define.CORRAL_CUDA=ON -C "cmake.define.CMAKE_CUDA_ARCHITECTURES=$arch" "${json_flag[@]}"; then
   step info 30 python3 -c "import corral, corral._core as c; print('backend', c.cuda_backend_built(), '|', c.cuda_status(), '|', c.cuda_blas_status())"
-  step cuda-tests 240 python3 -m pytest -m cuda tests -q -rs -p no:cacheprovider  # last line: the counts
+  # Last line: the counts; the slowest tests are listed above it (for trimming the budget).
+  step cuda-tests 300 python3 -m pytest -m cuda tests -q -rs --durations=15 -p no:cacheprovider
   step demo 90 bash -c "$demo_check" demo "$out"
   step cpu-isa 10 python3 -c "import corral._core as c; print('cpu', c.ops.cpu_isas())"
   step quant-cpu 60 python3 -m pytest tests/test_quantized_kernels.py -q -p no:cacheprovider
