@@ -49,7 +49,8 @@ class Llama4Model {
  public:
   // Loads config.json and the safetensors weights of `dir` onto load.device: packed for the CPU
   // products, which multiply bfloat16 weights with activations as `act` says, or copied as stored
-  // to a GPU (its products round activations to bfloat16 whatever `act` says).
+  // to a GPU (its products follow `act` too, except the fused MoE's expert products, which always
+  // round activations to a 16-bit weight dtype there).
   explicit Llama4Model(const std::string& dir, kernels::Activations act = kernels::Activations::Native,
                        const LoadOptions& load = {});
 
