@@ -23,7 +23,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...: runs with a timeout, logs to $out/NA
   local t0=$(date +%s)
   timeout "$limit" "$@" >"$out/$name.log" 2>&1
   local rc=$?
-  summary+=("$(printf '%-12s rc=%-3s %4ss  %s' "$name" "$rc" "$(($(date +%s) - t0))" "$(tail -n 1 "$out/$name.log" | cut -c1-160)")")
+  summary+=("$(printf '%-26s rc=%-3s %4ss  %s' "$name" "$rc" "$(($(date +%s) - t0))" "$(tail -n 1 "$out/$name.log" | cut -c1-160)")")
   [ "$rc" -eq 0 ] || status=1
   return "$rc"
 }
@@ -56,8 +56,11 @@ arch="${CORRAL_GPU_ARCH:-90}"  # the H200 is sm_90; CI compiles 80 and 90
 if step build 420 python3 -m pip install --no-build-isolation --no-deps -v . \
     -C cmake.define.CORRAL_CUDA=ON -C "cmake.define.CMAKE_CUDA_ARCHITECTURES=$arch" "${json_flag[@]}"; then
   step info 30 python3 -c "import corral, corral._core as c; print('backend', c.cuda_backend_built(), '|', c.cuda_status(), '|', c.cuda_blas_status())"
-  # Last line: the counts; the slowest tests are listed above it (for trimming the budget).
-  step cuda-tests 300 python3 -m pytest -m cuda tests -q -rs --durations=15 -p no:cacheprovider
+  # The cuda tests, one pytest per file: a kernel fault (a sticky CUDA error, a crash) spoils its
+  # own file only. Each log's last line is the counts; the slowest tests are listed above it.
+  for t in $(grep -l "pytest.mark.cuda" tests/test_*.py); do
+    step "$(basename "$t" .py)" 200 python3 -m pytest -m cuda "$t" -q -rs --durations=5 -p no:cacheprovider
+  done
   step demo 90 bash -c "$demo_check" demo "$out"
   step cpu-isa 10 python3 -c "import corral._core as c; print('cpu', c.ops.cpu_isas())"
   step quant-cpu 60 python3 -m pytest tests/test_quantized_kernels.py -q -p no:cacheprovider
