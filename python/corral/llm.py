@@ -160,8 +160,9 @@ class LLM:
         stats = self._engine.stats()
         # Say which code paths run: the CPU ISA level picked at run time, and CUDA's state.
         logger.info(
-            "loaded %s (weights: %s, %.2f GB): CPU kernels %s (available: %s), %d threads; KV cache %d blocks of %d tokens; CUDA: %s; %s",
+            "loaded %s on %s (weights: %s, %.2f GB): CPU kernels %s (available: %s), %d threads; KV cache %d blocks of %d tokens; CUDA: %s; %s",
             self.model_path,
+            device,
             stats["weight_format"],
             stats["weight_bytes"] / 1e9,
             _core.ops.cpu_isa(),
@@ -169,7 +170,9 @@ class LLM:
             _core.num_threads(),
             stats["kv_blocks_total"],
             stats["kv_block_size"],
-            _core.cuda_status() if _core.cuda_backend_built() else "not built",
+            (f"{_core.cuda_status()}, {_core.cuda_blas_status()}" if device != "cpu" else _core.cuda_status())
+            if _core.cuda_backend_built()
+            else "not built",
             self._tokenizer or "no tokenizer (token ids only)",
         )
 
