@@ -55,7 +55,9 @@ arch="${CORRAL_GPU_ARCH:-90}"  # the H200 is sm_90; CI compiles 80 and 90
 
 if step build 420 python3 -m pip install --no-build-isolation --no-deps -v . \
     -C cmake.define.CORRAL_CUDA=ON -C "cmake.define.CMAKE_CUDA_ARCHITECTURES=$arch" "${json_flag[@]}"; then
-  step info 30 python3 -c "import corral, corral._core as c; print('backend', c.cuda_backend_built(), '|', c.cuda_status(), '|', c.cuda_blas_status())"
+  # The tests' references come from this image's torch and transformers (the project pins
+  # transformers >= 5.24; an older one here is a lead if the model tests fail).
+  step info 30 python3 -c "import corral, corral._core as c, torch, transformers; print('backend', c.cuda_backend_built(), '|', c.cuda_status(), '|', c.cuda_blas_status(), '| torch', torch.__version__, '| transformers', transformers.__version__)"
   # The cuda tests, one pytest per file: a kernel fault (a sticky CUDA error, a crash) spoils its
   # own file only. Each log's last line is the counts; the slowest tests are listed above it.
   for t in $(grep -l "pytest.mark.cuda" tests/test_*.py); do
