@@ -154,16 +154,7 @@ void check_copy(const DeviceBuffer& b, size_t bytes) {
 
 void copy_to_device(DeviceBuffer& dst, const void* src, size_t bytes, const Stream& stream) {
   check_copy(dst, bytes);
-  if (dst.device().type == DeviceType::CPU) {
-    std::memcpy(dst.data(), src, bytes);
-    return;
-  }
-#if CORRAL_WITH_CUDA
-  cuda::copy_async(dst.data(), src, bytes, cuda::CopyKind::HostToDevice, stream.handle);
-#else
-  (void)stream;
-  no_backend();
-#endif
+  copy(dst.data(), src, bytes, dst.device().type == DeviceType::CPU ? Stream{} : stream);
 }
 
 void copy_rows(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t width, size_t rows,
@@ -194,16 +185,7 @@ void fill_zero(void* dst, size_t bytes, const Stream& stream) {
 
 void copy_to_host(void* dst, const DeviceBuffer& src, size_t bytes, const Stream& stream) {
   check_copy(src, bytes);
-  if (src.device().type == DeviceType::CPU) {
-    std::memcpy(dst, src.data(), bytes);
-    return;
-  }
-#if CORRAL_WITH_CUDA
-  cuda::copy_async(dst, src.data(), bytes, cuda::CopyKind::DeviceToHost, stream.handle);
-#else
-  (void)stream;
-  no_backend();
-#endif
+  copy(dst, src.data(), bytes, src.device().type == DeviceType::CPU ? Stream{} : stream);
 }
 
 }  // namespace corral

@@ -28,14 +28,6 @@ void* malloc_device(size_t bytes) {
 
 void free_device(void* ptr) noexcept { cudaFree(ptr); }
 
-void copy_async(void* dst, const void* src, size_t bytes, CopyKind kind, void* stream) {
-  const cudaMemcpyKind k = kind == CopyKind::HostToDevice     ? cudaMemcpyHostToDevice
-                           : kind == CopyKind::DeviceToHost   ? cudaMemcpyDeviceToHost
-                           : kind == CopyKind::DeviceToDevice ? cudaMemcpyDeviceToDevice
-                                                              : cudaMemcpyDefault;
-  CORRAL_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, k, static_cast<cudaStream_t>(stream)));
-}
-
 void copy_2d_async(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width, size_t rows, void* stream) {
   if (rows == 0 || width == 0) return;
   if (rows == 1) {  // pitches are limited (cudaDevAttrMaxPitch, about 2 GiB); plain copies are not

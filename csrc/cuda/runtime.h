@@ -13,8 +13,6 @@ int device_count(std::string* why);
 void set_device(int index);
 void* malloc_device(size_t bytes);
 void free_device(void* ptr) noexcept;
-enum class CopyKind { HostToDevice, DeviceToHost, DeviceToDevice, Default };
-void copy_async(void* dst, const void* src, size_t bytes, CopyKind kind, void* stream);
 // `rows` rows of `width` bytes, rows dpitch / spitch bytes apart; either side host or device
 // (unified addressing tells which).
 void copy_2d_async(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width, size_t rows, void* stream);
