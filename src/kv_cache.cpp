@@ -188,21 +188,16 @@ bool KvCache::append(BlockManager::SeqId id, int64_t n) {
   std::vector<PageCopy> copies;
   if (!blocks_.append(id, n, &copies)) return false;
   if (!copies.empty()) {
-    std::vector<int32_t> src, dst;
-    for (const PageCopy& c : copies) {
-      src.push_back(c.src);
-      dst.push_back(c.dst);
+    // The sources, then the destinations: one list, as the kernel reads it (a copy on a GPU).
+    const int64_t m = int64_t(copies.size());
+    std::vector<int32_t> pages(size_t(2 * m));
+    for (int64_t i = 0; i < m; ++i) {
+      pages[size_t(i)] = copies[size_t(i)].src;
+      pages[size_t(m + i)] = copies[size_t(i)].dst;
     }
-    if (stream_.device.type == DeviceType::CPU) {
-      kernels::kv_cache_copy_pages(stream_, pool_, layout_.page_bytes, src.data(), dst.data(), int64_t(src.size()));
-    } else {  // the kernel reads the page lists from device memory
-      use_device(stream_.device);
-      copies_.reserve(2 * src.size());
-      copy(copies_.data(), src.data(), src.size() * sizeof(int32_t), stream_);
-      copy(copies_.data() + src.size(), dst.data(), dst.size() * sizeof(int32_t), stream_);
-      kernels::kv_cache_copy_pages(stream_, pool_, layout_.page_bytes, copies_.data(), copies_.data() + src.size(),
-                                   int64_t(src.size()));
-    }
+    use_device(stream_.device);
+    const int32_t* lists = on_device(copies_, pages, stream_);
+    kernels::kv_cache_copy_pages(stream_, pool_, layout_.page_bytes, lists, lists + m, m);
   }
   return true;
 }

@@ -73,7 +73,7 @@ class KvCache {
   char* pool_ = nullptr;
   size_t mapped_ = 0;      // CPU: the anonymous mapping's size
   DeviceBuffer on_gpu_;    // GPU: the pool
-  DeviceArray<int32_t> copies_;  // GPU: a step's copy-on-write page lists
+  DeviceArray<int32_t> copies_;  // GPU: an append's copy-on-write page lists
 };
 
 }  // namespace corral
