@@ -77,21 +77,15 @@ VisionWeights load_vision_weights(const Checkpoint& ckpt, const ModelConfig& con
   mat(&w.projector, "multi_modal_projector.linear_1.weight", config.hidden_size, P);
 
   if (stream.device.type == DeviceType::CUDA) {  // every tensor as stored, one allocation
-    const auto bytes_of = [](DType t, int64_t n) { return (n * int64_t(dtype_size(t)) + 255) / 256 * 256; };
-    int64_t bytes = 0;
-    for (const MatrixRef* r : packed) bytes += bytes_of(r->dtype, r->in * r->out);
-    for (const auto& [v, n] : vectors) bytes += bytes_of(v->dtype, n);
-    w.device_data = DeviceBuffer(stream.device, size_t(bytes));
-    char* at = static_cast<char*>(w.device_data.data());
-    const auto put = [&](const void*& data, DType t, int64_t n) {
-      copy(at, data, size_t(n) * dtype_size(t), stream);
-      data = at;
-      at += bytes_of(t, n);
-    };
-    for (MatrixRef* r : packed) put(r->data, r->dtype, r->in * r->out);
-    for (const auto& [v, n] : vectors) put(v->data, v->dtype, n);
-    synchronize(stream);
-    w.bytes = bytes;
+    std::vector<std::pair<const void**, int64_t>> tensors;  // each tensor's data pointer and bytes
+    for (MatrixRef* r : packed) tensors.emplace_back(&r->data, r->in * r->out * int64_t(dtype_size(r->dtype)));
+    for (const auto& [v, n] : vectors) tensors.emplace_back(&v->data, n * int64_t(dtype_size(v->dtype)));
+    std::vector<const void*> host;  // the mapping's addresses, read by both passes
+    for (const auto& t : tensors) host.push_back(*t.first);
+    w.device_data = upload_to_device(stream, [&](DeviceUploader& u) {
+      for (size_t i = 0; i < tensors.size(); ++i) *tensors[i].first = u.put({{host[i], tensors[i].second}});
+    });
+    w.bytes = int64_t(w.device_data.size());
   } else {
     int64_t bytes = 0;
     for (const MatrixRef* r : packed) bytes += kernels::packed_bytes(*r);

@@ -191,62 +191,44 @@ void check_same_format(const std::vector<Linear>& ls) {
                        "'; every expert of a layer must match");
 }
 
-// Copies tensors as stored into one allocation on a GPU. Two passes over the same calls: the
-// first (base null) sizes the allocation, the second copies and returns device addresses.
-struct Uploader {
-  using Parts = std::vector<std::pair<const void*, int64_t>>;  // (host data, bytes)
-  const Stream& stream;
-  char* base = nullptr;
-  int64_t at = 0;
+VectorRef put_vector(DeviceUploader& u, const VectorRef& v, int64_t n) {
+  return VectorRef{u.put({{v.data, n * int64_t(dtype_size(v.dtype))}}), v.dtype};
+}
 
-  // The parts back to back from a 256-byte aligned offset; their device address (null when sizing).
-  const void* put(const Parts& parts) {
-    at = (at + 255) / 256 * 256;
-    char* start = base ? base + at : nullptr;
-    for (const auto& [src, bytes] : parts) {
-      if (base) copy(base + at, src, size_t(bytes), stream);
-      at += bytes;
-    }
-    return start;
+// nn.Linear matrices, one after the other as the rows of one [sum of outs, in] matrix on the GPU.
+MatrixRef put_rows(DeviceUploader& u, std::initializer_list<const Linear*> ls) {
+  const Linear& first = **ls.begin();
+  MatrixRef m{nullptr, first.plain.dtype, WeightLayout::OutIn, first.in, 0};
+  DeviceUploader::Parts parts;
+  for (const Linear* l : ls) {
+    if (l->quantized)
+      throw NotSupportedError("tensor '" + l->name + "': quantized weights run on the CPU only so far (device='cuda')");
+    if (l->plain.layout != WeightLayout::OutIn || l->plain.row_stride() != l->in || l->plain.dtype != m.dtype)
+      throw NotSupportedError("tensor '" + l->name + "': CUDA reads dense nn.Linear matrices of one dtype per "
+                              "product only so far");
+    parts.emplace_back(l->plain.data, l->out * l->in * int64_t(dtype_size(m.dtype)));
+    m.out += l->out;
   }
-  VectorRef vector(const VectorRef& v, int64_t n) {
-    return VectorRef{put({{v.data, n * int64_t(dtype_size(v.dtype))}}), v.dtype};
-  }
-  // nn.Linear matrices, one after the other as the rows of one [sum of outs, in] matrix.
-  MatrixRef rows(std::initializer_list<const Linear*> ls) {
-    const Linear& first = **ls.begin();
-    MatrixRef m{nullptr, first.plain.dtype, WeightLayout::OutIn, first.in, 0};
-    Parts parts;
-    for (const Linear* l : ls) {
-      if (l->quantized)
-        throw NotSupportedError("tensor '" + l->name + "': quantized weights run on the CPU only so far (device='cuda')");
-      if (l->plain.layout != WeightLayout::OutIn || l->plain.row_stride() != l->in || l->plain.dtype != m.dtype)
-        throw NotSupportedError("tensor '" + l->name + "': CUDA reads dense nn.Linear matrices of one dtype per "
-                                "product only so far");
-      parts.emplace_back(l->plain.data, l->out * l->in * int64_t(dtype_size(m.dtype)));
-      m.out += l->out;
-    }
-    m.data = put(parts);
-    return m;
-  }
-};
+  m.data = u.put(parts);
+  return m;
+}
 
 // The text model's tensors on a GPU (see LayerWeights), from the bound checkpoint tensors:
 // `host` holds the embedding and the norms, `raw` the layers' matrices.
-void place_on_device(Uploader& u, const ModelConfig& c, const ModelWeights& host, const std::vector<RawLayer>& raw,
+void place_on_device(DeviceUploader& u, const ModelConfig& c, const ModelWeights& host, const std::vector<RawLayer>& raw,
                      const Linear& lm_head, const Checkpoint& ckpt, ModelWeights& w) {
   const int64_t H = c.hidden_size, V = c.vocab_size;
   w.embed = host.embed;
   w.embed.data = u.put({{host.embed.data, V * H * int64_t(dtype_size(host.embed.dtype))}});
-  w.final_norm = u.vector(host.final_norm, H);
+  w.final_norm = put_vector(u, host.final_norm, H);
   w.layers.resize(raw.size());
   for (size_t i = 0; i < raw.size(); ++i) {
     const RawLayer& r = raw[i];
     LayerWeights& l = w.layers[i];
-    l.input_norm = u.vector(host.layers[i].input_norm, H);
-    l.post_attention_norm = u.vector(host.layers[i].post_attention_norm, H);
-    l.qkv = u.rows({&r.q, &r.k, &r.v});
-    l.o = u.rows({&r.o});
+    l.input_norm = put_vector(u, host.layers[i].input_norm, H);
+    l.post_attention_norm = put_vector(u, host.layers[i].post_attention_norm, H);
+    l.qkv = put_rows(u, {&r.q, &r.k, &r.v});
+    l.o = put_rows(u, {&r.o});
     if (c.layers[i].moe) {
       const Linear &g = r.gate[0], &d = r.down[0];
       if (g.quantized || d.quantized || g.plain.layout != WeightLayout::InOut)
@@ -261,18 +243,18 @@ void place_on_device(Uploader& u, const ModelConfig& c, const ModelWeights& host
       const int64_t elems = c.num_experts * H * c.intermediate_size, size = int64_t(dtype_size(g.plain.dtype));
       m.gate_up = u.put({{g.plain.data, 2 * elems * size}});  // [E, H, 2I] from expert 0's gate slice
       m.down = u.put({{d.plain.data, elems * size}});         // [E, I, H]
-      m.router = u.rows({&r.router});
-      m.shared_gate = u.rows({&r.shared_gate});
-      m.shared_up = u.rows({&r.shared_up});
-      m.shared_down = u.rows({&r.shared_down});
+      m.router = put_rows(u, {&r.router});
+      m.shared_gate = put_rows(u, {&r.shared_gate});
+      m.shared_up = put_rows(u, {&r.shared_up});
+      m.shared_down = put_rows(u, {&r.shared_down});
     } else {
-      l.mlp_gate_up = u.rows({&r.gate[0], &r.up[0]});
-      l.mlp_down = u.rows({&r.down[0]});
+      l.mlp_gate_up = put_rows(u, {&r.gate[0], &r.up[0]});
+      l.mlp_down = put_rows(u, {&r.down[0]});
     }
     if (u.base)
       for (const auto& f : ckpt.open_files()) f->release_pages();
   }
-  w.lm_head = lm_head.plain.data == host.embed.data && !lm_head.quantized ? w.embed : u.rows({&lm_head});
+  w.lm_head = lm_head.plain.data == host.embed.data && !lm_head.quantized ? w.embed : put_rows(u, {&lm_head});
   w.lm_head.layout = WeightLayout::OutIn;
 }
 
@@ -370,17 +352,12 @@ ModelWeights load_weights(const Checkpoint& ckpt, const ModelConfig& c, const Lo
                               (cq.method.empty() ? quantization + " at load" : cq.describe()) +
                               ") run on the CPU only so far");
     StreamOwner stream(options.device);
-    Uploader sizing{stream.get()};
-    ModelWeights scratch;
-    place_on_device(sizing, c, w, raw, lm_head, ckpt, scratch);
-    ModelWeights d;
-    d.device_data = DeviceBuffer(options.device, size_t(sizing.at));
-    Uploader copying{stream.get(), static_cast<char*>(d.device_data.data())};
-    place_on_device(copying, c, w, raw, lm_head, ckpt, d);
-    stream.synchronize();
+    ModelWeights d;  // `w` keeps the host tensors both passes read
+    d.device_data = upload_to_device(stream.get(),
+                                     [&](DeviceUploader& u) { place_on_device(u, c, w, raw, lm_head, ckpt, d); });
     d.files = ckpt.open_files();
     for (const auto& f : d.files) f->release_pages();
-    d.bytes = sizing.at;
+    d.bytes = int64_t(d.device_data.size());
     d.format = dtype_name(d.embed.dtype);
     return d;
   }

@@ -4,6 +4,7 @@
 
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "corral/checkpoint.h"
@@ -76,6 +77,38 @@ VisionWeights load_vision_weights(const Checkpoint& checkpoint, const ModelConfi
 // latter's message).
 const void* float_tensor(const Checkpoint& checkpoint, const std::string& name, const std::vector<int64_t>& shape,
                          DType* dtype, const std::string& hint = "");
+
+// Both loaders' way onto a GPU: every tensor copied as stored into one device allocation.
+// upload_to_device runs place(u) twice over the same tensors: first to size the allocation
+// (u.put returns null), then to copy into it (u.put returns the device address).
+struct DeviceUploader {
+  using Parts = std::vector<std::pair<const void*, int64_t>>;  // (host data, bytes)
+  const Stream& stream;
+  char* base = nullptr;
+  int64_t at = 0;
+
+  // The parts back to back from a 256-byte aligned offset.
+  const void* put(const Parts& parts) {
+    at = (at + 255) / 256 * 256;
+    char* start = base ? base + at : nullptr;
+    for (const auto& [src, bytes] : parts) {
+      if (base) copy(base + at, src, size_t(bytes), stream);
+      at += bytes;
+    }
+    return start;
+  }
+};
+
+template <class Place>
+DeviceBuffer upload_to_device(const Stream& stream, Place&& place) {
+  DeviceUploader sizing{stream};
+  place(sizing);
+  DeviceBuffer buffer(stream.device, size_t(sizing.at));
+  DeviceUploader copying{stream, static_cast<char*>(buffer.data())};
+  place(copying);
+  synchronize(stream);
+  return buffer;
+}
 
 // Weight quantization at load, for 16/32-bit checkpoints:
 //   "" or "none": as stored;
