@@ -6,6 +6,14 @@ from __future__ import annotations
 from corral import _core
 
 
+def cuda_index(device: str) -> int | None:
+    """N of a CUDA device's name ('cuda' is 0, 'cuda:N' is N); None for any other name."""
+    kind, colon, index = device.partition(":")
+    if kind != "cuda" or (colon and not index.isdigit()):
+        return None
+    return int(index or 0)
+
+
 def _runtime():
     try:
         from cuda.bindings import runtime
@@ -44,15 +52,15 @@ def memory_info(device: str = "cuda") -> tuple[int, int]:
     """(free, total) bytes of a GPU's memory now. DeviceError naming the reason when there is no
     such device (no CUDA backend in this build, the driver's message, no GPU); InvalidInputError
     for a name that is not 'cuda' or 'cuda:N'."""
-    kind, _, index = device.partition(":")
-    if kind != "cuda" or device == "cuda:" or (index and not index.isdigit()):
+    index = cuda_index(device)
+    if index is None:
         raise _core.InvalidInputError(f"device={device!r} is not 'cuda' or 'cuda:N'")
     if not _core.cuda_backend_built():
         raise _core.DeviceError(f"device={device!r}: this build of Corral has no CUDA backend")
     runtime = _runtime()
     (count,) = _call(runtime, runtime.cudaGetDeviceCount(), f"device={device!r}: no CUDA device")
-    if int(index or 0) >= count:
+    if index >= count:
         raise _core.DeviceError(f"device={device!r}: no such CUDA device ({count} here)")
-    _call(runtime, runtime.cudaSetDevice(int(index or 0)), f"device={device!r}")
+    _call(runtime, runtime.cudaSetDevice(index), f"device={device!r}")
     free, total = _call(runtime, runtime.cudaMemGetInfo(), f"device={device!r}: memory information")
     return int(free), int(total)

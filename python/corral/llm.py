@@ -15,6 +15,7 @@ import numpy as np
 from corral import _core
 from corral.chat_template import is_conversation_list
 from corral.detokenize import IncrementalDetokenizer
+from corral.devices import cuda_index
 from corral.json_file import read_json_object
 from corral.multimodal import ImagePrompts, chat_images, images_of, pixel_arrays
 from corral.outputs import CompletionOutput, RequestOutput
@@ -558,11 +559,11 @@ def _check_device(device: str) -> None:
     reason: no CUDA backend in this build, the driver's message, no such device)."""
     if device == "cpu":
         return
-    kind, _, index = device.partition(":")
-    if kind != "cuda" or (index and not index.isdigit()) or device == "cuda:":
+    index = cuda_index(device)
+    if index is None:
         raise _core.InvalidInputError(f"device={device!r} is not 'cpu', 'cuda' or 'cuda:N'")
     count = _core.cuda_device_count()
-    if int(index or 0) >= count:
+    if index >= count:
         reason = _core.cuda_status() if count == 0 else f"this machine has {count} CUDA devices"
         raise _core.DeviceError(f"device={device!r}: no such CUDA device ({reason})")
 
