@@ -350,10 +350,11 @@ void EngineCore::sample(const float* logits_in, const std::vector<Sequence*>& se
   // drawn from more than once; otherwise the draws read the model's logits as they are. Both
   // live on the model's device; only the drawn tokens (and log-probabilities) come back.
   const bool one_each = D == (D ? rows.back() + 1 : 0);  // rows rise from 0: equal counts mean draw d reads row d
-  bool copy_rows_first = !one_each;
+  bool edits = false;  // penalties, bans or masks change some row
   for (const Sequence* s : seqs)
-    copy_rows_first = copy_rows_first || s->request->penalized() || s->generated() < s->request->params.min_tokens ||
-                      !s->request->constraints.empty();
+    edits = edits || s->request->penalized() || s->generated() < s->request->params.min_tokens ||
+            !s->request->constraints.empty();
+  const bool copy_rows_first = !one_each || edits;
   const size_t row_bytes = size_t(vocab) * sizeof(float);
   const auto gather = [&] {
     float* dst = processed_.reserve(size_t(D * vocab));
@@ -424,7 +425,7 @@ void EngineCore::sample(const float* logits_in, const std::vector<Sequence*>& se
   std::vector<int32_t> top_ids(top_lp.size());
   const bool lp_on_host = gpu && top_n > kernels::kMaxDeviceLogprobs;
   if (gpu && !lp_on_host && top_n >= 0) {
-    const float* model_rows = copy_rows_first ? gather() : logits_in;
+    const float* model_rows = edits ? gather() : logits;
     kernels::logprobs(stream, model_rows, D, vocab, next_on_device, staging_.chosen_lp.reserve(size_t(D)), top_n,
                       staging_.top_ids.reserve(top_ids.size()), staging_.top_lp.reserve(top_lp.size()));
     copy(chosen_lp.data(), staging_.chosen_lp.data(), chosen_lp.size() * sizeof(float), stream);
@@ -434,7 +435,7 @@ void EngineCore::sample(const float* logits_in, const std::vector<Sequence*>& se
   if (gpu) copy(next.data(), next_on_device, next.size() * sizeof(int32_t), stream);
   synchronize(stream);  // the step's one wait: for the drawn tokens
   if (top_n >= 0 && (!gpu || lp_on_host)) {
-    const float* model_rows = copy_rows_first ? gather() : logits_in;
+    const float* model_rows = edits ? gather() : logits;
     if (lp_on_host) {  // the model's rows, brought to the host
       host_rows_.resize(size_t(D * vocab));
       copy(host_rows_.data(), model_rows, size_t(D) * row_bytes, stream);
