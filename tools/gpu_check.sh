@@ -7,8 +7,9 @@
 #
 # The machine's python3 must have numpy, pytest, pybind11, scikit-build-core, torch, transformers.
 # nlohmann/json headers come from the nlohmann-json package if installed, else from
-# build/gpu-deps/include, which tools/stage_gpu_deps.sh fills on a machine with internet (carry
-# that folder along).
+# build/gpu-deps/include, and a newer transformers (the image has 5.17, the tests want >= 5.24)
+# from build/gpu-deps/wheels, both of which tools/stage_gpu_deps.sh fills on a machine with
+# internet (carry build/gpu-deps along).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-$PWD/gpu-check-logs}"
@@ -47,6 +48,10 @@ fi
 EOF
 
 nvidia-smi >"$out/nvidia-smi.log" 2>&1 || true
+if compgen -G "build/gpu-deps/wheels/*.whl" >/dev/null; then  # ahead of the image's own packages
+  step wheels 60 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/corral-gpu-site build/gpu-deps/wheels/*.whl && export PYTHONPATH=/tmp/corral-gpu-site
+fi
 json_flag=()
 if [ -f build/gpu-deps/include/nlohmann/json.hpp ]; then
   json_flag=(-C "cmake.define.CORRAL_JSON_INCLUDE=$PWD/build/gpu-deps/include")
