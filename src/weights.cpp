@@ -308,13 +308,49 @@ void put_attention_inputs(DevicePacker& dp, const RawLayer& r, LayerWeights& l) 
   }
 }
 
+// A MoE layer's experts decoded to float32 (QuantPlan::dense, e.g. activation-order groups) as the
+// float path reads them: fused [E, H, 2I] and [E, I, H] tensors (x @ W), and a float shared expert.
+void put_decoded_experts(DevicePacker& dp, const RawLayer& r, MoeWeights& m) {
+  for (const Linear* l : {&r.shared_gate, &r.shared_up, &r.shared_down})
+    if (l->quantized && !l->plan.dense)
+      throw NotSupportedError("tensor '" + l->name + "': CUDA runs a quantized shared expert beside quantized "
+                              "experts only, not beside experts decoded to float32");
+  const int64_t H = m.hidden, I = m.inter;
+  // dst[k, c] = rows[c][k] for the [out, in] rows of each part, their columns side by side.
+  const auto fused = [&](std::initializer_list<const Linear*> parts, char* dst) {
+    float* out = reinterpret_cast<float*>(dst);
+    int64_t c0 = 0, width = 0;
+    for (const Linear* l : parts) width += l->out;
+    for (const Linear* l : parts) {
+      const DecodedWeights d = materialize(dp.ckpt, *l);
+      for (int64_t c = 0; c < l->out; ++c)
+        for (int64_t k = 0; k < l->in; ++k) out[k * width + c0 + c] = d.dense[size_t(c * l->in + k)];
+      c0 += l->out;
+    }
+  };
+  for (size_t e = 0; e < r.gate.size(); ++e) {
+    const void* p = dp.put(H * 2 * I * 4, e > 0, [&](char* dst) { fused({&r.gate[e], &r.up[e]}, dst); });
+    if (e == 0) m.gate_up = p;
+  }
+  for (size_t e = 0; e < r.down.size(); ++e) {
+    const void* p = dp.put(I * H * 4, e > 0, [&](char* dst) { fused({&r.down[e]}, dst); });
+    if (e == 0) m.down = p;
+  }
+  m.experts_dtype = DType::F32;
+  m.experts_layout = WeightLayout::InOut;
+  m.shared_gate = dp.one(r.shared_gate);
+  m.shared_up = dp.one(r.shared_up);
+  m.shared_down = dp.one(r.shared_down);
+}
+
 // A MoE layer's quantized experts as the CPU holds them (E PackedGlu matrices back to back, then E
-// Packed ones) and its shared expert (DevicePacker::glu, one).
+// Packed ones) and its shared expert (DevicePacker::glu, one); decoded ones: put_decoded_experts.
 void put_quantized_experts(DevicePacker& dp, const RawLayer& r, MoeWeights& m) {
   const Linear &g = r.gate[0], &d = r.down[0];
+  if (g.quantized && d.quantized && g.plan.dense && d.plan.dense) return put_decoded_experts(dp, r, m);
   if (!g.quantized || !d.quantized || g.plan.dense || d.plan.dense || g.plan.dtype != d.plan.dtype)
     throw NotSupportedError("tensors '" + g.name + "' and '" + d.name + "': CUDA runs quantized experts only when "
-                            "gate, up and down are all held quantized in one code type");
+                            "gate, up and down are all held quantized in one code type (or all decoded to float32)");
   const size_t E = r.gate.size();
   for (size_t e = 0; e < E; ++e) {
     const MatrixRef gu = dp.glu(r.gate[e], r.up[e], e > 0);
