@@ -64,6 +64,9 @@ void moe(void* stream, float* out, const float* x, int64_t tokens, const MoeWeig
     throw ShapeError("moe: router must be (experts, hidden) = (" + std::to_string(E) + ", " + std::to_string(H) + ")");
   if (!w.router.data || !w.gate_up || !w.down || !w.shared_gate.data || !w.shared_down.data)
     throw InvalidInputError("moe: a weight pointer is null");
+  if (quantized && (!w.gate_up_quant.group || !w.down_quant.group))
+    throw NotSupportedError("moe: packed experts on CUDA must be quantized (gate_up_quant, down_quant); float "
+                            "experts are read as the checkpoint's fused tensors (InOut)");
   // Quantized experts: their kinds (gate_up, down); the shared expert is swiglu_mlp's to check.
   const int kind_gu = quantized ? quant::checked_kind(MatrixRef{w.gate_up, w.experts_dtype, WeightLayout::PackedGlu,
                                                                 H, 2 * I, 0, w.gate_up_quant},
@@ -73,8 +76,6 @@ void moe(void* stream, float* out, const float* x, int64_t tokens, const MoeWeig
                                                                 w.down_quant},
                                                       WeightLayout::Packed, "moe down")
                                 : -1;
-  if (quantized && (!w.gate_up_quant.group || !w.down_quant.group))
-    throw InvalidInputError("moe: packed experts on CUDA must be quantized (gate_up_quant, down_quant)");
   const DType wt = quantized ? DType::F32 : check_float(w.experts_dtype, "experts");
   const DType st = quantized ? DType::F32 : check_float(w.shared_gate.dtype, "shared expert");
   const int64_t Is = quantized ? 0 : w.shared_gate.out;

@@ -31,10 +31,11 @@ void launch_kind(cudaStream_t s, const moe_detail::Groups& g, const QuantOperand
 int checked_kind(const MatrixRef& w, WeightLayout layout, const std::string& what) {
   const QuantInfo& q = w.quant;
   if (w.layout != layout)
-    throw NotSupportedError(what + ": CUDA reads quantized weights " +
-                            (layout == WeightLayout::PackedGlu ? "as the gate and up of an MLP packed together "
+    throw NotSupportedError(what + ": CUDA reads this quantized matrix " +
+                            (layout == WeightLayout::PackedGlu ? "as an MLP's gate and up packed together "
                                                                  "(kernels::pack_quantized_glu)"
-                                                               : "packed (kernels::pack_quantized)"));
+                                                               : "packed (kernels::pack_quantized)") +
+                            (w.layout == WeightLayout::PackedGlu ? "; a PackedGlu pair is for swiglu_mlp" : ""));
   const int kind = w.dtype == DType::I8 ? kI8 : w.dtype == DType::I4 ? kI4 : w.dtype == DType::F8_E4M3 ? kF8 : -1;
   if (kind < 0) throw DTypeError(what + ": quantized codes must be int8, int4 or float8_e4m3, not " + dtype_name(w.dtype));
   if (q.scale_dtype != DType::F32 && q.scale_dtype != DType::BF16)
