@@ -9,8 +9,8 @@
 // acc += float(dot - offset * sum of x codes) * x_scale * w_scale; fp8 weights multiply float32
 // activations (rounded to fp8 per act_group run by round_fp8_rows where the format asks) per unit of
 // 32 k, acc += unit sum * w_scale. Only the float summation order differs from the CPU's: a block's
-// 256 threads are 64 columns x 4 k lanes, lane l taking units l, l + 4, ..., and the lanes' sums
-// are added at the end.
+// threads are 64 columns x L k lanes (lanes_for: 16 for one row, 4 for 64), lane l taking units
+// l, l + L, ..., and the lanes' sums are added in lane order at the end.
 // One kernel serves dense products and the MoE's grouped ones: blockIdx.x is a row tile found by
 // moe_detail::gemm_tile (up to kTileM rows of one expert, or of the shared side), blockIdx.y a
 // panel. Each block reads its panel once for all rows of its tile: decode streams every weight
@@ -106,33 +106,43 @@ __device__ __forceinline__ void int_unit(float (&acc)[TR], const char* codes, in
   }
 }
 
-// acc[r] += (sum over k0 .. k0 + kn of x[r, k] * w[k]) * scale for fp8 codes of column `col`.
+// acc[r] += (sum over k0 .. k0 + kn of x[r, k] * w[k], in k order) * scale for fp8 codes of column
+// `col`, decoded 8 at a time (fewer live registers than the whole unit).
 template <int TR>
 __device__ __forceinline__ void fp8_unit(float (&acc)[TR], const char* codes, int col, float scale, const char* a,
                                          int64_t lda, int64_t k0, int kn, int rows) {
-  float w[kBlock];
+  float part[TR];
 #pragma unroll
-  for (int i = 0; i < kBlock; ++i)
-    w[i] = i < kn ? fp8_to_f32(__ldg(reinterpret_cast<const unsigned char*>(codes) + i * kCols + col)) : 0.0f;
+  for (int r = 0; r < TR; ++r) part[r] = 0.0f;
 #pragma unroll
-  for (int r = 0; r < TR; ++r) {
-    if (r >= rows) break;
-    const float* x = reinterpret_cast<const float*>(a + r * lda) + k0;
-    float part = 0.0f;
+  for (int i0 = 0; i0 < kBlock; i0 += 8) {
+    if (i0 >= kn) break;
+    float w[8];
 #pragma unroll
-    for (int i = 0; i < kBlock; ++i)
-      if (i < kn) part = fmaf(__ldg(x + i), w[i], part);
-    acc[r] = fmaf(part, scale, acc[r]);
+    for (int j = 0; j < 8; ++j)
+      w[j] = i0 + j < kn ? fp8_to_f32(__ldg(reinterpret_cast<const unsigned char*>(codes) + (i0 + j) * kCols + col))
+                         : 0.0f;
+#pragma unroll
+    for (int r = 0; r < TR; ++r) {
+      if (r >= rows) break;
+      const float* x = reinterpret_cast<const float*>(a + r * lda) + k0 + i0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+        if (i0 + j < kn) part[r] = fmaf(__ldg(x + j), w[j], part[r]);
+    }
   }
+#pragma unroll
+  for (int r = 0; r < TR; ++r) acc[r] = fmaf(part[r], scale, acc[r]);
 }
 
 // The product of one row tile (at most TR rows) with one panel; see the top of the file.
 template <int Kind, bool Glu, int TR>
-__global__ void __launch_bounds__(kThreads) quantized_product(moe_detail::Groups g, QuantOperand routed,
-                                                              QuantOperand shared) {
+__global__ void __launch_bounds__(kCols * lanes_for(TR)) quantized_product(moe_detail::Groups g, QuantOperand routed,
+                                                                          QuantOperand shared) {
   constexpr int per = Glu ? kCols / 2 : kCols;  // outputs per panel
   constexpr int RC = TR < 16 ? TR : 16;         // rows per pass of the lane reduction
-  __shared__ float red[kLanes][RC][kCols];
+  constexpr int lanes = lanes_for(TR), threads = kCols * lanes;
+  __shared__ float red[lanes][RC][kCols];
   moe_detail::Tile t;
   if (!moe_detail::gemm_tile(g, blockIdx.x, t)) return;
   const QuantOperand& op = t.shared ? shared : routed;
@@ -145,7 +155,7 @@ __global__ void __launch_bounds__(kThreads) quantized_product(moe_detail::Groups
   float acc[TR];
 #pragma unroll
   for (int r = 0; r < TR; ++r) acc[r] = 0.0f;
-  for (int64_t u = lane; u < ps.groups * ps.units; u += kLanes) {
+  for (int64_t u = lane; u < ps.groups * ps.units; u += lanes) {
     const int64_t grp = u / ps.units, j = u % ps.units, k0 = grp * op.q.group + j * kBlock;
     if (k0 >= op.k) continue;  // units past k in the last group
     const char* group = panel + grp * ps.group_bytes;
@@ -169,13 +179,15 @@ __global__ void __launch_bounds__(kThreads) quantized_product(moe_detail::Groups
 #pragma unroll
     for (int i = 0; i < RC; ++i) red[lane][i][col] = acc[r0 + i];
     __syncthreads();
-    for (int e = threadIdx.x; e < RC * per; e += kThreads) {
+    for (int e = threadIdx.x; e < RC * per; e += threads) {
       const int i = e / per, c = e % per;
       if (r0 + i >= t.rows || c0 + c >= op.n) continue;
-      float v = ((red[0][i][c] + red[1][i][c]) + red[2][i][c]) + red[3][i][c];
+      float v = red[0][i][c];
+      for (int l = 1; l < lanes; ++l) v += red[l][i][c];
       if constexpr (Glu) {
-        const int u = c + kCols / 2;
-        v = moe_detail::silu(v) * (((red[0][i][u] + red[1][i][u]) + red[2][i][u]) + red[3][i][u]);
+        float up = red[0][i][c + kCols / 2];
+        for (int l = 1; l < lanes; ++l) up += red[l][i][c + kCols / 2];
+        v = moe_detail::silu(v) * up;
       }
       float* y = op.c + (t.row + r0 + i) * op.ldc + c0 + c;
       *y = op.accumulate ? *y + v : v;

@@ -20,9 +20,10 @@ template <int Kind, bool Glu>
 void launch_kind(cudaStream_t s, const moe_detail::Groups& g, const QuantOperand& routed, const QuantOperand& shared,
                  int64_t max_rows, const dim3& grid) {
   // Row tiles of 1 (decode), 8 or kTileM rows: accumulators for no more rows than a tile can have.
-  if (max_rows <= 1) quantized_product<Kind, Glu, 1><<<grid, kThreads, 0, s>>>(g, routed, shared);
-  else if (max_rows <= 8) quantized_product<Kind, Glu, 8><<<grid, kThreads, 0, s>>>(g, routed, shared);
-  else quantized_product<Kind, Glu, moe_detail::kTileM><<<grid, kThreads, 0, s>>>(g, routed, shared);
+  constexpr int kTile = moe_detail::kTileM;
+  if (max_rows <= 1) quantized_product<Kind, Glu, 1><<<grid, kCols * lanes_for(1), 0, s>>>(g, routed, shared);
+  else if (max_rows <= 8) quantized_product<Kind, Glu, 8><<<grid, kCols * lanes_for(8), 0, s>>>(g, routed, shared);
+  else quantized_product<Kind, Glu, kTile><<<grid, kCols * lanes_for(kTile), 0, s>>>(g, routed, shared);
   CORRAL_CUDA_CHECK_LAUNCH();
 }
 

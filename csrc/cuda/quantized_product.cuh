@@ -14,8 +14,9 @@ namespace corral::cuda::quant {
 
 constexpr int kCols = int(kernels::kPackedPanelCols);
 constexpr int kBlock = int(kernels::kQuantBlock);
-constexpr int kLanes = 4;  // k lanes per column
-constexpr int kThreads = kCols * kLanes;
+// k lanes per column for row tiles of `rows`: the fewer rows, the more lanes keep loads in flight
+// (decode has one block per panel); a block has kCols * lanes threads.
+constexpr int lanes_for(int rows) { return rows <= 1 ? 16 : rows <= 8 ? 8 : 4; }
 // The CPU's activation record of one block (csrc/cpu/isa.h): float scale, int32 sum of the codes,
 // kBlock int8 codes.
 constexpr int kRecordBytes = 8 + kBlock;
