@@ -13,7 +13,11 @@ terms' magnitude, far below 1e-5 * max|y| for these sizes (the host emulation of
 measured at most 2e-7). A product that reads another product's output (the MLP's down projection,
 the experts') may see an activation code one apart where a float difference moves x * (1 / scale)
 across a rounding boundary (one code is 1/127 of its block's max|x|, times one weight), hence 1e-4
-there, and for whole models logits within 1e-3 of max|logit| with equal greedy tokens.
+there. Such a flip needs x * (1 / scale) within a float32 rounding error of a half-integer, so in
+whole models it is rare but, where it happens, worth about 1e-3 of a position's logits (an element
+of the tiny models' 64..80-wide rows moved by max|x| / 127): per position (relative L2 error) the
+median within 1e-4, at most one position in ten above 1e-3, none above 3e-2, and equal greedy
+tokens. These bounds are reasoned, not yet measured on a GPU.
 """
 
 import numpy as np
@@ -24,7 +28,6 @@ import corral
 import quant_fixtures as qf
 import tiny_models
 from corral import _core
-from numerics import rel_err
 
 ops = _core.ops
 pytestmark = pytest.mark.cuda
@@ -131,7 +134,9 @@ def model_pair(path, **kw):
 def assert_same_model(cpu, gpu):
     ids = np.random.default_rng(5).integers(3, 380, size=24).tolist()
     assert gpu.stats()["weight_format"] == cpu.stats()["weight_format"]
-    assert rel_err(gpu.logits(ids), cpu.logits(ids)) <= 1e-3
+    got, ref = gpu.logits(ids), cpu.logits(ids)
+    err = np.linalg.norm(got - ref, axis=1) / np.linalg.norm(ref, axis=1)
+    assert np.median(err) <= 1e-4 and np.sum(err > 1e-3) <= len(err) // 10 and err.max() <= 3e-2, np.sort(err)[-3:]
     params = corral.SamplingParams(max_tokens=16, ignore_eos=True)
     assert gpu.generate([ids], params)[0].outputs[0].token_ids == cpu.generate([ids], params)[0].outputs[0].token_ids
 
