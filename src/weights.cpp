@@ -1,5 +1,6 @@
 #include "corral/weights.h"
 
+#include <cstring>
 #include <initializer_list>
 #include <string>
 #include <utility>
@@ -141,6 +142,19 @@ MatrixRef dense_ref(const DecodedWeights& d, const Linear& l) {
   return MatrixRef{d.dense.data(), DType::F32, WeightLayout::OutIn, l.in, l.out};
 }
 
+void check_glu_pair(const Linear& gate, const Linear& up) {
+  if (!same_plan(gate, up))
+    throw DTypeError("tensors '" + gate.name + "' and '" + up.name + "' are stored in different formats; gate and "
+                     "up of one MLP must match");
+}
+
+// q, k and v as one product: their packed panels back to back are one matrix's (q's and k's widths
+// whole panels, one format).
+bool fused_qkv(const Linear& q, const Linear& k, const Linear& v) {
+  return q.out % kernels::kPackedPanelCols == 0 && k.out % kernels::kPackedPanelCols == 0 && same_plan(q, k) &&
+         same_plan(q, v);
+}
+
 // Packs matrices one after the other into the model's allocation.
 struct Packer {
   const Checkpoint& ckpt;
@@ -164,9 +178,7 @@ struct Packer {
   }
 
   MatrixRef glu(const Linear& gate, const Linear& up) {
-    if (!same_plan(gate, up))
-      throw DTypeError("tensors '" + gate.name + "' and '" + up.name + "' are stored in different formats; gate and "
-                       "up of one MLP must match");
+    check_glu_pair(gate, up);
     MatrixRef m;
     if (!gate.quantized) {
       m = kernels::pack_glu(at, gate.plain, up.plain);
@@ -201,8 +213,7 @@ MatrixRef put_rows(DeviceUploader& u, std::initializer_list<const Linear*> ls) {
   MatrixRef m{nullptr, first.plain.dtype, WeightLayout::OutIn, first.in, 0};
   DeviceUploader::Parts parts;
   for (const Linear* l : ls) {
-    if (l->quantized)
-      throw NotSupportedError("tensor '" + l->name + "': quantized weights run on the CPU only so far (device='cuda')");
+    if (l->quantized) throw Error("put_rows: tensor '" + l->name + "' is quantized (a Corral bug)");
     if (l->plain.layout != WeightLayout::OutIn || l->plain.row_stride() != l->in || l->plain.dtype != m.dtype)
       throw NotSupportedError("tensor '" + l->name + "': CUDA reads dense nn.Linear matrices of one dtype per "
                               "product only so far");
@@ -211,6 +222,168 @@ MatrixRef put_rows(DeviceUploader& u, std::initializer_list<const Linear*> ls) {
   }
   m.data = u.put(parts);
   return m;
+}
+
+// Quantized matrices on their way to a GPU: packed (or decoded) on the host into `buffer`, reused
+// matrix after matrix, then copied. Nothing is packed on the sizing pass (u.base null).
+struct DevicePacker {
+  DeviceUploader& u;
+  const Checkpoint& ckpt;
+  kernels::PackedStorage buffer;
+  int64_t capacity = 0;
+
+  // `bytes` written by fill(host buffer), at the next aligned offset or (append) right after the
+  // previous matrix.
+  template <class Fill>
+  const void* put(int64_t bytes, bool append, Fill&& fill) {
+    if (u.base) {
+      synchronize(u.stream);  // the previous copy out of the buffer is done
+      if (bytes > capacity) {
+        buffer = kernels::allocate_packed(bytes);
+        capacity = bytes;
+      }
+      fill(buffer.get());
+    }
+    const DeviceUploader::Parts parts{{buffer.get(), bytes}};
+    return append ? u.append(parts) : u.put(parts);
+  }
+
+  // One Linear: as stored, packed (quantized), or float32 [out, in] rows (plan.dense).
+  MatrixRef one(const Linear& l, bool append = false) {
+    if (!l.quantized) return put_rows(u, {&l});
+    if (l.plan.dense) {
+      MatrixRef m{nullptr, DType::F32, WeightLayout::OutIn, l.in, l.out};
+      m.data = put(l.out * l.in * 4, append, [&](char* dst) {
+        const DecodedWeights d = materialize(ckpt, l);
+        std::memcpy(dst, d.dense.data(), size_t(l.out * l.in * 4));
+      });
+      return m;
+    }
+    MatrixRef m{nullptr, l.plan.dtype, WeightLayout::Packed, l.in, l.out};
+    m.quant = l.plan.info();
+    m.data = put(l.bytes(), append, [&](char* dst) {
+      kernels::pack_quantized(dst, materialize(ckpt, l).codes.rows(), l.plan.scale_dtype);
+    });
+    return m;
+  }
+
+  // Gate and up of one MLP as swiglu_mlp reads them on CUDA: one [2 * out, in] matrix (gate rows,
+  // then up rows) or their packed quantized pair (PackedGlu).
+  MatrixRef glu(const Linear& gate, const Linear& up, bool append = false) {
+    check_glu_pair(gate, up);
+    if (!gate.quantized) return put_rows(u, {&gate, &up});
+    const int64_t n = gate.out * gate.in;
+    if (gate.plan.dense) {
+      MatrixRef m{nullptr, DType::F32, WeightLayout::OutIn, gate.in, 2 * gate.out};
+      m.data = put(2 * n * 4, append, [&](char* dst) {
+        std::memcpy(dst, materialize(ckpt, gate).dense.data(), size_t(n * 4));
+        std::memcpy(dst + n * 4, materialize(ckpt, up).dense.data(), size_t(n * 4));
+      });
+      return m;
+    }
+    MatrixRef m{nullptr, gate.plan.dtype, WeightLayout::PackedGlu, gate.in, 2 * gate.out};
+    m.quant = gate.plan.info();
+    m.data = put(gate.glu_bytes(), append, [&](char* dst) {
+      const DecodedWeights g = materialize(ckpt, gate), v = materialize(ckpt, up);
+      kernels::pack_quantized_glu(dst, g.codes.rows(), v.codes.rows(), gate.plan.scale_dtype);
+    });
+    return m;
+  }
+};
+
+// A layer's q, k and v: one qkv matrix (float weights as stored; quantized ones where the CPU fuses
+// them), else three.
+void put_attention_inputs(DevicePacker& dp, const RawLayer& r, LayerWeights& l) {
+  if (!r.q.quantized && !r.k.quantized && !r.v.quantized) {
+    l.qkv = put_rows(dp.u, {&r.q, &r.k, &r.v});
+    return;
+  }
+  const bool fused = fused_qkv(r.q, r.k, r.v);
+  l.q = dp.one(r.q);
+  l.k = dp.one(r.k, fused);
+  l.v = dp.one(r.v, fused);
+  if (fused) {
+    l.qkv = l.q;
+    l.qkv.out = l.q.out + l.k.out + l.v.out;
+  }
+}
+
+// A MoE layer's experts decoded to float32 (QuantPlan::dense, e.g. activation-order groups) as the
+// float path reads them: fused [E, H, 2I] and [E, I, H] tensors (x @ W), and a float shared expert.
+void put_decoded_experts(DevicePacker& dp, const RawLayer& r, MoeWeights& m) {
+  for (const Linear* l : {&r.shared_gate, &r.shared_up, &r.shared_down})
+    if (l->quantized && !l->plan.dense)
+      throw NotSupportedError("tensor '" + l->name + "': CUDA runs a quantized shared expert beside quantized "
+                              "experts only, not beside experts decoded to float32");
+  const int64_t H = m.hidden, I = m.inter;
+  // dst[k, c] = rows[c][k] for the [out, in] rows of each part, their columns side by side.
+  const auto fused = [&](std::initializer_list<const Linear*> parts, char* dst) {
+    float* out = reinterpret_cast<float*>(dst);
+    int64_t c0 = 0, width = 0;
+    for (const Linear* l : parts) width += l->out;
+    for (const Linear* l : parts) {
+      const DecodedWeights d = materialize(dp.ckpt, *l);
+      for (int64_t c = 0; c < l->out; ++c)
+        for (int64_t k = 0; k < l->in; ++k) out[k * width + c0 + c] = d.dense[size_t(c * l->in + k)];
+      c0 += l->out;
+    }
+  };
+  for (size_t e = 0; e < r.gate.size(); ++e) {
+    const void* p = dp.put(H * 2 * I * 4, e > 0, [&](char* dst) { fused({&r.gate[e], &r.up[e]}, dst); });
+    if (e == 0) m.gate_up = p;
+  }
+  for (size_t e = 0; e < r.down.size(); ++e) {
+    const void* p = dp.put(I * H * 4, e > 0, [&](char* dst) { fused({&r.down[e]}, dst); });
+    if (e == 0) m.down = p;
+  }
+  m.experts_dtype = DType::F32;
+  m.experts_layout = WeightLayout::InOut;
+  m.shared_gate = dp.one(r.shared_gate);
+  m.shared_up = dp.one(r.shared_up);
+  m.shared_down = dp.one(r.shared_down);
+}
+
+// A MoE layer's quantized experts as the CPU holds them (E PackedGlu matrices back to back, then E
+// Packed ones) and its shared expert (DevicePacker::glu, one); decoded ones: put_decoded_experts.
+void put_quantized_experts(DevicePacker& dp, const RawLayer& r, MoeWeights& m) {
+  const Linear &g = r.gate[0], &d = r.down[0];
+  if (g.quantized && d.quantized && g.plan.dense && d.plan.dense) return put_decoded_experts(dp, r, m);
+  if (!g.quantized || !d.quantized || g.plan.dense || d.plan.dense || g.plan.dtype != d.plan.dtype)
+    throw NotSupportedError("tensors '" + g.name + "' and '" + d.name + "': CUDA runs quantized experts only when "
+                            "gate, up and down are all held quantized in one code type (or all decoded to float32)");
+  const size_t E = r.gate.size();
+  for (size_t e = 0; e < E; ++e) {
+    const MatrixRef gu = dp.glu(r.gate[e], r.up[e], e > 0);
+    if (e == 0) m.gate_up = gu.data, m.gate_up_quant = gu.quant;
+  }
+  for (size_t e = 0; e < E; ++e) {
+    const MatrixRef dn = dp.one(r.down[e], e > 0);
+    if (e == 0) m.down = dn.data, m.down_quant = dn.quant;
+  }
+  m.experts_dtype = g.plan.dtype;
+  m.experts_layout = WeightLayout::Packed;
+  m.shared_gate = dp.glu(r.shared_gate, r.shared_up);
+  m.shared_up = MatrixRef{};
+  m.shared_down = dp.one(r.shared_down);
+}
+
+// A MoE layer's float experts: transformers' fused tensors as stored, the shared expert's matrices
+// one by one.
+// A MoE layer's float experts: transformers' fused tensors as stored, the shared expert's matrices
+// one by one.
+void put_float_experts(DeviceUploader& u, const RawLayer& r, MoeWeights& m) {
+  const Linear &g = r.gate[0], &d = r.down[0];
+  if (g.plain.layout != WeightLayout::InOut)
+    throw NotSupportedError("tensor '" + g.name + "': CUDA runs float experts from transformers' fused "
+                            "bfloat16, float16 or float32 tensors only");
+  m.experts_dtype = g.plain.dtype;
+  m.experts_layout = WeightLayout::InOut;
+  const int64_t elems = m.num_experts * m.hidden * m.inter, size = int64_t(dtype_size(g.plain.dtype));
+  m.gate_up = u.put({{g.plain.data, 2 * elems * size}});  // [E, H, 2I] from expert 0's gate slice
+  m.down = u.put({{d.plain.data, elems * size}});         // [E, I, H]
+  m.shared_gate = put_rows(u, {&r.shared_gate});
+  m.shared_up = put_rows(u, {&r.shared_up});
+  m.shared_down = put_rows(u, {&r.shared_down});
 }
 
 // The text model's tensors on a GPU (see LayerWeights), from the bound checkpoint tensors:
@@ -222,40 +395,34 @@ void place_on_device(DeviceUploader& u, const ModelConfig& c, const ModelWeights
   w.embed.data = u.put({{host.embed.data, V * H * int64_t(dtype_size(host.embed.dtype))}});
   w.final_norm = put_vector(u, host.final_norm, H);
   w.layers.resize(raw.size());
+  DevicePacker dp{u, ckpt, {}};
   for (size_t i = 0; i < raw.size(); ++i) {
     const RawLayer& r = raw[i];
     LayerWeights& l = w.layers[i];
     l.input_norm = put_vector(u, host.layers[i].input_norm, H);
     l.post_attention_norm = put_vector(u, host.layers[i].post_attention_norm, H);
-    l.qkv = put_rows(u, {&r.q, &r.k, &r.v});
-    l.o = put_rows(u, {&r.o});
+    put_attention_inputs(dp, r, l);
+    l.o = dp.one(r.o);
     if (c.layers[i].moe) {
-      const Linear &g = r.gate[0], &d = r.down[0];
-      if (g.quantized || d.quantized || g.plain.layout != WeightLayout::InOut)
-        throw NotSupportedError("tensor '" + g.name + "': CUDA runs the experts from transformers' fused bfloat16, "
-                                "float16 or float32 tensors only so far");
       MoeWeights& m = l.moe;
       m.num_experts = c.num_experts;
       m.hidden = H;
       m.inter = c.intermediate_size;
-      m.experts_dtype = g.plain.dtype;
-      m.experts_layout = WeightLayout::InOut;
-      const int64_t elems = c.num_experts * H * c.intermediate_size, size = int64_t(dtype_size(g.plain.dtype));
-      m.gate_up = u.put({{g.plain.data, 2 * elems * size}});  // [E, H, 2I] from expert 0's gate slice
-      m.down = u.put({{d.plain.data, elems * size}});         // [E, I, H]
-      m.router = put_rows(u, {&r.router});
-      m.shared_gate = put_rows(u, {&r.shared_gate});
-      m.shared_up = put_rows(u, {&r.shared_up});
-      m.shared_down = put_rows(u, {&r.shared_down});
+      m.router = dp.one(r.router);  // float: as stored, or decoded to float32 (plan.dense)
+      const Linear &g = r.gate[0], &d = r.down[0];
+      if (g.quantized || d.quantized) {
+        put_quantized_experts(dp, r, m);
+      } else {
+        put_float_experts(u, r, m);
+      }
     } else {
-      l.mlp_gate_up = put_rows(u, {&r.gate[0], &r.up[0]});
-      l.mlp_down = put_rows(u, {&r.down[0]});
+      l.mlp_gate_up = dp.glu(r.gate[0], r.up[0]);
+      l.mlp_down = dp.one(r.down[0]);
     }
     if (u.base)
       for (const auto& f : ckpt.open_files()) f->release_pages();
   }
-  w.lm_head = lm_head.plain.data == host.embed.data && !lm_head.quantized ? w.embed : put_rows(u, {&lm_head});
-  w.lm_head.layout = WeightLayout::OutIn;
+  w.lm_head = lm_head.plain.data == host.embed.data && !lm_head.quantized ? w.embed : dp.one(lm_head);
 }
 
 }  // namespace
@@ -346,11 +513,10 @@ ModelWeights load_weights(const Checkpoint& ckpt, const ModelConfig& c, const Lo
     w.layers.push_back(l);
   }
 
+  std::string format = dtype_name(w.embed.dtype);
+  if (!cq.method.empty()) format = cq.describe();
+  else if (!quantization.empty()) format = quantization + " (quantized at load from " + format + ")";
   if (options.device.type == DeviceType::CUDA) {
-    if (!cq.method.empty() || !quantization.empty())
-      throw NotSupportedError("device='" + device_name(options.device) + "': quantized weights (" +
-                              (cq.method.empty() ? quantization + " at load" : cq.describe()) +
-                              ") run on the CPU only so far");
     StreamOwner stream(options.device);
     ModelWeights d;  // `w` keeps the host tensors both passes read
     d.device_data = upload_to_device(stream.get(),
@@ -358,7 +524,7 @@ ModelWeights load_weights(const Checkpoint& ckpt, const ModelConfig& c, const Lo
     d.files = ckpt.open_files();
     for (const auto& f : d.files) f->release_pages();
     d.bytes = int64_t(d.device_data.size());
-    d.format = dtype_name(d.embed.dtype);
+    d.format = format;
     return d;
   }
 
@@ -372,8 +538,7 @@ ModelWeights load_weights(const Checkpoint& ckpt, const ModelConfig& c, const Lo
     l.q = pk.one(r.q);
     l.k = pk.one(r.k);
     l.v = pk.one(r.v);
-    if (l.q.out % kernels::kPackedPanelCols == 0 && l.k.out % kernels::kPackedPanelCols == 0 && same_plan(r.q, r.k) &&
-        same_plan(r.q, r.v)) {
+    if (fused_qkv(r.q, r.k, r.v)) {
       l.qkv = l.q;
       l.qkv.out = l.q.out + l.k.out + l.v.out;
     }
@@ -410,10 +575,7 @@ ModelWeights load_weights(const Checkpoint& ckpt, const ModelConfig& c, const Lo
   for (const auto& f : w.files) f->release_pages();  // the packed copy is what the products read
 
   w.bytes = bytes + V * H * int64_t(dtype_size(w.embed.dtype)) + (2 * c.num_layers + 1) * H * int64_t(dtype_size(w.final_norm.dtype));
-  if (!cq.method.empty()) w.format = cq.describe();
-  else if (!quantization.empty())
-    w.format = quantization + " (quantized at load from " + dtype_name(w.embed.dtype) + ")";
-  else w.format = dtype_name(w.embed.dtype);
+  w.format = format;
   return w;
 }
 

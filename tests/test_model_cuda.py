@@ -147,11 +147,9 @@ def test_expert_statistics_cuda(checkpoints):
 
 
 def test_cuda_refusals(checkpoints):
-    """What the GPU cannot take is a clear error: quantization (not yet on CUDA), a KV budget
-    beyond the device's memory, a prompt id outside the vocabulary."""
+    """What the GPU cannot take is a clear error: a KV budget beyond the device's memory, a prompt
+    id outside the vocabulary (quantized weights run there: test_quantized_cuda.py)."""
     path = checkpoints("scout", "bfloat16")
-    with pytest.raises(corral.NotSupportedError, match="quantized"):
-        corral.LLM(path, device="cuda", quantization="int8")
     with pytest.raises(corral.OutOfKVCacheError, match="free on cuda:0"):
         corral.LLM(path, device="cuda", kv_cache_bytes=1 << 50)
     llm = corral.LLM(path, device="cuda")

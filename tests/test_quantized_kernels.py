@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import corral
 from corral import _core
 from numerics import from_bits, to_bits
 
@@ -212,3 +213,34 @@ def test_quantized_packing_rejects_bad_input(rng):
         ops.pack_quantized(codes, np.ones((8, 2), np.float32), dtype="int3", group=32)
     with pytest.raises(_core.ShapeError, match="scales"):
         ops.pack_quantized(codes, np.ones((8, 1), np.float32), dtype="int4", group=32)
+
+
+def test_pack_moe_quantized_cpu(rng):
+    """pack_moe_quantized (the loader's layout of quantized experts, for moe_packed on either device)
+    runs the CPU's moe as its pieces say: with every expert chosen, the shared expert's SwiGLU of x
+    plus each expert's of sigmoid(router logit) * x (swiglu_packed on the same packed matrices).
+    Within 1e-3: an activation code may move by one where the two compute sigmoid(logit) * x apart."""
+    E, H, I = 3, 64, 96
+
+    def glu_pair():
+        g, u = (rng.standard_normal((I, H)) / 8).astype(np.float32), (rng.standard_normal((I, H)) / 8).astype(np.float32)
+        (gc, gs, group), (uc, us, _) = ops.quantize_weights(g, "int8", 32), ops.quantize_weights(u, "int8", 32)
+        return ops.pack_quantized(gc, gs, None, "int8", group, up=(uc, us, None))
+
+    def down():
+        c, s, group = ops.quantize_weights((rng.standard_normal((H, I)) / 8).astype(np.float32), "int8", 32)
+        return ops.pack_quantized(c, s, None, "int8", group)
+
+    router = rng.standard_normal((E, H)).astype(np.float32)
+    gu, dn, shared = [glu_pair() for _ in range(E)], [down() for _ in range(E)], (glu_pair(), down())
+    moe = ops.pack_moe_quantized(router, gu, dn, *shared)
+    x = rng.standard_normal((5, H)).astype(np.float32)
+    out, counts = ops.moe_packed(x, moe, E)
+    assert counts.tolist() == [5] * E
+    score = 1 / (1 + np.exp(-(x.astype(np.float64) @ router.T.astype(np.float64))))
+    ref = ops.swiglu_packed(x, *shared).astype(np.float64)
+    for e in range(E):
+        ref += ops.swiglu_packed((score[:, e : e + 1] * x).astype(np.float32), gu[e], dn[e])
+    assert np.max(np.abs(out - ref)) <= 1e-3 * np.max(np.abs(ref))
+    with pytest.raises(corral.ShapeError, match="one packed matrix per expert"):
+        ops.pack_moe_quantized(router, gu[:2], dn, *shared)

@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "check.h"
+#include "convert.cuh"
 
 namespace corral::cuda::attn {
 
@@ -41,16 +42,6 @@ constexpr int kRangeScanRows = 1024;
 
 // ---- element conversions: the same bits as the CPU's ----------------------------------------------
 
-// fp8 e4m3fn code (low 8 bits) -> float, exact: the code's exponent and mantissa placed in a float
-// with bias 127 are the value times 2^-120 (subnormal codes land on float denormals, which are exact
-// without flush-to-zero, nvcc's default), so one multiplication by 2^120 rebiases. 0x7f / 0xff: NaN.
-__device__ __forceinline__ float fp8_to_f32(uint32_t code) {
-  const uint32_t x7 = code & 0x7fu;
-  float f = __fmul_rn(__uint_as_float(x7 << 20), 1.329227995784916e36f);  // 2^120
-  f = x7 == 0x7fu ? __uint_as_float(0x7fc00000u) : f;
-  return __uint_as_float(__float_as_uint(f) | ((code & 0x80u) << 24));
-}
-
 // Two adjacent fp8 codes (low byte first) -> floats, exact: the hardware converter on sm_89+.
 __device__ __forceinline__ float2 fp8x2_to_f32(uint32_t two) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
@@ -61,20 +52,6 @@ __device__ __forceinline__ float2 fp8x2_to_f32(uint32_t two) {
 #else
   return make_float2(fp8_to_f32(two & 0xffu), fp8_to_f32((two >> 8) & 0xffu));
 #endif
-}
-
-// float -> fp8 e4m3fn, round to nearest even, saturating to +-448; NaN -> 0x7f with the sign.
-// Line by line corral::to_fp8_e4m3.
-__device__ __forceinline__ uint32_t f32_to_fp8(float f) {
-  const uint32_t u = __float_as_uint(f);
-  const uint32_t a = u & 0x7fffffffu;
-  const uint32_t r = a - (120u << 23);
-  const uint32_t normal = (r + 0x7ffffu + ((r >> 20) & 1u)) >> 20;
-  const uint32_t subnormal = __float_as_uint(__fadd_rn(__uint_as_float(a), 16384.0f)) - 0x46800000u;
-  uint32_t code = a < 0x3c800000u ? subnormal : normal;
-  code = a >= 0x43e00000u ? 0x7eu : code;
-  code = a > 0x7f800000u ? 0x7fu : code;
-  return ((u >> 24) & 0x80u) | (code & 0x7fu);
 }
 
 // float -> bfloat16 bits, round to nearest even, NaN quieted (corral::to_bf16).

@@ -2,6 +2,7 @@
 // unpacked float32, bfloat16 or float16 weights in device memory, OutIn or InOut, any row stride:
 //   - 16-bit weights with Activations::Native: x rounded to the weight dtype (nearest even) into
 //     scratch, then cuBLASLt with float32 sums (cublaslt_matmul.h);
+//   - packed quantized weights (int8, int4, fp8; the CPU's layout): quantized_product.cuh;
 //   - everything else, and shapes cuBLASLt has no algorithm for or runs without it: the MoE's
 //     grouped product as a dense product (grouped_product.cuh) with the same numerics: a GEMV up
 //     to kMaxGemvRows rows, above that tensor cores (Native 16-bit) or CUDA cores (float32
@@ -19,6 +20,7 @@
 #include "grouped_product.cuh"
 #include "launch.cuh"
 #include "ops.h"
+#include "quantized_product.cuh"
 #include "scratch.h"
 
 namespace corral::cuda {
@@ -54,12 +56,13 @@ void stage_rows(cudaStream_t s, void* dst, DType stored, int64_t ld, const float
   });
 }
 
-// The weights CUDA's products read: unpacked float32 / bfloat16 / float16 matrices.
+// The float weights CUDA's products read: unpacked float32 / bfloat16 / float16 matrices.
 void check_weights(const MatrixRef& w, const std::string& op) {
-  if (w.quantized() || w.dtype == DType::I8 || w.dtype == DType::I4 || w.dtype == DType::F8_E4M3)
-    throw NotSupportedError(op + ": quantized weights (" + dtype_name(w.dtype) + ") are not supported on CUDA");
+  if (w.dtype == DType::I8 || w.dtype == DType::I4 || w.dtype == DType::F8_E4M3)
+    throw InvalidInputError(op + ": " + dtype_name(w.dtype) + " weights need their QuantInfo (quant.group >= 1)");
   if (w.packed())
-    throw NotSupportedError(op + ": CUDA reads unpacked OutIn or InOut weights, not the CPU's packed layout");
+    throw NotSupportedError(op + ": CUDA reads float weights unpacked (OutIn or InOut), not in the CPU's packed "
+                            "layout; only quantized weights are packed");
   if (w.dtype != DType::F32 && w.dtype != DType::BF16 && w.dtype != DType::F16)
     throw DTypeError(op + ": weights of " + dtype_name(w.dtype) +
                      " are not supported on CUDA (float32, bfloat16 and float16 are)");
@@ -80,7 +83,8 @@ void check_rows(int64_t rows, const std::string& op) {
 
 void linear(void* stream, float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, const MatrixRef& w,
             bool accumulate, kernels::Activations act) {
-  check_weights(w, "linear");
+  const int kind = w.quantized() ? quant::checked_kind(w, WeightLayout::Packed, "linear") : -1;
+  if (kind < 0) check_weights(w, "linear");
   check_rows(rows, "linear");
   if (ldx < w.in || ldy < w.out)
     throw ShapeError("linear: ldx " + std::to_string(ldx) + " and ldy " + std::to_string(ldy) +
@@ -88,6 +92,7 @@ void linear(void* stream, float* y, int64_t ldy, const float* x, int64_t ldx, in
   if (rows == 0) return;
   if (!x || !y) throw InvalidInputError("linear: x and y must not be null");
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (kind >= 0) return quant::product(s, y, ldy, x, ldx, rows, w, kind, accumulate);
   // Native products of 16-bit weights read the activations rounded to the weight dtype.
   const bool rounded = act == kernels::Activations::Native && w.dtype != DType::F32;
   const int64_t kp = round_up(w.in, 8);  // staged rows: whole 16-byte pieces
@@ -128,8 +133,9 @@ void linear(void* stream, float* y, int64_t ldy, const float* x, int64_t ldx, in
 
 void swiglu_mlp(void* stream, float* out, const float* x, int64_t rows, const MatrixRef& gate_up,
                 const MatrixRef& down, kernels::Activations act) {
-  check_weights(gate_up, "swiglu_mlp");
-  check_weights(down, "swiglu_mlp");
+  const int kind = gate_up.quantized() ? quant::checked_kind(gate_up, WeightLayout::PackedGlu, "swiglu_mlp gate_up") : -1;
+  if (kind < 0) check_weights(gate_up, "swiglu_mlp");
+  if (!down.quantized()) check_weights(down, "swiglu_mlp");  // linear checks a quantized down
   const int64_t hidden = gate_up.in, inter = gate_up.out / 2;
   if (gate_up.out % 2 != 0 || down.in != inter || down.out != hidden)
     throw ShapeError("swiglu_mlp: gate_up must have 2 * inter outputs (gate, then up) for hidden inputs, and down "
@@ -139,13 +145,18 @@ void swiglu_mlp(void* stream, float* out, const float* x, int64_t rows, const Ma
   check_rows(rows, "swiglu_mlp");
   if (rows == 0) return;
   if (!x || !out) throw InvalidInputError("swiglu_mlp: x and out must not be null");
-  Scratch sc(static_cast<cudaStream_t>(stream));
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  Scratch sc(s);
   const size_t o_h = sc.reserve(size_t(rows * 2 * inter) * sizeof(float));
   sc.allocate();
   float* h = sc.at<float>(o_h);  // [rows, 2 * inter]: x . gate, then x . up
-  linear(stream, h, 2 * inter, x, hidden, rows, gate_up, false, act);
-  // silu(gate) * up over the gate half, in place (each element is read, then written, by one thread).
-  silu_mul(stream, h, 2 * inter, h, h + inter, 2 * inter, rows, inter);
+  if (kind >= 0) {
+    quant::product(s, h, 2 * inter, x, hidden, rows, gate_up, kind, false);  // silu(gate) * up, in the epilogue
+  } else {
+    linear(stream, h, 2 * inter, x, hidden, rows, gate_up, false, act);
+    // silu(gate) * up over the gate half, in place (each element is read, then written, by one thread).
+    silu_mul(stream, h, 2 * inter, h, h + inter, 2 * inter, rows, inter);
+  }
   linear(stream, out, hidden, h, 2 * inter, rows, down, true, act);
 }
 

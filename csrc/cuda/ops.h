@@ -15,7 +15,8 @@ void rms_norm(void* stream, void* y, const void* x, DType act, const void* w, DT
               int64_t rows, int64_t dim, float eps);
 
 // x, out and every weight pointer are device pointers; expert_tokens, when not null, is a device
-// int64 array [experts]. Weights: bfloat16 / float16 (tensor cores) or float32 (CUDA cores).
+// int64 array [experts]. Weights: bfloat16 / float16 (tensor cores) or float32 (CUDA cores), or
+// quantized experts packed as on the CPU (moe.h).
 // Paged KV cache and attention: the cache pools, q, out, k, v, slots and every array of the
 // batch are device pointers. Float32, bfloat16, float16 and float8_e4m3 caches.
 void kv_cache_write(void* stream, const PagedKv& cache, const float* k, const float* v, int64_t ld,
@@ -75,8 +76,9 @@ void moe(void* stream, float* out, const float* x, int64_t tokens, const MoeWeig
          int64_t* expert_tokens);
 
 // Dense products (csrc/cuda/linear.cu): x, y, out and the weights' data are device pointers; the
-// weights unpacked (OutIn or InOut) float32, bfloat16 or float16 (NotSupportedError for packed or
-// quantized ones). swiglu_mlp's gate_up is one matrix: the gate's outputs, then the up's.
+// weights unpacked (OutIn or InOut) float32, bfloat16 or float16, or quantized in the CPU's packed
+// layout (NotSupportedError for packed float ones). swiglu_mlp's float gate_up is one matrix: the
+// gate's outputs, then the up's; a quantized one is PackedGlu.
 void linear(void* stream, float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, const MatrixRef& w,
             bool accumulate, kernels::Activations act);
 void swiglu_mlp(void* stream, float* out, const float* x, int64_t rows, const MatrixRef& gate_up,

@@ -366,7 +366,30 @@ struct PackedMatrix {
 struct PackedMoe {
   kernels::PackedStorage storage;
   MoeWeights w;
+  // pack_moe_quantized only, for GPUs: the router unpacked [experts, hidden] and the bytes of the
+  // experts' gate_up and down matrices.
+  std::vector<float> router;
+  int64_t gate_up_bytes = 0, down_bytes = 0;
 };
+
+// moe on a GPU: p's weights, x and out copied there, out and counts back.
+void moe_on_device(const std::string& device, const PackedMoe& p, float* op, int64_t* cp, const float* xp, int64_t T,
+                   int top_k, kernels::Activations a) {
+  const int64_t H = p.w.hidden, E = p.w.num_experts;
+  OnDevice d(device);
+  MoeWeights w = p.w;
+  w.router = MatrixRef{d.put(p.router.data(), p.router.size() * 4), DType::F32, WeightLayout::OutIn, H, E};
+  w.gate_up = d.put(p.w.gate_up, size_t(p.gate_up_bytes));
+  w.down = d.put(p.w.down, size_t(p.down_bytes));
+  w.shared_gate.data = d.put(p.w.shared_gate.data, size_t(kernels::packed_size(p.w.shared_gate)));
+  w.shared_down.data = d.put(p.w.shared_down.data, size_t(kernels::packed_size(p.w.shared_down)));
+  const size_t ob = size_t(T * H) * 4, cb = size_t(E) * 8;
+  float* dout = d.put<float>(op, ob);
+  int64_t* dcounts = d.put<int64_t>(cp, cb);
+  kernels::moe(d.stream(), dout, d.put<const float>(xp, ob), T, w, top_k, dcounts, a);
+  d.get(cp, dcounts, cb);
+  d.get(op, dout, ob);
+}
 
 }  // namespace
 
@@ -461,11 +484,28 @@ void register_ops(py::module_& m) {
       py::arg("width") = 0);
   m.def(
       "swiglu_packed",
-      [](F32 x, const PackedMatrix& gate_up, const PackedMatrix& down) {
+      [](F32 x, const PackedMatrix& gate_up, const PackedMatrix& down, const std::string& device) {
         expect(x.ndim() == 2 && x.shape(1) == gate_up.w.in, "x must be (rows, " + std::to_string(gate_up.w.in) + ")");
-        return swiglu_rows(x, gate_up.w, down.w, kernels::Activations::Native);
+        if (parse_device(device).type == DeviceType::CPU)
+          return swiglu_rows(x, gate_up.w, down.w, kernels::Activations::Native);
+        // A GPU gets the packed bytes as they are.
+        F32 out({x.shape(0), x.shape(1)});
+        const size_t bytes = nbytes(out);
+        const float* xp = x.data();
+        float* op = out.mutable_data();
+        const int64_t rows = x.shape(0);
+        py::gil_scoped_release release;
+        OnDevice d(device);
+        MatrixRef gu = gate_up.w, dn = down.w;
+        gu.data = d.put(gu.data, size_t(kernels::packed_size(gu)));
+        dn.data = d.put(dn.data, size_t(kernels::packed_size(dn)));
+        float* dout = d.put<float>(nullptr, bytes);
+        fill_zero(dout, bytes, d.stream());
+        kernels::swiglu_mlp(d.stream(), dout, d.put<const float>(xp, nbytes(x)), rows, gu, dn);
+        d.get(op, dout, bytes);
+        return out;
       },
-      py::arg("x"), py::arg("gate_up"), py::arg("down"));
+      py::arg("x"), py::arg("gate_up"), py::arg("down"), py::kw_only(), py::arg("device") = "cpu");
   m.def(
       "pack_linear",
       [](const py::array& w, const std::string& dtype, const std::string& layout) {
@@ -522,8 +562,65 @@ void register_ops(py::module_& m) {
       py::arg("router"), py::arg("gate_up"), py::arg("down"), py::arg("shared_gate"), py::arg("shared_up"),
       py::arg("shared_down"), py::arg("dtype") = "float32");
   m.def(
+      "pack_moe_quantized",
+      [](F32 router, const std::vector<std::shared_ptr<PackedMatrix>>& gate_up,
+         const std::vector<std::shared_ptr<PackedMatrix>>& down, const PackedMatrix& shared_gate_up,
+         const PackedMatrix& shared_down) {
+        expect(router.ndim() == 2, "router must be (experts, hidden)");
+        const int64_t E = router.shape(0), H = router.shape(1);
+        expect(E >= 1 && int64_t(gate_up.size()) == E && int64_t(down.size()) == E,
+               "gate_up and down must hold one packed matrix per expert (" + std::to_string(E) + ")");
+        const MatrixRef &g0 = gate_up[0]->w, &d0 = down[0]->w;
+        const int64_t I = g0.out / 2;
+        expect(g0.quantized() && g0.layout == WeightLayout::PackedGlu && g0.in == H,
+               "gate_up must be quantized GLU pairs (pack_quantized with up=...) of in " + std::to_string(H));
+        expect(d0.quantized() && d0.layout == WeightLayout::Packed && d0.in == I && d0.out == H && d0.dtype == g0.dtype,
+               "down must be quantized matrices (" + std::to_string(H) + ", " + std::to_string(I) + ") of gate_up's dtype");
+        const auto same = [](const MatrixRef& a, const MatrixRef& b) {
+          return a.layout == b.layout && a.dtype == b.dtype && a.in == b.in && a.out == b.out &&
+                 a.quant.group == b.quant.group && a.quant.scale_dtype == b.quant.scale_dtype &&
+                 a.quant.offsets == b.quant.offsets && a.quant.act_group == b.quant.act_group;
+        };
+        for (int64_t e = 0; e < E; ++e)
+          expect(same(gate_up[e]->w, g0) && same(down[e]->w, d0), "every expert must have one shape and format");
+        const MatrixRef rw{router.data(), DType::F32, WeightLayout::OutIn, H, E};
+        const int64_t rb = kernels::packed_bytes(rw), gb = kernels::packed_size(g0), db = kernels::packed_size(d0),
+                      sgb = kernels::packed_size(shared_gate_up.w), sdb = kernels::packed_size(shared_down.w);
+        auto p = std::make_shared<PackedMoe>();
+        p->storage = kernels::allocate_packed(rb + E * (gb + db) + sgb + sdb);
+        char* at = p->storage.get();
+        MoeWeights& w = p->w;
+        w.router = kernels::pack_weights(at, rw);
+        at += rb;
+        w.gate_up = at;
+        for (int64_t e = 0; e < E; ++e, at += gb) std::memcpy(at, gate_up[e]->w.data, size_t(gb));
+        w.down = at;
+        for (int64_t e = 0; e < E; ++e, at += db) std::memcpy(at, down[e]->w.data, size_t(db));
+        w.shared_gate = shared_gate_up.w;
+        w.shared_gate.data = at;
+        std::memcpy(at, shared_gate_up.w.data, size_t(sgb));
+        w.shared_down = shared_down.w;
+        w.shared_down.data = at + sgb;
+        std::memcpy(at + sgb, shared_down.w.data, size_t(sdb));
+        w.experts_dtype = g0.dtype;
+        w.gate_up_quant = g0.quant;
+        w.down_quant = d0.quant;
+        w.experts_layout = WeightLayout::Packed;
+        w.num_experts = E;
+        w.hidden = H;
+        w.inter = I;
+        p->router.assign(router.data(), router.data() + E * H);
+        p->gate_up_bytes = E * gb;
+        p->down_bytes = E * db;
+        return p;
+      },
+      "pack_moe_quantized(router, gate_up, down, shared_gate_up, shared_down) -> PackedMoe: quantized experts as "
+      "the loader holds them (each gate_up a GLU pair from pack_quantized(up=...), each down a pack_quantized "
+      "matrix), the router float32 (experts, hidden), for moe_packed",
+      py::arg("router"), py::arg("gate_up"), py::arg("down"), py::arg("shared_gate_up"), py::arg("shared_down"));
+  m.def(
       "moe_packed",
-      [](F32 x, const PackedMoe& p, int top_k, const std::string& act) {
+      [](F32 x, const PackedMoe& p, int top_k, const std::string& act, const std::string& device) {
         const kernels::Activations a = parse_activations(act);
         const int64_t H = p.w.hidden, E = p.w.num_experts;
         expect(x.ndim() == 2 && x.shape(1) == H, "x must be (tokens, " + std::to_string(H) + "), got " + shape_of(x));
@@ -535,14 +632,20 @@ void register_ops(py::module_& m) {
         std::fill(op, op + T * H, 0.f);
         std::fill(cp, cp + E, 0);
         const float* xp = x.data();
-        {
+        if (parse_device(device).type == DeviceType::CPU) {
           py::gil_scoped_release release;
           kernels::moe(kCpu, op, xp, T, p.w, top_k, cp, a);
+        } else {
+          expect(!p.router.empty(), "moe_packed on a GPU reads weights from pack_moe_quantized");
+          py::gil_scoped_release release;
+          moe_on_device(device, p, op, cp, xp, T, top_k, a);
         }
         return py::make_tuple(out, counts);
       },
-      "moe_packed(x, packed, top_k) -> (out, counts): moe on weights from pack_moe", py::arg("x"), py::arg("packed"),
-      py::arg("top_k"), py::arg("activations") = "native");
+      "moe_packed(x, packed, top_k, activations, *, device) -> (out, counts): moe on weights from pack_moe (CPU) or "
+      "pack_moe_quantized (CPU, CUDA)",
+      py::arg("x"), py::arg("packed"), py::arg("top_k"), py::arg("activations") = "native", py::kw_only(),
+      py::arg("device") = "cpu");
 
   m.def("cpu_isas", &kernels::cpu_isas, "CPU ISA levels available here, best first");
   m.def("cpu_isa", &kernels::cpu_isa, "The CPU ISA level in use");

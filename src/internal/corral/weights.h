@@ -20,9 +20,11 @@ struct VectorRef {
 };
 
 // Matrices are packed for the CPU products (kernels::pack_weights, pack_quantized): a copy of
-// each, made at load. On a GPU they are device copies as stored (OutIn nn.Linear matrices, the
-// fused expert tensors InOut), with q, k and v as one [q + k + v widths, hidden] matrix (qkv) and
-// a dense MLP's gate and up as one [2 * intermediate, hidden] matrix (mlp_gate_up).
+// each, made at load. On a GPU float matrices are device copies as stored (OutIn nn.Linear
+// matrices, the fused expert tensors InOut), with q, k and v as one [q + k + v widths, hidden]
+// matrix (qkv) and a dense MLP's gate and up as one [2 * intermediate, hidden] matrix
+// (mlp_gate_up); quantized ones are the CPU's packed matrices (pack_quantized, pack_quantized_glu)
+// copied there, or float32 [out, in] rows where the CPU packs them as float32 (QuantPlan::dense).
 struct LayerWeights {
   VectorRef input_norm, post_attention_norm;
   MatrixRef q, k, v, o;
@@ -90,6 +92,10 @@ struct DeviceUploader {
   // The parts back to back from a 256-byte aligned offset.
   const void* put(const Parts& parts) {
     at = (at + 255) / 256 * 256;
+    return append(parts);
+  }
+  // The parts right after the previous ones (matrices that must lie back to back, e.g. experts).
+  const void* append(const Parts& parts) {
     char* start = base ? base + at : nullptr;
     for (const auto& [src, bytes] : parts) {
       if (base) copy(base + at, src, size_t(bytes), stream);
@@ -127,7 +133,7 @@ struct LoadOptions {
 // checkpoint's pages are dropped after each: memory holds the packed model and one layer).
 // Throws MissingTensorError, ShapeError or DTypeError naming the tensor and its file,
 // ConfigError for a quantization_config Corral cannot run, InvalidInputError for a bad option.
-// On a GPU, quantized weights (in the checkpoint or at load) are NotSupportedError so far.
+// On a GPU quantized weights are packed on the host one matrix at a time and copied there.
 ModelWeights load_weights(const Checkpoint& checkpoint, const ModelConfig& config, const LoadOptions& options = {});
 
 }  // namespace corral

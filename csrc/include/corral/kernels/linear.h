@@ -113,7 +113,10 @@ enum class Activations : uint8_t { Native, Float32 };
 // y[r, 0:out] = x[r, 0:in] . W for r < rows (y += ... when accumulate). x and y are float32 with
 // row strides ldx and ldy. On CPU W is Packed.
 // On CUDA x, y and W's data are device memory, y must not overlap x, and W is unpacked: OutIn or
-// InOut (any ld), float32, bfloat16 or float16 (packed or quantized weights: NotSupportedError).
+// InOut (any ld), float32, bfloat16 or float16, or quantized (I8, I4, F8_E4M3) in the CPU's Packed
+// layout (pack_quantized's bytes copied to the device, 16-byte aligned; packed float weights:
+// NotSupportedError). Quantized products compute what the CPU's do (the activation quantization
+// above, exact block dot products), only their float32 sums in another order.
 // Sums are float32. Native with bfloat16 or float16 weights rounds the activations to the weight
 // dtype (float16 too, unlike the CPU) and multiplies on cuBLASLt, or on Corral's own kernels where
 // cuBLASLt is not loaded (cuda_blas_status); the other products (float32 activations or weights)

@@ -11,6 +11,10 @@ namespace corral {
 // matrices. The CPU op reads them packed (pack_moe): then experts_layout is Packed, gate_up holds
 // the experts' PackedGlu matrices back to back and down their Packed ones, shared_gate is the
 // PackedGlu of the shared gate and up (shared_up unused) and router and shared_down are Packed.
+// The CUDA op reads float experts as the checkpoint's fused tensors (InOut) with an unpacked
+// router and shared expert, or quantized experts packed as on the CPU (experts_layout Packed,
+// gate_up_quant / down_quant) with an unpacked float router and a shared expert as swiglu_mlp reads
+// it on CUDA (shared_gate its gate_up, quantized PackedGlu or one unpacked matrix; shared_up unused).
 struct MoeWeights {
   MatrixRef router;  // [experts, hidden] (OutIn)
   const void* gate_up = nullptr;

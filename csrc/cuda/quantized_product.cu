@@ -1,0 +1,112 @@
+// Launches of the quantized products (contract: quantized_product.cuh): the kernels' template
+// instances for each code kind, epilogue and row tile live here, once.
+#include "quantized_product.cuh"
+
+#include <algorithm>
+#include <string>
+
+#include "check.h"
+#include "corral/error.h"
+#include "grouped_product.cuh"
+#include "launch.cuh"
+#include "quantized_panel.cuh"
+#include "scratch.h"
+
+namespace corral::cuda::quant {
+
+namespace {
+
+template <int Kind, bool Glu>
+void launch_kind(cudaStream_t s, const moe_detail::Groups& g, const QuantOperand& routed, const QuantOperand& shared,
+                 int64_t max_rows, const dim3& grid) {
+  // Row tiles of 1 (decode), 8 or kTileM rows: accumulators for no more rows than a tile can have.
+  constexpr int kTile = moe_detail::kTileM;
+  if (max_rows <= 1) quantized_product<Kind, Glu, 1><<<grid, kCols * lanes_for(1), 0, s>>>(g, routed, shared);
+  else if (max_rows <= 8) quantized_product<Kind, Glu, 8><<<grid, kCols * lanes_for(8), 0, s>>>(g, routed, shared);
+  else quantized_product<Kind, Glu, kTile><<<grid, kCols * lanes_for(kTile), 0, s>>>(g, routed, shared);
+  CORRAL_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+int checked_kind(const MatrixRef& w, WeightLayout layout, const std::string& what) {
+  const QuantInfo& q = w.quant;
+  if (w.layout != layout)
+    throw NotSupportedError(what + ": CUDA reads this quantized matrix " +
+                            (layout == WeightLayout::PackedGlu ? "as an MLP's gate and up packed together "
+                                                                 "(kernels::pack_quantized_glu)"
+                                                               : "packed (kernels::pack_quantized)") +
+                            (w.layout == WeightLayout::PackedGlu ? "; a PackedGlu pair is for swiglu_mlp" : ""));
+  const int kind = w.dtype == DType::I8 ? kI8 : w.dtype == DType::I4 ? kI4 : w.dtype == DType::F8_E4M3 ? kF8 : -1;
+  if (kind < 0) throw DTypeError(what + ": quantized codes must be int8, int4 or float8_e4m3, not " + dtype_name(w.dtype));
+  if (q.scale_dtype != DType::F32 && q.scale_dtype != DType::BF16)
+    throw DTypeError(what + ": scales are float32 or bfloat16, not " + dtype_name(q.scale_dtype));
+  if (w.in < 1 || w.out < 1 || (layout == WeightLayout::PackedGlu && w.out % 2 != 0))
+    throw ShapeError(what + ": a quantized matrix of in " + std::to_string(w.in) + ", out " + std::to_string(w.out) +
+                     ": in and out must be positive (a PackedGlu out even)");
+  if (kind != kF8 && q.group % kBlock != 0)
+    throw ShapeError(what + ": integer groups must be multiples of " + std::to_string(kBlock) + ", got " +
+                     std::to_string(q.group));
+  if (q.act_group < 0 || (kind == kF8 && q.offsets))
+    throw InvalidInputError(what + ": act_group must be >= 0, and fp8 weights have no offsets");
+  if (!w.data || reinterpret_cast<uintptr_t>(w.data) % 16 != 0)
+    throw InvalidInputError(what + ": the packed weights must be a non-null, 16-byte aligned device pointer");
+  return kind;
+}
+
+int64_t prepared_bytes(int kind, const QuantInfo& q, int64_t k) {
+  if (kind != kF8) return (k + kBlock - 1) / kBlock * kRecordBytes;
+  return q.act_group > 0 ? k * int64_t(sizeof(float)) : 0;
+}
+
+Prepared prepare(cudaStream_t s, void* dst, const float* x, int64_t ldx, int64_t rows, int64_t k, int kind,
+                 const QuantInfo& q) {
+  const int64_t ld = prepared_bytes(kind, q, k);
+  if (ld == 0) return {x, ldx * int64_t(sizeof(float))};
+  if (kind == kF8) {
+    round_fp8_rows<<<blocks_for(rows * ((k + q.act_group - 1) / q.act_group)), 256, 0, s>>>(
+        static_cast<float*>(dst), x, ldx, rows, k, q.act_group);
+  } else {
+    quantize_rows<<<blocks_for(moe_detail::ceil_div(rows * moe_detail::ceil_div(k, kBlock), 8)), 256, 0, s>>>(
+        static_cast<char*>(dst), ld, x, ldx, rows, k);
+  }
+  CORRAL_CUDA_CHECK_LAUNCH();
+  return {dst, ld};
+}
+
+void launch(cudaStream_t s, const moe_detail::Groups& g, const QuantOperand& routed, const QuantOperand& shared,
+            int kind, bool glu, int64_t max_rows, int64_t tiles) {
+  const int64_t per = glu ? kCols / 2 : kCols;
+  int64_t panels = 0;
+  if (g.num_experts > 0) panels = moe_detail::ceil_div(routed.n, per);
+  if (g.shared_rows > 0) panels = std::max(panels, moe_detail::ceil_div(shared.n, per));
+  if (tiles < 1 || panels < 1) return;
+  if (tiles > 0x7fffffff || panels > 65535)
+    throw ShapeError("quantized product: too large for one CUDA launch (" + std::to_string(tiles) + " row tiles x " +
+                     std::to_string(panels) + " panels)");
+  const dim3 grid{unsigned(tiles), unsigned(panels)};
+  switch (kind * 2 + (glu ? 1 : 0)) {
+    case kI8 * 2: return launch_kind<kI8, false>(s, g, routed, shared, max_rows, grid);
+    case kI8 * 2 + 1: return launch_kind<kI8, true>(s, g, routed, shared, max_rows, grid);
+    case kI4 * 2: return launch_kind<kI4, false>(s, g, routed, shared, max_rows, grid);
+    case kI4 * 2 + 1: return launch_kind<kI4, true>(s, g, routed, shared, max_rows, grid);
+    case kF8 * 2: return launch_kind<kF8, false>(s, g, routed, shared, max_rows, grid);
+    default: return launch_kind<kF8, true>(s, g, routed, shared, max_rows, grid);
+  }
+}
+
+void product(cudaStream_t s, float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, const MatrixRef& w,
+             int kind, bool accumulate) {
+  const bool glu = w.layout == WeightLayout::PackedGlu;
+  Scratch sc(s);
+  const size_t o_a = sc.reserve(size_t(rows * prepared_bytes(kind, w.quant, w.in)));
+  sc.allocate();
+  const Prepared p = prepare(s, sc.at<char>(o_a), x, ldx, rows, w.in, kind, w.quant);
+  const QuantOperand op{p.a, p.lda, w.data, 0, y, ldy, glu ? w.out / 2 : w.out, w.in, w.quant, accumulate};
+  moe_detail::Groups g;  // the shared side alone: rows [0, rows)
+  g.shared_rows = int(rows);
+  launch(s, g, QuantOperand{}, op, kind, glu, std::min<int64_t>(rows, moe_detail::kTileM),
+         moe_detail::ceil_div(rows, moe_detail::kTileM));
+}
+
+}  // namespace corral::cuda::quant

@@ -1,0 +1,81 @@
+// The host side of the products with packed quantized weights (kernels: quantized_panel.cuh),
+// for kernels::linear and swiglu_mlp (linear.cu) and the MoE's quantized experts (moe.cu).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <string>
+
+#include "corral/kernels/linear.h"
+#include "moe_common.cuh"
+
+namespace corral::cuda::quant {
+
+constexpr int kCols = int(kernels::kPackedPanelCols);
+constexpr int kBlock = int(kernels::kQuantBlock);
+// k lanes per column for row tiles of `rows`: the fewer rows, the more lanes keep loads in flight
+// (decode has one block per panel); a block has kCols * lanes threads.
+constexpr int lanes_for(int rows) { return rows <= 1 ? 16 : rows <= 8 ? 8 : 4; }
+// The CPU's activation record of one block (csrc/cpu/isa.h): float scale, int32 sum of the codes,
+// kBlock int8 codes.
+constexpr int kRecordBytes = 8 + kBlock;
+
+enum Kind : int { kI8, kI4, kF8 };
+
+// One side (routed experts or shared) of a product C = A . W with packed quantized W (PackedGlu:
+// the SwiGLU epilogue, C = silu(gate) * up).
+struct QuantOperand {
+  const void* a = nullptr;  // I8 / I4: rows of records (prepare); F8: float32 rows
+  int64_t lda = 0;          // bytes from one row of a to the next
+  const void* w = nullptr;  // the (first expert's) packed matrix
+  int64_t w_stride = 0;     // bytes from one expert's matrix to the next
+  float* c = nullptr;
+  int64_t ldc = 0;       // floats
+  int64_t n = 0, k = 0;  // output columns (PackedGlu: the MLP's width), inputs
+  QuantInfo q;
+  int accumulate = 0;  // C += A . W (not with the epilogue)
+};
+
+// Where a packed matrix keeps its groups.
+struct PanelShape {
+  int64_t header = 0;       // a group's scales and offsets
+  int64_t group_bytes = 0;  // header and codes
+  int64_t groups = 0;
+  int64_t units = 0;  // units of kBlock k per group
+};
+
+__host__ __device__ inline PanelShape panel_shape(int kind, const QuantInfo& q, int64_t k) {
+  PanelShape s;
+  s.header = kCols * (q.scale_dtype == DType::BF16 ? 2 : 4) + (q.offsets ? kCols : 0);
+  s.group_bytes = s.header + q.group * kCols / (kind == kI4 ? 2 : 1);
+  s.groups = (k + q.group - 1) / q.group;
+  s.units = (q.group + kBlock - 1) / kBlock;
+  return s;
+}
+
+// The Kind of a packed quantized matrix in `layout`, after checking it (NotSupportedError for
+// other layouts, DTypeError / ShapeError / InvalidInputError naming `what`).
+int checked_kind(const MatrixRef& w, WeightLayout layout, const std::string& what);
+
+// Activations as a product with (dtype, q) weights reads them: rows of records (I8, I4), x rounded
+// to fp8 (F8 with act_group) or x itself (F8). prepared_bytes: per row (0: x itself).
+struct Prepared {
+  const void* a;
+  int64_t lda;  // bytes
+};
+int64_t prepared_bytes(int kind, const QuantInfo& q, int64_t k);
+Prepared prepare(cudaStream_t s, void* dst, const float* x, int64_t ldx, int64_t rows, int64_t k, int kind,
+                 const QuantInfo& q);
+
+// One launch over `tiles` row tiles (moe_detail::gemm_tile) of both sides; no tile has more than
+// max_rows rows (at most moe_detail::kTileM).
+void launch(cudaStream_t s, const moe_detail::Groups& g, const QuantOperand& routed, const QuantOperand& shared,
+            int kind, bool glu, int64_t max_rows, int64_t tiles);
+
+// y = x . w (y += with accumulate; PackedGlu: silu(gate) * up, w.out / 2 columns) for a checked
+// packed quantized w: activations prepared, then one launch.
+void product(cudaStream_t s, float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, const MatrixRef& w,
+             int kind, bool accumulate);
+
+}  // namespace corral::cuda::quant

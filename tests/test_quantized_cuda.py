@@ -1,0 +1,157 @@
+"""Quantized weights on a GPU: CUDA's linear, swiglu_mlp and moe on the CPU's packed int8 / int4 /
+fp8 matrices against the CPU's ops on the same packed bytes, and whole quantized models with
+device="cuda" against device="cpu". Every test here needs a usable CUDA device; without one they
+are skipped (conftest), never passed.
+
+Both backends compute the same thing by contract (kernels/linear.h): integer weights multiply
+activations quantized per token and per block of 32 k to int8 with one rule (scale max|x| / 127,
+codes rounded to nearest even in float32), so each block's dot product is the same exact integer;
+fp8 weights multiply the same float32 (or fp8-rounded) activations. What may differ is the order in
+which float32 sums those block (or per-k) terms: CUDA splits k over 4 lanes per column and adds
+their sums at the end. For one product that bounds the difference by a few float32 ulps of the
+terms' magnitude, far below 1e-5 * max|y| for these sizes (the host emulation of the kernels
+measured at most 2e-7). A product that reads another product's output (the MLP's down projection,
+the experts') may see an activation code one apart where a float difference moves x * (1 / scale)
+across a rounding boundary (one code is 1/127 of its block's max|x|, times one weight), hence 1e-4
+there. Such a flip needs x * (1 / scale) within a float32 rounding error of a half-integer, so in
+whole models it is rare but, where it happens, worth about 1e-3 of a position's logits (an element
+of the tiny models' 64..80-wide rows moved by max|x| / 127): per position (relative L2 error) the
+median within 1e-4, at most one position in ten above 1e-3, none above 3e-2, and equal greedy
+tokens. These bounds are reasoned, not yet measured on a GPU.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import corral
+import quant_fixtures as qf
+import tiny_models
+from corral import _core
+
+ops = _core.ops
+pytestmark = pytest.mark.cuda
+
+FORMATS = ["int8", "int4", "int8-zp", "int4-zp", "fp8-row", "fp8-group", "fp8-row-act"]
+
+
+def quantized_rows(rng, fmt, out, k):
+    """(codes, scales, zero_points, dtype, group, scale_dtype, act_group) of one [out, k] matrix:
+    int8 / int4 from the load-time quantizer, the others random codes in the checkpoints' formats."""
+    if fmt in ("int8", "int4"):
+        w = (rng.standard_normal((out, k)) / np.sqrt(k)).astype(np.float32)
+        st = "bfloat16" if fmt == "int4" else "float32"
+        codes, scales, group = ops.quantize_weights(w, fmt, 32, st)
+        return codes, scales, None, fmt, group, st, 0
+    if fmt.startswith("fp8"):
+        group = 128 if fmt == "fp8-group" else k
+        bits = rng.integers(0, 256, size=(out, k), dtype=np.int64)
+        bits = np.where((bits & 0x78) == 0x78, bits & 0xB7, bits)  # finite codes below 256
+        codes = bits.astype(np.uint8).view(np.int8)
+        st = "bfloat16" if fmt == "fp8-group" else "float32"
+        act = {"fp8-group": 128, "fp8-row-act": k}.get(fmt, 0)
+    else:
+        group = 64 if fmt == "int4-zp" else 32
+        lo, hi = (-8, 8) if fmt == "int4-zp" else (-127, 128)
+        codes = rng.integers(lo, hi, size=(out, k), dtype=np.int8)
+        st, act = ("bfloat16" if fmt == "int8-zp" else "float32"), 0
+    groups = -(-k // group)
+    scales = (rng.uniform(0.5, 1.5, size=(out, groups)) / 64 / np.sqrt(k)).astype(np.float32)
+    if st == "bfloat16":
+        scales = torch.from_numpy(scales).bfloat16().float().numpy()  # exact in the stored dtype
+    zp = None
+    if not fmt.startswith("fp8"):
+        zlo, zhi = (-8, 8) if fmt == "int4-zp" else (-20, 21)
+        zp = rng.integers(zlo, zhi, size=(out, groups), dtype=np.int8)
+    dtype = "float8_e4m3" if fmt.startswith("fp8") else "int4" if fmt.startswith("int4") else "int8"
+    return codes, scales, zp, dtype, group, st, act
+
+
+def packed(rng, fmt, out, k, glu=False):
+    c, s, z, dtype, group, st, act = quantized_rows(rng, fmt, out, k)
+    up = quantized_rows(rng, fmt, out, k)[:3] if glu else None
+    return ops.pack_quantized(c, s, z, dtype, group, st, act, up)
+
+
+def close(got, ref, tol):
+    return np.max(np.abs(got - ref)) <= tol * np.max(np.abs(ref)) + 1e-30
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("n_in, n_out", [(72, 200), (37, 29), (256, 64), (5120, 8)])
+@pytest.mark.parametrize("rows", [1, 7, 64, 65, 300])
+def test_linear_quantized_cuda(fmt, rows, n_in, n_out, rng):
+    """CUDA's quantized linear equals the CPU's on the same packed matrix up to float32 order:
+    decode (1 row), a row tile's edge (64, 65), many tiles; k not a multiple of the group, out not
+    a multiple of the panel."""
+    p = packed(rng, fmt, n_out, n_in)
+    x = rng.standard_normal((rows, n_in)).astype(np.float32)
+    cpu = ops.linear_packed(x, p, device="cpu")
+    gpu = ops.linear_packed(x, p, device="cuda")
+    assert gpu.shape == cpu.shape and close(gpu, cpu, 1e-5)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("rows", [1, 7, 70])
+def test_swiglu_quantized_cuda(fmt, rows, rng):
+    """gate and up PackedGlu (SwiGLU in the product's epilogue), then down: as the CPU."""
+    hidden, inter = 128, 96
+    gu, dn = packed(rng, fmt, inter, hidden, glu=True), packed(rng, fmt, hidden, inter)
+    x = rng.standard_normal((rows, hidden)).astype(np.float32)
+    cpu = ops.swiglu_packed(x, gu, dn, device="cpu")
+    assert close(ops.swiglu_packed(x, gu, dn, device="cuda"), cpu, 1e-4)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("tokens", [1, 6, 90])
+def test_moe_quantized_cuda(fmt, tokens, rng):
+    """Quantized experts (and shared expert) through CUDA's routing and grouped quantized
+    products: the CPU's output and per-expert token counts."""
+    E, H, I, top_k = 4, 128, 96, 2
+    router = (rng.standard_normal((E, H)) / np.sqrt(H)).astype(np.float32)
+    gate_up = [packed(rng, fmt, I, H, glu=True) for _ in range(E)]
+    down = [packed(rng, fmt, H, I) for _ in range(E)]
+    moe = ops.pack_moe_quantized(router, gate_up, down, packed(rng, fmt, I, H, glu=True), packed(rng, fmt, H, I))
+    x = rng.standard_normal((tokens, H)).astype(np.float32)
+    out_cpu, counts_cpu = ops.moe_packed(x, moe, top_k, device="cpu")
+    out_gpu, counts_gpu = ops.moe_packed(x, moe, top_k, device="cuda")
+    assert counts_gpu.tolist() == counts_cpu.tolist()
+    assert close(out_gpu, out_cpu, 1e-4)
+
+
+def test_quantized_refusals_cuda(rng):
+    """A GLU pair is not a plain product's matrix on CUDA either: a clear error, no crash."""
+    gu = packed(rng, "int8", 64, 64, glu=True)
+    with pytest.raises(corral.NotSupportedError, match="linear"):
+        ops.linear_packed(np.zeros((1, 64), np.float32), gu, device="cuda")
+
+
+def model_pair(path, **kw):
+    return (corral.LLM(path, device="cpu", kv_cache_dtype="float32", **kw),
+            corral.LLM(path, device="cuda", kv_cache_dtype="float32", **kw))
+
+
+def assert_same_model(cpu, gpu):
+    ids = np.random.default_rng(5).integers(3, 380, size=24).tolist()
+    assert gpu.stats()["weight_format"] == cpu.stats()["weight_format"]
+    got, ref = gpu.logits(ids), cpu.logits(ids)
+    err = np.linalg.norm(got - ref, axis=1) / np.linalg.norm(ref, axis=1)
+    assert np.median(err) <= 1e-4 and np.sum(err > 1e-3) <= len(err) // 10 and err.max() <= 3e-2, np.sort(err)[-3:]
+    params = corral.SamplingParams(max_tokens=16, ignore_eos=True)
+    assert gpu.generate([ids], params)[0].outputs[0].token_ids == cpu.generate([ids], params)[0].outputs[0].token_ids
+
+
+@pytest.mark.parametrize("fmt", qf.FORMATS)
+def test_quantized_checkpoint_cuda(fmt, tmp_path):
+    """Every published quantized format (tests/quant_fixtures.py) on the GPU: the CPU's logits and
+    greedy tokens."""
+    assert_same_model(*model_pair(qf.build_quantized(fmt, tmp_path / fmt)))
+
+
+@pytest.mark.parametrize("variant", ["scout", "maverick", "chunked"])
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_quantization_at_load_cuda(variant, quantization, tmp_path):
+    """quantization="int8" / "int4" of a bf16 checkpoint (attention, MLPs, experts, lm_head) on
+    the GPU: the CPU's logits and greedy tokens."""
+    path = tiny_models.build(variant, "causal", torch.bfloat16, tmp_path / variant)
+    assert_same_model(*model_pair(path, quantization=quantization))
