@@ -369,8 +369,6 @@ void put_quantized_experts(DevicePacker& dp, const RawLayer& r, MoeWeights& m) {
 
 // A MoE layer's float experts: transformers' fused tensors as stored, the shared expert's matrices
 // one by one.
-// A MoE layer's float experts: transformers' fused tensors as stored, the shared expert's matrices
-// one by one.
 void put_float_experts(DeviceUploader& u, const RawLayer& r, MoeWeights& m) {
   const Linear &g = r.gate[0], &d = r.down[0];
   if (g.plain.layout != WeightLayout::InOut)
