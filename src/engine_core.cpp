@@ -103,7 +103,8 @@ EngineCore::EngineCore(const std::string& model_dir, const EngineOptions& option
   defaults_ = load_generation_defaults(model_dir, options_.tokenizer_dir.empty() ? model_dir : options_.tokenizer_dir, c);
   max_model_len_ = options_.max_model_len > 0 ? options_.max_model_len : c.max_position_embeddings;
   const KvLayout layout = make_kv_layout(c, options_.block_size, parse_kv_dtype(options_.kv_cache_dtype, model_->weights_dtype()));
-  cache_ = std::make_unique<KvCache>(layout, options_.kv_cache_bytes, options_.enable_prefix_caching, model_->stream());
+  cache_ = std::make_unique<KvCache>(layout, options_.kv_cache_bytes, options_.enable_prefix_caching, max_model_len_,
+                                     options_.max_num_seqs, model_->stream());
   processed_ = DeviceArray<float>(model_->device());
   staging_ = SamplingArrays(model_->device());
 }

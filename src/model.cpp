@@ -25,11 +25,11 @@ void ForwardBatch::add_sequence(const int32_t* tokens, int64_t n, int64_t positi
     token_ids.push_back(row >= 0 ? e.token_id : tokens[i]);
     positions.push_back(int32_t(p));
   }
-  for (int64_t g = 0; g < int64_t(tables.size()); ++g) {
+  for (int64_t g = 0; g < int64_t(slots.size()); ++g) {
     const std::vector<int32_t>& table = blocks.table(id, g);
     for (int64_t p = position; p < position + n; ++p) slots[g].push_back(int64_t(table[p / bs]) * bs + p % bs);
-    tables[g].push_back(table);
   }
+  table_rows.push_back(blocks.row(id));
   seq_starts.push_back(int32_t(token_ids.size()));
   if (want_logits) logit_rows.push_back(int32_t(token_ids.size() - 1));
 }
@@ -51,7 +51,7 @@ Llama4Model::Llama4Model(const std::string& dir, kernels::Activations act, const
   const Device d = device();
   for (DeviceArray<float>* a : {&x_, &a_, &qkv_, &q_, &k_, &v_, &attn_, &inv_freq_device_, &logits_})
     *a = DeviceArray<float>(d);
-  for (DeviceArray<int32_t>* a : {&ids_, &positions_, &seq_starts_}) *a = DeviceArray<int32_t>(d);
+  for (DeviceArray<int32_t>* a : {&ids_, &positions_, &seq_starts_, &table_rows_}) *a = DeviceArray<int32_t>(d);
   expert_counts_ = DeviceArray<int64_t>(d);
   if (d.type == DeviceType::CUDA) {
     inv_freq_device_.assign(inv_freq_.data(), inv_freq_.size(), stream());
@@ -74,7 +74,7 @@ const std::vector<std::vector<int64_t>>& Llama4Model::expert_tokens() {
   return expert_tokens_;
 }
 
-const float* Llama4Model::forward(const ForwardBatch& batch, const KvCache& cache, float* host_logits) {
+const float* Llama4Model::forward(const ForwardBatch& batch, KvCache& cache, float* host_logits) {
   const ModelConfig& c = config_;
   const int64_t T = batch.num_tokens(), H = c.hidden_size;
   if (T == 0) return nullptr;
@@ -94,21 +94,16 @@ const float* Llama4Model::forward(const ForwardBatch& batch, const KvCache& cach
   const int32_t* positions = on_device(positions_, batch.positions, s);
   const int32_t* seq_starts = on_device(seq_starts_, batch.seq_starts, s);
 
-  // Each layer group's block tables as one padded [S, max_blocks] array for the attention kernel.
+  // Each layer group reads its rows of the persistent block tables, brought up to date here.
+  const BlockTables& pool = cache.sync_tables();
+  const int32_t* table_rows = on_device(table_rows_, batch.table_rows, s);
   const int64_t S = int64_t(batch.seq_starts.size()) - 1;
-  const size_t G = batch.tables.size();
-  while (tables_.size() < G) tables_.emplace_back(s.device);
+  const size_t G = batch.slots.size();
   while (slots_.size() < G) slots_.emplace_back(s.device);
-  std::vector<std::vector<int32_t>> tables(G);
   std::vector<AttentionBatch> groups(G);
   std::vector<const int64_t*> slots(G);
   for (size_t g = 0; g < G; ++g) {
-    int32_t max_blocks = 1;
-    for (const auto& t : batch.tables[g]) max_blocks = std::max(max_blocks, int32_t(t.size()));
-    tables[g].assign(S * max_blocks, -1);
-    for (int64_t q = 0; q < S; ++q)
-      std::copy(batch.tables[g][q].begin(), batch.tables[g][q].end(), tables[g].begin() + q * max_blocks);
-    groups[g] = AttentionBatch{seq_starts, int32_t(S), positions, on_device(tables_[g], tables[g], s), max_blocks};
+    groups[g] = AttentionBatch{seq_starts, int32_t(S), positions, pool.group(int64_t(g)), table_rows, pool.max_blocks()};
     slots[g] = on_device(slots_[g], batch.slots[g], s);
   }
 

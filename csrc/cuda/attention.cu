@@ -332,7 +332,8 @@ void paged_attention(void* stream, float* out, const float* q, int64_t heads, co
   if (heads > 0x7fffffff / 2 || b.num_seqs < 0 || b.max_blocks < 0)
     throw ShapeError("paged_attention: bad batch shape");
   if (b.num_seqs == 0) return;
-  if (!c.k || !c.v || !b.seq_starts) throw InvalidInputError("paged_attention: a cache or seq_starts pointer is null");
+  if (!c.k || !c.v || !b.seq_starts || !b.block_tables || !b.table_rows)
+    throw InvalidInputError("paged_attention: a cache, seq_starts or block-table pointer is null");
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   const int d = c.head_dim, bs = c.block_size;
   const int64_t head_bytes = int64_t(bs) * d * int64_t(dtype_size(c.dtype));
@@ -350,6 +351,7 @@ void paged_attention(void* stream, float* out, const float* q, int64_t heads, co
   p.seq_starts = b.seq_starts;
   p.positions = b.positions;
   p.block_tables = b.block_tables;
+  p.table_rows = b.table_rows;
   p.num_seqs = b.num_seqs;
   p.max_blocks = b.max_blocks;
   p.heads = int32_t(heads);

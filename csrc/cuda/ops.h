@@ -56,6 +56,7 @@ void silu_mul(void* stream, float* out, int64_t ld_out, const float* gate, const
               int64_t rows, int64_t n);
 void kv_cache_copy_pages(void* stream, void* pool, int64_t page_bytes, const int32_t* src, const int32_t* dst,
                          int64_t count);
+void block_table_set(void* stream, int32_t* tables, const int64_t* entries, int64_t count);
 void argmax(void* stream, int32_t* out, const float* logits, int64_t rows, int64_t vocab);
 // vocab in [1, 2^30] (InvalidInputError otherwise). The token is the CPU's for the same uniform
 // number but where float64 sums rounded in another order (or exp's last bit) fall on the other side

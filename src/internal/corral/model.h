@@ -27,13 +27,15 @@ struct PromptEmbeddings {
 
 // The tokens of one forward pass from many sequences, prefill pieces and decode steps mixed.
 struct ForwardBatch {
-  explicit ForwardBatch(int64_t num_groups) : tables(num_groups), slots(num_groups) {}
+  explicit ForwardBatch(int64_t num_groups) : slots(num_groups) {}
 
   std::vector<int32_t> token_ids;      // [T]
   std::vector<int32_t> positions;      // [T] absolute position of each token in its sequence
   std::vector<int32_t> seq_starts{0};  // [S + 1] rows of each sequence
-  std::vector<std::vector<std::vector<int32_t>>> tables;  // [layer group][S] block tables
-  std::vector<std::vector<int64_t>> slots;                // [layer group][T] KV slot of each token
+  std::vector<int32_t> table_rows;     // [S] each sequence's row of the persistent block tables
+  // [layer group][T] KV slot of each token: computed here from the host's tables (a few per
+  // sequence per step), which the KV write reads as they are.
+  std::vector<std::vector<int64_t>> slots;
   std::vector<int32_t> logit_rows;     // rows whose logits are wanted, in output order
   std::vector<std::pair<int32_t, const float*>> embeddings;  // rows embedded from these hidden_size floats
 
@@ -73,8 +75,8 @@ class Llama4Model {
   // device memory (valid until the next pass; on a GPU possibly not computed yet: work on
   // stream() orders after them). With host_logits they are also (on the CPU: only) stored there,
   // complete when forward returns. Throws InvalidInputError for a token id outside the
-  // vocabulary (before anything is written).
-  const float* forward(const ForwardBatch& batch, const KvCache& cache, float* host_logits = nullptr);
+  // vocabulary (before anything is written). First writes the cache's block-table changes.
+  const float* forward(const ForwardBatch& batch, KvCache& cache, float* host_logits = nullptr);
 
  private:
   void attention(int64_t layer, int64_t tokens, const PagedKv& kv, const AttentionBatch& ab, const int32_t* positions,
@@ -93,8 +95,7 @@ class Llama4Model {
   DeviceArray<float> x_, a_, qkv_, q_, k_, v_, attn_;
   // The logits a pass returns; on a GPU also the batch's arrays, the rotary frequencies and the
   // expert counts [layer * experts].
-  DeviceArray<int32_t> ids_, positions_, seq_starts_;
-  std::vector<DeviceArray<int32_t>> tables_;
+  DeviceArray<int32_t> ids_, positions_, seq_starts_, table_rows_;
   std::vector<DeviceArray<int64_t>> slots_;
   DeviceArray<float> inv_freq_device_, logits_;
   DeviceArray<int64_t> expert_counts_;

@@ -7,12 +7,15 @@ namespace corral {
 
 // The sequence structure of a ragged batch. Sequence s owns query rows
 // [seq_starts[s], seq_starts[s + 1]); row r is the token at absolute position positions[r], and
-// the sequence's token at position p has its K/V in block block_tables[s * max_blocks + p / block_size].
+// the sequence's token at position p has its K/V in block
+// block_tables[table_rows[s] * max_blocks + p / block_size]: the tables are a pool of rows
+// (BlockTables, persistent across passes), table_rows picks each sequence's.
 struct AttentionBatch {
   const int32_t* seq_starts = nullptr;  // [num_seqs + 1]
   int32_t num_seqs = 0;
   const int32_t* positions = nullptr;     // [rows]
-  const int32_t* block_tables = nullptr;  // [num_seqs, max_blocks]
+  const int32_t* block_tables = nullptr;  // [pool rows, max_blocks]
+  const int32_t* table_rows = nullptr;    // [num_seqs] each sequence's row of block_tables
   int32_t max_blocks = 0;
 };
 
