@@ -94,7 +94,8 @@ EngineCore::EngineCore(const std::string& model_dir, const EngineOptions& option
     throw InvalidInputError("dtype '" + options_.dtype + "' is not supported (auto, float32)");
   model_ = std::make_unique<Llama4Model>(
       model_dir, options_.dtype == "float32" ? kernels::Activations::Float32 : kernels::Activations::Native,
-      LoadOptions{options_.quantization, options_.max_images_per_prompt != 0, parse_device(options_.device)});
+      LoadOptions{options_.quantization, options_.max_images_per_prompt != 0, parse_device(options_.device)},
+      options_.enforce_eager);
   const ModelConfig& c = model_->config();
   if (model_->vision()) {
     const VisionConfig& v = model_->vision()->config();

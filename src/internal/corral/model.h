@@ -1,6 +1,7 @@
 // The Llama 4 text model: loads a checkpoint and runs forward passes over ragged batches.
 #pragma once
 
+#include <map>
 #include <string>
 #include <vector>
 
@@ -53,8 +54,9 @@ class Llama4Model {
   // products, which multiply bfloat16 weights with activations as `act` says, or copied as stored
   // to a GPU (its products follow `act` too, except the fused MoE's expert products, which always
   // round activations to a 16-bit weight dtype there).
+  // On a GPU, decode steps run as CUDA graphs unless enforce_eager (see forward).
   explicit Llama4Model(const std::string& dir, kernels::Activations act = kernels::Activations::Native,
-                       const LoadOptions& load = {});
+                       const LoadOptions& load = {}, bool enforce_eager = false);
 
   const ModelConfig& config() const { return config_; }
   Device device() const { return stream_.get().device; }
@@ -76,9 +78,30 @@ class Llama4Model {
   // stream() orders after them). With host_logits they are also (on the CPU: only) stored there,
   // complete when forward returns. Throws InvalidInputError for a token id outside the
   // vocabulary (before anything is written). First writes the cache's block-table changes.
+  // On a GPU a decode batch (every sequence one row, all rows' logits, no image embeddings)
+  // replays a CUDA graph of its size, unless the model was made with enforce_eager.
   const float* forward(const ForwardBatch& batch, KvCache& cache, float* host_logits = nullptr);
 
  private:
+  // A pass's inputs in this model's device memory, staged before the compute: the compute
+  // reads only device buffers, so that a CUDA graph of it replays with the next step's inputs.
+  struct Staged {
+    const int32_t* ids = nullptr;
+    const int32_t* positions = nullptr;
+    std::vector<AttentionBatch> groups;  // per layer group
+    std::vector<const int64_t*> slots;   // per layer group
+  };
+  // The CUDA graph of decode steps of one batch size, with the buffer addresses it captured.
+  struct DecodeGraph {
+    bool warmed = false;  // a step of this size ran eagerly
+    CudaGraph graph;
+    std::vector<const void*> buffers;
+  };
+  Staged stage(const ForwardBatch& batch, KvCache& cache);
+  // Every layer and the logits of batch.logit_rows, into host_logits (CPU) or logits_.
+  float* compute(const ForwardBatch& batch, const KvCache& cache, const Staged& in, float* host_logits);
+  // The addresses of the buffers a pass reads and writes besides the weights and the KV pages.
+  std::vector<const void*> buffers(const KvCache& cache) const;
   void attention(int64_t layer, int64_t tokens, const PagedKv& kv, const AttentionBatch& ab, const int32_t* positions,
                  const int64_t* slots);
   void feed_forward(int64_t layer, int64_t rows);
@@ -99,6 +122,8 @@ class Llama4Model {
   std::vector<DeviceArray<int64_t>> slots_;
   DeviceArray<float> inv_freq_device_, logits_;
   DeviceArray<int64_t> expert_counts_;
+  bool enforce_eager_;
+  std::map<int64_t, DecodeGraph> graphs_;  // by batch size
 };
 
 }  // namespace corral
