@@ -132,8 +132,8 @@ void block_table_set(const Stream& s, int32_t* tables, const int64_t* entries, i
 
 void paged_attention(const Stream& s, float* out, const float* q, int64_t heads,
                      const PagedKv& cache, const AttentionBatch& batch, float scale,
-                     int64_t chunk_size) {
-  CORRAL_ON_CUDA(s, paged_attention, out, q, heads, cache, batch, scale, chunk_size);
+                     int64_t chunk_size, AttentionPlan* plan) {
+  CORRAL_ON_CUDA(s, paged_attention, out, q, heads, cache, batch, scale, chunk_size, plan);
   cpu::paged_attention(out, q, heads, cache, batch, scale, chunk_size);
 }
 

@@ -54,6 +54,7 @@ Llama4Model::Llama4Model(const std::string& dir, kernels::Activations act, const
     *a = DeviceArray<float>(d);
   for (DeviceArray<int32_t>* a : {&ids_, &positions_, &seq_starts_, &table_rows_}) *a = DeviceArray<int32_t>(d);
   expert_counts_ = DeviceArray<int64_t>(d);
+  for (DeviceArray<char>& m : plan_memory_) m = DeviceArray<char>(d);
   if (d.type == DeviceType::CUDA) {
     inv_freq_device_.assign(inv_freq_.data(), inv_freq_.size(), stream());
     const std::vector<int64_t> zeros(size_t(config_.num_layers * config_.num_experts), 0);
@@ -141,6 +142,11 @@ Llama4Model::Staged Llama4Model::stage(const ForwardBatch& batch, KvCache& cache
   const int32_t S = int32_t(batch.table_rows.size());
   const size_t G = batch.slots.size();
   while (slots_.size() < G) slots_.emplace_back(s.device);
+  for (int k = 0; k < 2; ++k) {
+    AttentionPlan& p = plans_[k];
+    p.data = plan_memory_[k].reserve(p.needed);
+    p.bytes = std::max(p.bytes, p.needed);
+  }
   for (size_t g = 0; g < G; ++g) {
     in.groups.push_back(
         AttentionBatch{seq_starts, S, in.positions, pool.group(int64_t(g)), table_rows, pool.max_blocks()});
@@ -153,7 +159,7 @@ std::vector<const void*> Llama4Model::buffers(const KvCache& cache) const {
   std::vector<const void*> b = {x_.data(),   a_.data(),         qkv_.data(),        q_.data(),
                                 k_.data(),   v_.data(),         attn_.data(),       logits_.data(),
                                 ids_.data(), positions_.data(), seq_starts_.data(), table_rows_.data(),
-                                cache.tables().group(0)};
+                                cache.tables().group(0), plan_memory_[0].data(), plan_memory_[1].data()};
   for (const DeviceArray<int64_t>& a : slots_) b.push_back(a.data());
   return b;
 }
@@ -165,6 +171,7 @@ float* Llama4Model::compute(const ForwardBatch& batch, const KvCache& cache, con
   float* x = x_.reserve(T * H);
   float* a = a_.reserve(T * H);
   kernels::embedding(s, x, weights_.embed.data, weights_.embed.dtype, c.vocab_size, H, in.ids, T);
+  for (AttentionPlan& p : plans_) p.valid = false;  // a new batch: planned by its first layer of each kind
   for (const auto& [row, values] : batch.embeddings) copy(x + int64_t(row) * H, values, H * sizeof(float), s);
 
   for (int64_t l = 0; l < c.num_layers; ++l) {
@@ -227,7 +234,7 @@ void Llama4Model::attention(int64_t l, int64_t T, const PagedKv& kv, const Atten
   if (spec.temperature_tuning) kernels::attn_temperature_scale(s, q, qw, T, qw, positions, c.attn_scale, c.floor_scale);
   kernels::kv_cache_write(s, kv, k, v, kvw, T, slots);
   kernels::paged_attention(s, out, q, c.num_heads, kv, ab, float(1.0 / std::sqrt(double(d))),
-                           spec.chunked ? c.attention_chunk_size : 0);
+                           spec.chunked ? c.attention_chunk_size : 0, &plans_[spec.chunked ? 1 : 0]);
 }
 
 void Llama4Model::feed_forward(int64_t l, int64_t T) {

@@ -122,6 +122,12 @@ class Llama4Model {
   std::vector<DeviceArray<int64_t>> slots_;
   DeviceArray<float> inv_freq_device_, logits_;
   DeviceArray<int64_t> expert_counts_;
+  // paged_attention's plans of a pass, by kind (global layers, chunked ones): the first layer of
+  // a kind plans its work, the others reuse it. A plan depends on the batch and the chunk size,
+  // not on the block tables, so one per chunk size serves every layer group. Their memory grows
+  // to what the last pass asked for.
+  AttentionPlan plans_[2];
+  DeviceArray<char> plan_memory_[2];
   bool enforce_eager_;
   std::map<int64_t, DecodeGraph> graphs_;  // by batch size
 };
