@@ -125,10 +125,15 @@ void kv_cache_copy_pages(const Stream& s, void* pool, int64_t page_bytes, const 
   cpu::kv_cache_copy_pages(pool, page_bytes, src, dst, count);
 }
 
+void block_table_set(const Stream& s, int32_t* tables, const int64_t* entries, int64_t count) {
+  CORRAL_ON_CUDA(s, block_table_set, tables, entries, count);
+  cpu::block_table_set(tables, entries, count);
+}
+
 void paged_attention(const Stream& s, float* out, const float* q, int64_t heads,
                      const PagedKv& cache, const AttentionBatch& batch, float scale,
-                     int64_t chunk_size) {
-  CORRAL_ON_CUDA(s, paged_attention, out, q, heads, cache, batch, scale, chunk_size);
+                     int64_t chunk_size, AttentionPlan* plan) {
+  CORRAL_ON_CUDA(s, paged_attention, out, q, heads, cache, batch, scale, chunk_size, plan);
   cpu::paged_attention(out, q, heads, cache, batch, scale, chunk_size);
 }
 

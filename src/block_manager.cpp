@@ -1,7 +1,9 @@
 #include "corral/block_manager.h"
 
 #include <algorithm>
+#include <functional>
 #include <string>
+#include <utility>
 
 #include "corral/error.h"
 #include "corral/hash.h"
@@ -57,6 +59,31 @@ int64_t BlockManager::checked_page(int32_t page) const {
 int64_t BlockManager::num_tokens(SeqId id) const { return seq(id).appended; }
 int64_t BlockManager::num_computed(SeqId id) const { return int64_t(seq(id).tokens.size()); }
 const std::vector<int32_t>& BlockManager::table(SeqId id, int64_t group) const { return seq(id).tables.at(group); }
+
+std::vector<TableEntry> BlockManager::take_table_changes() { return std::exchange(changes_, {}); }
+
+void BlockManager::set_entry(Seq& s, int64_t group, int64_t block, int32_t page) {
+  std::vector<int32_t>& t = s.tables[group];
+  if (block == int64_t(t.size()))
+    t.push_back(page);
+  else
+    t[block] = page;
+  changes_.push_back({int32_t(group), s.row, int32_t(block), page});
+}
+
+int32_t BlockManager::take_row() {
+  if (free_rows_.empty()) return num_rows_++;
+  std::pop_heap(free_rows_.begin(), free_rows_.end(), std::greater<>());
+  const int32_t row = free_rows_.back();
+  free_rows_.pop_back();
+  return row;
+}
+
+void BlockManager::check_blocks(int64_t blocks) const {
+  if (o_.max_blocks > 0 && blocks > o_.max_blocks)
+    throw InvalidInputError("a sequence of " + std::to_string(blocks) + " blocks is longer than the block tables' " +
+                            std::to_string(o_.max_blocks) + " blocks (max_model_len)");
+}
 
 std::vector<BlockManager::SeqId> BlockManager::sequences() const {
   std::vector<SeqId> out;
@@ -118,10 +145,12 @@ int64_t BlockManager::add(SeqId id, const std::vector<int32_t>& prompt, bool reu
   const int64_t bs = o_.block_size, G = num_groups();
   Seq s;
   s.tables.resize(G);
+  s.row = take_row();
   int64_t hit = 0;  // cached full blocks taken over
   std::vector<uint64_t> hashes;
   if (reuse && o_.prefix_caching && prompt.size() > 1) {
-    const int64_t max_blocks = (int64_t(prompt.size()) - 1) / bs;  // leave a token to compute
+    int64_t max_blocks = (int64_t(prompt.size()) - 1) / bs;  // leave a token to compute
+    if (o_.max_blocks > 0) max_blocks = std::min(max_blocks, o_.max_blocks);  // the tables' width
     for (int64_t b = 0; b < max_blocks; ++b)
       hashes.push_back(block_hash(b ? hashes[b - 1] : 0, prompt.data() + b * bs, bs));
     auto served = [&](int64_t group, int64_t b) {
@@ -148,7 +177,7 @@ int64_t BlockManager::add(SeqId id, const std::vector<int32_t>& prompt, bool reu
       for (int64_t b = 0; b < hit; ++b) {
         const int32_t page = b < lo ? -1 : cached_page(g, hashes[b], b ? hashes[b - 1] : 0, prompt.data() + b * bs);
         if (page >= 0) acquire(page, g);
-        s.tables[g].push_back(page);
+        set_entry(s, g, b, page);
       }
     }
   }
@@ -181,18 +210,20 @@ bool BlockManager::append(SeqId id, int64_t n, std::vector<PageCopy>* copies) {
   release_local_before(s, s.appended);
   if (pages_needed(id, n) > available_pages()) return false;
   const int64_t target = ceil_div(s.appended + n, bs);
+  check_blocks(target);
   for (int64_t g = 0; g < G; ++g) {
-    auto& t = s.tables[g];
+    const auto& t = s.tables[g];
     if (s.appended % bs != 0) {
-      int32_t& last = t[s.appended / bs];
+      const int64_t b = s.appended / bs;
+      const int32_t last = t[b];
       if (last >= 0 && refs_[last] > 1) {  // shared with another sequence: write a private copy
         const int32_t copy = take_page(g);
         copies->push_back({last, copy});
         release(last);
-        last = copy;
+        set_entry(s, g, b, copy);
       }
     }
-    while (int64_t(t.size()) < target) t.push_back(take_page(g));
+    while (int64_t(t.size()) < target) set_entry(s, g, int64_t(t.size()), take_page(g));
   }
   s.appended += n;
   return true;
@@ -228,11 +259,11 @@ void BlockManager::release_local_before(Seq& s, int64_t next_position) {
   const int64_t lo = first_local_block(next_position);
   for (int64_t g = 0; g < num_groups(); ++g) {
     if (o_.groups[g] != AttentionKind::Local) continue;
-    auto& t = s.tables[g];
+    const auto& t = s.tables[g];
     for (int64_t b = 0; b < std::min<int64_t>(lo, int64_t(t.size())); ++b)
       if (t[b] >= 0) {
         release(t[b]);
-        t[b] = -1;
+        set_entry(s, g, b, -1);
       }
   }
 }
@@ -240,9 +271,13 @@ void BlockManager::release_local_before(Seq& s, int64_t next_position) {
 void BlockManager::fork(SeqId parent, SeqId child) {
   if (seqs_.count(child)) throw InvalidInputError("KV-cache sequence " + std::to_string(child) + " already exists");
   Seq copy = seq(parent);
+  copy.row = take_row();
   for (int64_t g = 0; g < num_groups(); ++g)
-    for (int32_t page : copy.tables[g])
+    for (int64_t b = 0; b < int64_t(copy.tables[g].size()); ++b) {
+      const int32_t page = copy.tables[g][b];
       if (page >= 0) acquire(page, g);
+      changes_.push_back({int32_t(g), copy.row, int32_t(b), page});
+    }
   seqs_.emplace(child, std::move(copy));
 }
 
@@ -252,6 +287,8 @@ void BlockManager::free(SeqId id) {
   for (const auto& t : it->second.tables)
     for (int32_t page : t)
       if (page >= 0) release(page);
+  free_rows_.push_back(it->second.row);
+  std::push_heap(free_rows_.begin(), free_rows_.end(), std::greater<>());
   seqs_.erase(it);
 }
 

@@ -144,6 +144,53 @@ void synchronize(const Stream& stream) {
 #endif
 }
 
+CudaGraph::~CudaGraph() {
+#if CORRAL_WITH_CUDA
+  if (graph_) cuda::destroy_graph(graph_);
+#endif
+}
+
+CudaGraph::CudaGraph(CudaGraph&& other) noexcept : graph_(std::exchange(other.graph_, nullptr)) {}
+
+CudaGraph& CudaGraph::operator=(CudaGraph&& other) noexcept {
+  if (this != &other) {
+    CudaGraph old(std::move(*this));
+    graph_ = std::exchange(other.graph_, nullptr);
+  }
+  return *this;
+}
+
+CudaGraph CudaGraph::capture(const Stream& stream, const std::function<void()>& record) {
+  if (stream.device.type != DeviceType::CUDA) throw DeviceError("CUDA graphs need a GPU stream");
+#if CORRAL_WITH_CUDA
+  cuda::begin_capture(stream.handle);
+  try {
+    record();
+  } catch (...) {
+    try {
+      cuda::destroy_graph(cuda::end_capture(stream.handle));
+    } catch (const DeviceError&) {  // the capture was invalid anyway: record's error is the one to see
+    }
+    throw;
+  }
+  CudaGraph g;
+  g.graph_ = cuda::end_capture(stream.handle);
+  return g;
+#else
+  (void)record;
+  no_backend();
+#endif
+}
+
+void CudaGraph::launch(const Stream& stream) const {
+#if CORRAL_WITH_CUDA
+  cuda::launch_graph(graph_, stream.handle);
+#else
+  (void)stream;
+  no_backend();
+#endif
+}
+
 namespace {
 void check_copy(const DeviceBuffer& b, size_t bytes) {
   if (bytes > b.size())

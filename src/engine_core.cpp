@@ -94,7 +94,8 @@ EngineCore::EngineCore(const std::string& model_dir, const EngineOptions& option
     throw InvalidInputError("dtype '" + options_.dtype + "' is not supported (auto, float32)");
   model_ = std::make_unique<Llama4Model>(
       model_dir, options_.dtype == "float32" ? kernels::Activations::Float32 : kernels::Activations::Native,
-      LoadOptions{options_.quantization, options_.max_images_per_prompt != 0, parse_device(options_.device)});
+      LoadOptions{options_.quantization, options_.max_images_per_prompt != 0, parse_device(options_.device)},
+      options_.enforce_eager);
   const ModelConfig& c = model_->config();
   if (model_->vision()) {
     const VisionConfig& v = model_->vision()->config();
@@ -103,7 +104,8 @@ EngineCore::EngineCore(const std::string& model_dir, const EngineOptions& option
   defaults_ = load_generation_defaults(model_dir, options_.tokenizer_dir.empty() ? model_dir : options_.tokenizer_dir, c);
   max_model_len_ = options_.max_model_len > 0 ? options_.max_model_len : c.max_position_embeddings;
   const KvLayout layout = make_kv_layout(c, options_.block_size, parse_kv_dtype(options_.kv_cache_dtype, model_->weights_dtype()));
-  cache_ = std::make_unique<KvCache>(layout, options_.kv_cache_bytes, options_.enable_prefix_caching, model_->stream());
+  cache_ = std::make_unique<KvCache>(layout, options_.kv_cache_bytes, options_.enable_prefix_caching, max_model_len_,
+                                     options_.max_num_seqs, model_->stream());
   processed_ = DeviceArray<float>(model_->device());
   staging_ = SamplingArrays(model_->device());
 }

@@ -138,12 +138,23 @@ int64_t KvCache::pages_for(const KvLayout& layout, size_t bytes, Device device) 
   return pages;
 }
 
-KvCache::KvCache(const KvLayout& layout, size_t bytes, bool prefix_caching, const Stream& stream)
+int64_t KvCache::table_width(const KvLayout& layout, int64_t num_pages, int64_t max_len) {
+  if (max_len < 1) throw InvalidInputError("the KV cache needs a positive max_len, got " + std::to_string(max_len));
+  const int64_t blocks = (max_len + layout.block_size - 1) / layout.block_size;
+  // A global group's table holds distinct pages, all groups' pages come from one pool.
+  const int64_t global = layout.num_groups(AttentionKind::Global);
+  return global > 0 ? std::min(blocks, std::max<int64_t>(num_pages / global, 1)) : blocks;
+}
+
+KvCache::KvCache(const KvLayout& layout, size_t bytes, bool prefix_caching, int64_t max_len, int64_t max_seqs,
+                 const Stream& stream)
     : layout_(layout),
       stream_(stream),
       num_pages_(pages_for(layout, bytes, stream.device)),
       blocks_(BlockManager::Options{num_pages_, layout.block_size, layout.group_kind, layout.chunk_size,
-                                    prefix_caching}),
+                                    prefix_caching, table_width(layout, num_pages_, max_len)}),
+      tables_(int64_t(layout.group_kind.size()), table_width(layout, num_pages_, max_len), 2 * max_seqs,
+              stream.device),
       copies_(stream.device) {
   const size_t size = size_t(num_pages_) * size_t(layout_.page_bytes);
   if (stream.device.type == DeviceType::CUDA) {
@@ -182,6 +193,11 @@ PagedKv KvCache::layer(int64_t l) const {
   p.kv_heads = int32_t(y.kv_heads);
   p.head_dim = int32_t(y.head_dim);
   return p;
+}
+
+const BlockTables& KvCache::sync_tables() {
+  tables_.sync(blocks_, stream_);
+  return tables_;
 }
 
 bool KvCache::append(BlockManager::SeqId id, int64_t n) {

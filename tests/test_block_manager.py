@@ -41,6 +41,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.content = {}  # page -> [(token, position) or None] * BLOCK
         self.seqs = {}  # id -> {"tokens": all known tokens, "computed": int}
         self.next_id = 0
+        self.rows = {}  # (group, row) -> {block: page}: the table changes replayed, as BlockTables does
 
     # ---------------------------------------------------------------- helpers
 
@@ -126,6 +127,22 @@ class BlockManagerMachine(RuleBasedStateMachine):
         stats = self.bm.stats()
         assert stats["pages_used_global"] + stats["pages_used_local"] == len(held)
         assert stats["pages_free"] == self.pages - len(held)
+
+    @invariant()
+    def table_changes_rebuild_the_tables(self):
+        """Each live sequence has its own row, and the recorded changes, replayed, give its tables."""
+        if not hasattr(self, "bm"):
+            return
+        for group, row, block, page in self.bm.take_table_changes():
+            self.rows.setdefault((group, row), {})[block] = page
+        rows = [self.bm.row(seq) for seq in self.seqs]
+        assert len(set(rows)) == len(rows) and all(0 <= r < self.bm.num_rows for r in rows)
+        assert self.bm.num_rows <= self.next_id
+        for seq in self.seqs:
+            for g in range(len(self.groups)):
+                replayed = self.rows.get((g, self.bm.row(seq)), {})
+                table = self.bm.table(seq, g)
+                assert [replayed.get(b) for b in range(len(table))] == table, (seq, g)
 
     @invariant()
     def sequences_read_back_their_tokens(self):

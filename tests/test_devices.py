@@ -172,6 +172,7 @@ from test_kernels import (  # noqa: E402
     attention_ref,
     build_fp8_paged_cache,
     build_paged_cache,
+    in_pool,
     cache_np_dtype,
     check_fp8_cache,
     e4m3_decode,
@@ -197,11 +198,12 @@ def fresh_copy(cache):
     return tuple(np.array(a, copy=True) for a in cache)
 
 
-def attend(device, q, cache, dtype, seq_starts, positions, tables, scale, chunk):
+def attend(device, q, cache, dtype, seq_starts, positions, tables, scale, chunk, table_rows=None):
     """ops.paged_attention on (k_cache, v_cache[, k_scale, v_scale])."""
     scales = {} if dtype != FP8 else {"k_scale": cache[2], "v_scale": cache[3]}
     return ops.paged_attention(q, cache[0], cache[1], dtype, np.asarray(seq_starts, np.int32),
-                               np.asarray(positions, np.int32), tables, scale, chunk, device=device, **scales)
+                               np.asarray(positions, np.int32), tables, scale, chunk, device=device,
+                               table_rows=table_rows, **scales)
 
 
 def paged_cache(rng, dtype, kv_heads, head_dim, block_size, written):
@@ -318,7 +320,8 @@ def test_paged_attention_ragged_on_device(device, dtype, kv_heads, group, head_d
     heads = kv_heads * group
     q = rng.standard_normal((len(positions), heads, head_dim)).astype(np.float32)
     scale = 1.0 / math.sqrt(head_dim)
-    out = attend(device, q, cache, dtype, seq_starts, positions, tables, scale, chunk)
+    pool, rows = in_pool(rng, tables)
+    out = attend(device, q, cache, dtype, seq_starts, positions, pool, scale, chunk, table_rows=rows)
     assert out.shape == q.shape and np.all(np.isfinite(out))
     ref = attention_ref(q, keys, values, seq_starts, positions, scale, chunk, kv_heads)
     assert rel_err(out[37:], ref[37:]) < ATTN_TOL

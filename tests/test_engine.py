@@ -273,3 +273,16 @@ def test_engine_device_option(model_path, device, error):
     there DeviceError naming the reason, both before any weight is read."""
     with pytest.raises(getattr(_core, error), match="device|CUDA"):
         engine(model_path, device=device)
+
+
+def test_enforce_eager_is_accepted_and_ignored_on_the_cpu(model_path):
+    """enforce_eager (CUDA graphs off) changes nothing on the CPU: the same tokens either way, through
+    the engine's options and LLM's keyword."""
+    requests = [(prompt(90 + i, n), params(max_tokens=6)) for i, n in enumerate((5, 17, 30))]
+    assert _core.EngineOptions().enforce_eager is False
+    assert run(engine(model_path, enforce_eager=True), requests) == run(engine(model_path), requests)
+    import corral
+
+    llm = corral.LLM(model_path, enforce_eager=True, num_threads=2)
+    out = llm.generate([prompt(95, 9)], corral.SamplingParams(max_tokens=4, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 4

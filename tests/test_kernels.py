@@ -213,6 +213,17 @@ def build_paged_cache(rng, dtype, kv_heads, head_dim, block_size, written_lens, 
     return k_cache, v_cache, tables, keys, values
 
 
+def in_pool(rng, tables, extra_rows=3):
+    """(pool, table_rows): the tables' rows at shuffled rows of a larger pool, as the model's
+    persistent block tables hold them; the other rows point at the poisoned spare block of the
+    tables' padding (a read through a wrong row shows as NaN)."""
+    S = len(tables)
+    pool = np.full((S + extra_rows, tables.shape[1]), tables[0, -1], np.int32)
+    rows = rng.permutation(S + extra_rows)[:S].astype(np.int32)
+    pool[rows] = tables
+    return pool, rows
+
+
 # ---- linear --------------------------------------------------------------------------------------
 
 LINEAR_SIZES = [(5, 37, 29), (70, 300, 130), (4, 64, 64), (1, 3, 17)]  # (M, K, N)
@@ -648,10 +659,31 @@ def test_paged_attention_ragged(cpu_isa, rng, kv_heads, group, head_dim, block_s
     heads = kv_heads * group
     q = rng.standard_normal((len(positions), heads, head_dim)).astype(np.float32)
     scale = 1.0 / math.sqrt(head_dim)
-    out = ops.paged_attention(q, k_cache, v_cache, dtype, seq_starts, positions, tables, scale, chunk)
+    pool, rows = in_pool(rng, tables)
+    out = ops.paged_attention(q, k_cache, v_cache, dtype, seq_starts, positions, pool, scale, chunk, table_rows=rows)
     assert out.shape == q.shape
     ref = attention_ref(q, keys, values, seq_starts, positions, scale, chunk, kv_heads)
     assert rel_err(out, ref) < 1e-4
+
+
+def test_paged_attention_reads_each_sequence_through_its_table_row(rng):
+    """The same batch through its own tables (row s for sequence s) and through shuffled rows of a
+    larger pool gives the same bits; a row pointing at another sequence's table changes the result,
+    and a row outside the pool is refused."""
+    written, seq_starts, positions = ragged_batch()
+    k_cache, v_cache, tables, _, _ = build_paged_cache(rng, "bfloat16", 2, 64, 16, written)
+    q = rng.standard_normal((len(positions), 4, 64)).astype(np.float32)
+    direct = ops.paged_attention(q, k_cache, v_cache, "bfloat16", seq_starts, positions, tables, 0.125, 0)
+    pool, rows = in_pool(rng, tables)
+    pooled = ops.paged_attention(q, k_cache, v_cache, "bfloat16", seq_starts, positions, pool, 0.125, 0, table_rows=rows)
+    np.testing.assert_array_equal(pooled, direct)
+    swapped = rows.copy()
+    swapped[[1, 2]] = swapped[[2, 1]]  # sequence 1's row at position 30 reads 2's table (1 block)
+    other = ops.paged_attention(q, k_cache, v_cache, "bfloat16", seq_starts, positions, pool, 0.125, 0, table_rows=swapped)
+    assert not np.array_equal(other[37], direct[37])
+    with pytest.raises(corral.ShapeError, match="not a row of block_tables"):
+        ops.paged_attention(q, k_cache, v_cache, "bfloat16", seq_starts, positions, pool, 0.125, 0,
+                            table_rows=np.full(len(rows), len(pool), np.int32))
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
@@ -957,10 +989,10 @@ def build_fp8_paged_cache(rng, kv_heads, head_dim, block_size, written_lens, spa
     return cache, tables, keys, values, [shape(x) for x in k_in], [shape(x) for x in v_in]
 
 
-def fp8_attention(q, cache, seq_starts, positions, tables, scale, chunk):
+def fp8_attention(q, cache, seq_starts, positions, tables, scale, chunk, table_rows=None):
     k_cache, v_cache, k_scale, v_scale = cache
     return ops.paged_attention(q, k_cache, v_cache, FP8, seq_starts, positions, tables, scale, chunk,
-                               k_scale=k_scale, v_scale=v_scale)
+                               k_scale=k_scale, v_scale=v_scale, table_rows=table_rows)
 
 
 @pytest.mark.parametrize(
@@ -979,7 +1011,8 @@ def test_paged_attention_fp8_ragged(cpu_isa, rng, kv_heads, group, head_dim, blo
     heads = kv_heads * group
     q = rng.standard_normal((len(positions), heads, head_dim)).astype(np.float32)
     scale = 1.0 / math.sqrt(head_dim)
-    out = fp8_attention(q, cache, seq_starts, positions, tables, scale, chunk)
+    pool, rows = in_pool(rng, tables)
+    out = fp8_attention(q, cache, seq_starts, positions, pool, scale, chunk, table_rows=rows)
     assert out.shape == q.shape
     assert rel_err(out, attention_ref(q, keys, values, seq_starts, positions, scale, chunk, kv_heads)) < 1e-4
     ref_in = attention_ref(q, keys_in, values_in, seq_starts, positions, scale, chunk, kv_heads)

@@ -164,3 +164,49 @@ def test_kv_cache_attend_reads_the_layer_pages(tmp_path, rng=np.random.default_r
             s = keys[:, h // 3] @ q[h].astype(np.float64) * 0.5
             w = np.exp(s - s.max())
             np.testing.assert_allclose(out[h], (w / w.sum()) @ values[:, h // 3], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_block_table_pool_rows_equal_the_block_manager_tables(tmp_path, seed):
+    """After random programs of add (with prefix hits) / append (copy-on-write) / commit / fork / free /
+    preempt (free, then add again), every live sequence's row of the persistent block tables begins
+    with its BlockManager table, in every group; the pool grows (rows rewritten) past its first rows."""
+    rng = np.random.default_rng(seed)
+    layout = corral._core.KvLayout.from_config(str(tiny_config(tmp_path, attention_chunk_size=8)), 4, "float32")
+    kv = corral._core.KvCache(layout, 48 * layout.page_bytes, max_len=64, max_seqs=1)
+    blocks, groups = kv.blocks, layout.global_groups + layout.local_groups
+    texts = [[int(t) for t in rng.integers(0, 3, 40)] for _ in range(2)]
+    seqs, next_id = {}, 0  # id -> tokens known
+
+    def check():
+        for seq in seqs:
+            for g in range(groups):
+                table = blocks.table(seq, g)
+                assert kv.table_pool_row(seq, g)[: len(table)] == table, (seed, seq, g)
+
+    for _ in range(60):
+        op = rng.choice(["add", "append", "append", "fork", "free", "preempt"]) if seqs else "add"
+        seq = int(rng.choice(sorted(seqs))) if seqs else None
+        if op == "add":
+            prompt = texts[rng.integers(2)][: rng.integers(2, 40)]
+            blocks.add(next_id, prompt)
+            seqs[next_id], next_id = list(prompt), next_id + 1
+        elif op == "append":
+            done = blocks.num_computed(seq)
+            n = int(rng.integers(1, 9))
+            seqs[seq] += [int(t) for t in rng.integers(0, 3, max(0, done + n - len(seqs[seq])))]
+            if done + n <= 64 and kv.append(seq, n):
+                blocks.commit(seq, seqs[seq][done : done + n])
+        elif op == "fork":
+            blocks.fork(seq, next_id)
+            seqs[next_id], next_id = seqs[seq][: blocks.num_computed(seq)], next_id + 1
+        elif op == "free":
+            blocks.free(seq)
+            del seqs[seq]
+        else:  # preempt: its pages go, its tokens stay (prefix caching may give some back)
+            blocks.free(seq)
+            blocks.add(seq, seqs[seq])
+        if rng.random() < 0.5:
+            check()
+    check()
+    assert kv.table_pool_rows >= blocks.num_rows > 2  # grown from 2 * max_seqs rows

@@ -91,7 +91,7 @@ struct TileWork {
     const IsaKernels& k = isa();
     const int fi = kv_index(c.dtype, "KV cache");
     const int64_t es = int64_t(dtype_size(c.dtype)), head_bytes = bs * d * es;
-    const int32_t* table = b.block_tables + t.seq * int64_t(b.max_blocks);
+    const int32_t* table = b.block_tables + int64_t(b.table_rows[t.seq]) * b.max_blocks;
     const int64_t b0 = std::max(first_block, split * split_blocks());
     const int64_t b1 = std::min(last_block + 1, (split + 1) * split_blocks());
     for (int64_t blk = b0; blk < b1; ++blk) {
@@ -169,6 +169,8 @@ void paged_attention(float* out, const float* q, int64_t heads, const PagedKv& c
   kv_index(cache.dtype, "KV cache");
   if (cache.dtype == DType::F8_E4M3 && (cache.k_scale == nullptr || cache.v_scale == nullptr))
     throw InvalidInputError("paged_attention: a float8_e4m3 KV cache needs k_scale and v_scale");
+  if (batch.num_seqs > 0 && (!batch.block_tables || !batch.table_rows))
+    throw InvalidInputError("paged_attention: block_tables or table_rows is null");
   std::vector<TileWork> tiles;
   for (int64_t s = 0; s < batch.num_seqs; ++s) {
     const int64_t n = batch.seq_starts[s + 1] - batch.seq_starts[s];

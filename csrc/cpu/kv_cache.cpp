@@ -121,4 +121,8 @@ void kv_cache_copy_pages(void* pool, int64_t page_bytes, const int32_t* src, con
   });
 }
 
+void block_table_set(int32_t* tables, const int64_t* entries, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) tables[entries[2 * i]] = int32_t(entries[2 * i + 1]);
+}
+
 }  // namespace corral::cpu

@@ -52,6 +52,7 @@ void logprobs(const float* logits, int64_t rows, int64_t vocab, const int32_t* c
 void kv_cache_write(const PagedKv& cache, const float* k, const float* v, int64_t ld,
                     int64_t tokens, const int64_t* slots);
 void kv_cache_copy_pages(void* pool, int64_t page_bytes, const int32_t* src, const int32_t* dst, int64_t count);
+void block_table_set(int32_t* tables, const int64_t* entries, int64_t count);
 void paged_attention(float* out, const float* q, int64_t heads, const PagedKv& cache,
                      const AttentionBatch& batch, float scale, int64_t chunk_size);
 void attn_temperature_scale(float* q, int64_t ld, int64_t rows, int64_t width,

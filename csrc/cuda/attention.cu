@@ -316,7 +316,7 @@ void launch_tc(cudaStream_t s, const AttnParams& p, DType dtype) {
 }  // namespace
 
 void paged_attention(void* stream, float* out, const float* q, int64_t heads, const PagedKv& c,
-                     const AttentionBatch& b, float scale, int64_t chunk_size) {
+                     const AttentionBatch& b, float scale, int64_t chunk_size, AttentionPlan* plan) {
   if (c.kv_heads <= 0 || heads <= 0 || heads % c.kv_heads != 0)
     throw ShapeError("paged_attention: " + std::to_string(heads) + " query heads are not a multiple of " +
                      std::to_string(c.kv_heads) + " KV heads");
@@ -332,7 +332,8 @@ void paged_attention(void* stream, float* out, const float* q, int64_t heads, co
   if (heads > 0x7fffffff / 2 || b.num_seqs < 0 || b.max_blocks < 0)
     throw ShapeError("paged_attention: bad batch shape");
   if (b.num_seqs == 0) return;
-  if (!c.k || !c.v || !b.seq_starts) throw InvalidInputError("paged_attention: a cache or seq_starts pointer is null");
+  if (!c.k || !c.v || !b.seq_starts || !b.block_tables || !b.table_rows)
+    throw InvalidInputError("paged_attention: a cache, seq_starts or block-table pointer is null");
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   const int d = c.head_dim, bs = c.block_size;
   const int64_t head_bytes = int64_t(bs) * d * int64_t(dtype_size(c.dtype));
@@ -350,6 +351,7 @@ void paged_attention(void* stream, float* out, const float* q, int64_t heads, co
   p.seq_starts = b.seq_starts;
   p.positions = b.positions;
   p.block_tables = b.block_tables;
+  p.table_rows = b.table_rows;
   p.num_seqs = b.num_seqs;
   p.max_blocks = b.max_blocks;
   p.heads = int32_t(heads);
@@ -382,18 +384,41 @@ void paged_attention(void* stream, float* out, const float* q, int64_t heads, co
                o_tc = sc.reserve(size_t(S + 1) * 8), o_merge = sc.reserve(size_t(S + 1) * 8),
                o_part = sc.reserve(size_t(S + 1) * 8), o_cnt = sc.reserve(4 * 8),
                o_parts = sc.reserve(size_t(cap) * size_t(p.rec) * 4);
-  sc.allocate();
-  p.plan = sc.at<SeqPlan>(o_plan);
-  p.simt_off = sc.at<int64_t>(o_simt);
-  p.tc_off = sc.at<int64_t>(o_tc);
-  p.merge_off = sc.at<int64_t>(o_merge);
-  p.part_off = sc.at<int64_t>(o_part);
-  p.counters = sc.at<unsigned long long>(o_cnt);
-  p.parts = cap > 0 ? sc.at<float>(o_parts) : nullptr;
+  // A plan lent with room enough holds it all; its record says what it was made for.
+  const bool lent = plan && plan->data && plan->bytes >= sc.size();
+  if (plan) plan->needed = sc.size();
+  const int64_t made_for[10] = {int64_t(reinterpret_cast<uintptr_t>(b.seq_starts)),
+                                int64_t(reinterpret_cast<uintptr_t>(b.positions)),
+                                S,
+                                p.chunk,
+                                heads,
+                                c.kv_heads,
+                                (int64_t(d) << 32) | bs,
+                                p.tc,
+                                cap,
+                                int64_t(reinterpret_cast<uintptr_t>(plan ? plan->data : nullptr))};
+  const bool reuse = lent && plan->valid && std::equal(made_for, made_for + 10, plan->made_for);
+  if (!lent) sc.allocate();
+  char* base = lent ? static_cast<char*>(plan->data) : sc.at<char>(0);
+  p.plan = reinterpret_cast<SeqPlan*>(base + o_plan);
+  p.simt_off = reinterpret_cast<int64_t*>(base + o_simt);
+  p.tc_off = reinterpret_cast<int64_t*>(base + o_tc);
+  p.merge_off = reinterpret_cast<int64_t*>(base + o_merge);
+  p.part_off = reinterpret_cast<int64_t*>(base + o_part);
+  p.counters = reinterpret_cast<unsigned long long*>(base + o_cnt);
+  p.parts = cap > 0 ? reinterpret_cast<float*>(base + o_parts) : nullptr;
   p.part_cap = cap;
 
-  attn_plan_kernel<<<1, kPlanThreads, 0, s>>>(p, cap);
-  CORRAL_CUDA_CHECK_LAUNCH();
+  if (reuse) {  // the plan stands; the persistent kernels count their work items from 0 again
+    CORRAL_CUDA_CHECK(cudaMemsetAsync(p.counters, 0, 4 * sizeof(unsigned long long), s));
+  } else {
+    attn_plan_kernel<<<1, kPlanThreads, 0, s>>>(p, cap);
+    CORRAL_CUDA_CHECK_LAUNCH();
+    if (lent) {
+      std::copy(made_for, made_for + 10, plan->made_for);
+      plan->valid = true;
+    }
+  }
   switch (c.dtype) {
     case DType::F32: launch_simt<F32>(s, p, geo); break;
     case DType::BF16: launch_simt<BF16>(s, p, geo); break;

@@ -246,7 +246,8 @@ struct AttnParams {
   int64_t chunk;         // chunk size of local layers, 0: global
   const int32_t* seq_starts;
   const int32_t* positions;
-  const int32_t* block_tables;
+  const int32_t* block_tables;  // [pool rows, max_blocks]
+  const int32_t* table_rows;    // [num_seqs] each sequence's row
   int32_t num_seqs, max_blocks;
   int32_t heads, kv_heads, group, d, bs;
   int32_t split_blocks;  // blocks per split

@@ -67,7 +67,7 @@ __device__ __forceinline__ void simt_load_stage(const AttnParams& p, const SimtG
   SimtRows& rows = *reinterpret_cast<SimtRows*>(smem + geo.off_rows);
   unsigned char* kdst = smem + geo.off_stage + int64_t(buf) * 2 * geo.nbs * geo.slot;
   unsigned char* vdst = kdst + int64_t(geo.nbs) * geo.slot;
-  const int32_t* table = p.block_tables + int64_t(it.s) * p.max_blocks;
+  const int32_t* table = p.block_tables + int64_t(p.table_rows[it.s]) * p.max_blocks;
   const int64_t head_off = int64_t(it.g) * geo.head_bytes;
   const int tid = threadIdx.x;
   if (geo.copy == 1) {

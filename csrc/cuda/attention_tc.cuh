@@ -159,7 +159,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 3 : 2) attn_tc_kernel(Attn
     const bool row_valid = my_f < rows_flat;
     const int64_t my_tok = row_valid ? my_f / p.group : 0;
     const int my_h = g * p.group + int(my_f - my_tok * p.group);
-    const int32_t* table = p.block_tables + int64_t(s) * p.max_blocks;
+    const int32_t* table = p.block_tables + int64_t(p.table_rows[s]) * p.max_blocks;
     const unsigned char* kbase = p.k + int64_t(g) * head_bytes;
     const unsigned char* vbase = p.v + int64_t(g) * head_bytes;
     float run_m = kNegInf, run_l = 0.f;  // splits merged so far (sequential mode), this lane's row

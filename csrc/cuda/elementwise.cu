@@ -1,5 +1,5 @@
 // The text model's element-wise ops on CUDA (contracts: corral/kernels/embedding.h embedding,
-// rope.h rope_interleaved, activation.h silu_mul, kv_cache.h kv_cache_copy_pages). Float32
+// rope.h rope_interleaved, activation.h silu_mul, kv_cache.h kv_cache_copy_pages and block_table_set). Float32
 // arithmetic in the CPU code's order (explicit _rn intrinsics: nvcc contracts nothing), so the ops
 // round as the CPU does up to the accuracy of expf / sincosf. Every kernel walks its rows (and
 // columns) in grid-stride loops over capped grids; every pointer is a device pointer.
@@ -53,6 +53,11 @@ __global__ void silu_mul_kernel(float* out, int64_t ld_out, const float* gate, c
 }
 
 // Page src[p] to page dst[p] of the pool (blockIdx.y walks the pairs), in words of W bytes.
+__global__ void block_table_set_kernel(int32_t* tables, const int64_t* entries, int64_t count) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x)
+    tables[entries[2 * i]] = int32_t(entries[2 * i + 1]);
+}
+
 template <class W>
 __global__ void copy_pages_kernel(unsigned char* pool, int64_t page_bytes, const int32_t* src, const int32_t* dst,
                                   int64_t count) {
@@ -115,6 +120,14 @@ void kv_cache_copy_pages(void* stream, void* pool, int64_t page_bytes, const int
   if (align % 16 == 0) return launch_copy_pages<uint4>(s, base, page_bytes, src, dst, count);
   if (align % 4 == 0) return launch_copy_pages<uint32_t>(s, base, page_bytes, src, dst, count);
   launch_copy_pages<unsigned char>(s, base, page_bytes, src, dst, count);
+}
+
+void block_table_set(void* stream, int32_t* tables, const int64_t* entries, int64_t count) {
+  if (count <= 0) return;
+  if (!tables || !entries) throw InvalidInputError("block_table_set: a pointer is null");
+  block_table_set_kernel<<<blocks_for((count + kThreads - 1) / kThreads), kThreads, 0,
+                           static_cast<cudaStream_t>(stream)>>>(tables, entries, count);
+  CORRAL_CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace corral::cuda

@@ -24,8 +24,10 @@ void kv_cache_write(void* stream, const PagedKv& cache, const float* k, const fl
 // Tensor cores (bfloat16 / float16 inputs, float32 accumulation) for prefill rows of bfloat16 /
 // float16 caches with head_dim 64 or 128 and block_size 16, 32 or 64; CUDA cores in float32
 // otherwise (decode rows always). head_dim up to 256, block_size up to 128.
+// A valid `plan` (see AttentionPlan) skips the plan kernel; its memory holds the plan, offsets,
+// counters and partials, else they are scratch of the call.
 void paged_attention(void* stream, float* out, const float* q, int64_t heads, const PagedKv& cache,
-                     const AttentionBatch& batch, float scale, int64_t chunk_size);
+                     const AttentionBatch& batch, float scale, int64_t chunk_size, AttentionPlan* plan);
 void attn_temperature_scale(void* stream, float* q, int64_t ld, int64_t rows, int64_t width,
                             const int32_t* positions, float attn_scale, float floor_scale);
 
@@ -57,6 +59,7 @@ void silu_mul(void* stream, float* out, int64_t ld_out, const float* gate, const
               int64_t rows, int64_t n);
 void kv_cache_copy_pages(void* stream, void* pool, int64_t page_bytes, const int32_t* src, const int32_t* dst,
                          int64_t count);
+void block_table_set(void* stream, int32_t* tables, const int64_t* entries, int64_t count);
 void argmax(void* stream, int32_t* out, const float* logits, int64_t rows, int64_t vocab);
 // vocab in [1, 2^30] (InvalidInputError otherwise). The token is the CPU's for the same uniform
 // number but where float64 sums rounded in another order (or exp's last bit) fall on the other side

@@ -56,4 +56,29 @@ void synchronize(void* stream) {
   CORRAL_CUDA_CHECK(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)));
 }
 
+void begin_capture(void* stream) {
+  CORRAL_CUDA_CHECK(cudaStreamBeginCapture(static_cast<cudaStream_t>(stream), cudaStreamCaptureModeThreadLocal));
+}
+
+void* end_capture(void* stream) {
+  cudaGraph_t graph = nullptr;
+  const cudaError_t ended = cudaStreamEndCapture(static_cast<cudaStream_t>(stream), &graph);
+  if (ended != cudaSuccess) {
+    cudaGetLastError();  // an invalidated capture leaves its error behind; it is reported here
+    if (graph) cudaGraphDestroy(graph);
+    throw_error(ended, "cudaStreamEndCapture", __FILE__, __LINE__);
+  }
+  cudaGraphExec_t exec = nullptr;
+  const cudaError_t made = cudaGraphInstantiateWithFlags(&exec, graph, 0);
+  cudaGraphDestroy(graph);  // the executable graph keeps what it needs
+  if (made != cudaSuccess) throw_error(made, "cudaGraphInstantiateWithFlags", __FILE__, __LINE__);
+  return exec;
+}
+
+void launch_graph(void* graph, void* stream) {
+  CORRAL_CUDA_CHECK(cudaGraphLaunch(static_cast<cudaGraphExec_t>(graph), static_cast<cudaStream_t>(stream)));
+}
+
+void destroy_graph(void* graph) noexcept { cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(graph)); }
+
 }  // namespace corral::cuda

@@ -23,4 +23,13 @@ void* create_stream();
 void destroy_stream(void* stream) noexcept;
 void synchronize(void* stream);
 
+// CUDA graphs: the work queued on `stream` between begin_capture and end_capture (thread-local
+// mode: other threads' CUDA calls go on as usual) is recorded, not run; end_capture returns it
+// instantiated (a cudaGraphExec_t), or throws DeviceError when the capture failed (it always
+// ends the capture, so the stream runs work again).
+void begin_capture(void* stream);
+void* end_capture(void* stream);
+void launch_graph(void* graph, void* stream);
+void destroy_graph(void* graph) noexcept;
+
 }  // namespace corral::cuda

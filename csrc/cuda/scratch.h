@@ -24,6 +24,7 @@ class Scratch {
     size_ += (bytes + 255) / 256 * 256;
     return at;
   }
+  size_t size() const { return size_; }
   void allocate() { CORRAL_CUDA_CHECK(cudaMallocAsync(&base_, size_ ? size_ : 256, stream_)); }
   template <class T>
   T* at(size_t offset) const {

@@ -93,6 +93,8 @@ def _common_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-num-batched-tokens", type=int, default=8192, help="tokens in one step")
     e.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     e.add_argument("--no-prefix-caching", action="store_true", help="do not reuse the KV cache of earlier prompts")
+    e.add_argument("--enforce-eager", action="store_true",
+                   help="on a GPU, run decode steps kernel by kernel, not as CUDA graphs")
     e.add_argument("--max-images-per-prompt", type=int, metavar="N",
                    help="images one prompt may carry (default: any; 0: do not load the vision encoder)")
     return p
@@ -248,6 +250,7 @@ def _load(args, need_tokenizer: bool) -> LLM:
         dtype=args.dtype,
         quantization=args.quantization,
         enable_prefix_caching=not args.no_prefix_caching,
+        enforce_eager=args.enforce_eager,
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,

@@ -89,6 +89,9 @@ class LLM:
             naming the reason when the GPU cannot be used.
         max_images_per_prompt: images one prompt may carry (default: any number; 0: the vision
             encoder of a multimodal checkpoint is not loaded, and images are refused).
+        enforce_eager: on a GPU, run decode steps kernel by kernel rather than replaying a CUDA
+            graph captured for their batch size (default False: graphs; vLLM's name). The CPU
+            ignores it.
 
     Any number of threads may call one LLM at once: the engine steps on a thread of its own
     (corral::AsyncEngine), and every call's requests join it and advance together in its steps,
@@ -114,6 +117,7 @@ class LLM:
         seed: int = 0,
         device: str = "cpu",
         max_images_per_prompt: int | None = None,
+        enforce_eager: bool = False,
     ) -> None:
         _check_device(device)
         if kv_cache_dtype not in _KV_DTYPES:
@@ -141,6 +145,7 @@ class LLM:
         options.dtype = dtype
         options.quantization = quantization or ""
         options.enable_prefix_caching = bool(enable_prefix_caching)
+        options.enforce_eager = bool(enforce_eager)
         options.max_model_len = max_model_len or 0
         options.max_num_seqs = max_num_seqs
         options.max_num_batched_tokens = max_num_batched_tokens

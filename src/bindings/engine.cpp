@@ -208,6 +208,7 @@ void register_engine(py::module_& m) {
       .def_readwrite("quantization", &EngineOptions::quantization)
       .def_readwrite("dtype", &EngineOptions::dtype)
       .def_readwrite("enable_prefix_caching", &EngineOptions::enable_prefix_caching)
+      .def_readwrite("enforce_eager", &EngineOptions::enforce_eager)
       .def_readwrite("max_model_len", &EngineOptions::max_model_len)
       .def_readwrite("max_num_seqs", &EngineOptions::max_num_seqs)
       .def_readwrite("max_num_batched_tokens", &EngineOptions::max_num_batched_tokens)

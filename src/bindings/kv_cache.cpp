@@ -56,12 +56,12 @@ void register_kv_cache(py::module_& m) {
   using SeqId = BlockManager::SeqId;
   py::class_<BlockManager>(m, "BlockManager")
       .def(py::init([](int64_t num_pages, int32_t block_size, const std::vector<std::string>& groups, int64_t chunk_size,
-                       bool prefix_caching) {
-             return std::make_unique<BlockManager>(
-                 BlockManager::Options{num_pages, block_size, parse_kinds(groups), chunk_size, prefix_caching});
+                       bool prefix_caching, int64_t max_blocks) {
+             return std::make_unique<BlockManager>(BlockManager::Options{num_pages, block_size, parse_kinds(groups),
+                                                                         chunk_size, prefix_caching, max_blocks});
            }),
            py::arg("num_pages"), py::arg("block_size"), py::arg("groups"), py::arg("chunk_size") = 0,
-           py::arg("prefix_caching") = true)
+           py::arg("prefix_caching") = true, py::arg("max_blocks") = 0)
       .def("add", &BlockManager::add, py::arg("seq"), py::arg("prompt"), py::arg("reuse") = true)
       .def(
           "append",
@@ -86,6 +86,16 @@ void register_kv_cache(py::module_& m) {
       .def("num_tokens", &BlockManager::num_tokens, py::arg("seq"))
       .def("num_computed", &BlockManager::num_computed, py::arg("seq"))
       .def("table", &BlockManager::table, py::arg("seq"), py::arg("group"))
+      .def("row", &BlockManager::row, py::arg("seq"))
+      .def_property_readonly("num_rows", &BlockManager::num_rows)
+      .def(
+          "take_table_changes",
+          [](BlockManager& b) {
+            py::list out;
+            for (const TableEntry& e : b.take_table_changes()) out.append(py::make_tuple(e.group, e.row, e.block, e.page));
+            return out;
+          },
+          "[(group, row, block, page)] table entries changed since the last call, oldest first")
       .def("sequences", &BlockManager::sequences)
       .def_property_readonly("num_groups", &BlockManager::num_groups)
       .def("available_pages", &BlockManager::available_pages)
@@ -110,8 +120,19 @@ void register_kv_cache(py::module_& m) {
       .def("sequence_bytes", &KvLayout::sequence_bytes, py::arg("tokens"), py::arg("chunk_savings") = true);
 
   py::class_<KvCache>(m, "KvCache")
-      .def(py::init<const KvLayout&, size_t, bool>(), py::arg("layout"), py::arg("bytes"),
-           py::arg("prefix_caching") = true)
+      .def(py::init<const KvLayout&, size_t, bool, int64_t, int64_t>(), py::arg("layout"), py::arg("bytes"),
+           py::arg("prefix_caching") = true, py::arg("max_len") = int64_t(1) << 20, py::arg("max_seqs") = 4)
+      .def(
+          "table_pool_row",
+          [](KvCache& kv, BlockManager::SeqId id, int64_t group) {
+            // The sequence's row of the persistent block tables, after writing the pending changes.
+            const BlockTables& t = kv.sync_tables();
+            if (group < 0 || group >= kv.blocks().num_groups()) throw InvalidInputError("no group " + std::to_string(group));
+            const int32_t* row = t.group(group) + int64_t(kv.blocks().row(id)) * t.max_blocks();
+            return std::vector<int32_t>(row, row + t.max_blocks());
+          },
+          py::arg("seq"), py::arg("group"))
+      .def_property_readonly("table_pool_rows", [](const KvCache& kv) { return kv.tables().rows(); })
       .def_property_readonly("blocks", py::overload_cast<>(&KvCache::blocks), py::return_value_policy::reference_internal)
       .def_property_readonly("num_pages", &KvCache::num_pages)
       .def("append", &KvCache::append, py::arg("seq"), py::arg("n"))
@@ -147,7 +168,7 @@ void register_kv_cache(py::module_& m) {
           py::arg("seq"), py::arg("start"), py::arg("k"), py::arg("v"))
       .def(
           "attend",
-          [](const KvCache& kv, BlockManager::SeqId id, int64_t layer,
+          [](KvCache& kv, BlockManager::SeqId id, int64_t layer,
              py::array_t<float, py::array::c_style | py::array::forcecast> q, float scale) {
             // Attention of one query token at the sequence's last position, through the layer's
             // pages (a decode step of one layer), as the model runs it.
@@ -158,9 +179,9 @@ void register_kv_cache(py::module_& m) {
                                std::to_string(l.kv_heads));
             const int64_t group = l.group_of_layer[layer], n = kv.blocks().num_tokens(id);
             if (n < 1) throw InvalidInputError("sequence " + std::to_string(id) + " holds no tokens");
-            const std::vector<int32_t>& table = kv.blocks().table(id, group);
-            const int32_t starts[2] = {0, 1}, position = int32_t(n - 1);
-            const AttentionBatch batch{starts, 1, &position, table.data(), int32_t(table.size())};
+            const BlockTables& tables = kv.sync_tables();
+            const int32_t starts[2] = {0, 1}, position = int32_t(n - 1), row = kv.blocks().row(id);
+            const AttentionBatch batch{starts, 1, &position, tables.group(group), &row, tables.max_blocks()};
             const bool local = kv.blocks().group_kind(group) == AttentionKind::Local;
             py::array_t<float> out({q.shape(0), q.shape(1)});
             float* o = out.mutable_data();

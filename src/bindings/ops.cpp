@@ -1173,14 +1173,26 @@ void register_ops(py::module_& m) {
       "paged_attention",
       [](F32 q, py::array k_cache, py::array v_cache, const std::string& dtype, I32 seq_starts, I32 positions,
          I32 block_tables, float scale, int64_t chunk_size, py::object k_scale, py::object v_scale,
-         const std::string& device, int repeat) -> py::object {
+         py::object table_rows_arg, const std::string& device, int repeat) -> py::object {
         const PagedArrays p = paged(k_cache, v_cache, dtype, k_scale, v_scale);
         const PagedKv& c = p.kv;
         expect(q.ndim() == 3 && q.shape(2) == c.head_dim, "q must be (rows, heads, head_dim), got " + shape_of(q));
         const int64_t rows = q.shape(0), heads = q.shape(1);
         const int64_t S = seq_starts.shape(0) - 1;
-        expect(S >= 0 && block_tables.ndim() == 2 && block_tables.shape(0) == S,
-               "block_tables must be (num_seqs, max_blocks) with num_seqs = len(seq_starts) - 1");
+        // Sequence s reads row table_rows[s] of block_tables (default: row s).
+        std::vector<int32_t> table_rows(size_t(std::max<int64_t>(S, 0)));
+        for (int64_t s = 0; s < S; ++s) table_rows[size_t(s)] = int32_t(s);
+        if (!table_rows_arg.is_none()) {
+          const I32 given = table_rows_arg.cast<I32>();
+          expect(given.ndim() == 1 && given.shape(0) == S, "table_rows must have one entry per sequence");
+          std::copy_n(given.data(), S, table_rows.begin());
+        }
+        expect(S >= 0 && block_tables.ndim() == 2 && (S == 0 || block_tables.shape(0) > 0),
+               "block_tables must be (rows, max_blocks) with num_seqs = len(seq_starts) - 1");
+        for (int64_t s = 0; s < S; ++s)
+          expect(table_rows[size_t(s)] >= 0 && table_rows[size_t(s)] < block_tables.shape(0),
+                 "table_rows[" + std::to_string(s) + "] = " + std::to_string(table_rows[size_t(s)]) +
+                     " is not a row of block_tables");
         expect(heads > 0 && heads % c.kv_heads == 0,
                "q's heads (" + std::to_string(heads) + ") must be a multiple of the cache's KV heads (" +
                    std::to_string(c.kv_heads) + ")");
@@ -1199,11 +1211,12 @@ void register_ops(py::module_& m) {
             expect(positions.data()[r] >= 0 && blk < mb, "position " + std::to_string(positions.data()[r]) +
                                                               " of row " + std::to_string(r) + " is beyond its block table");
             for (int64_t b = 0; b <= blk; ++b) {
-              const int32_t id = block_tables.data()[s * mb + b];
+              const int32_t id = block_tables.data()[int64_t(table_rows[size_t(s)]) * mb + b];
               if (id < 0 || id >= c.num_blocks) throw InvalidInputError("block id " + std::to_string(id) + " is outside the cache");
             }
           }
-        const AttentionBatch batch{seq_starts.data(), int32_t(S), positions.data(), block_tables.data(), mb};
+        const AttentionBatch batch{seq_starts.data(), int32_t(S), positions.data(), block_tables.data(),
+                                   table_rows.data(), mb};
         F32 out({rows, heads, py::ssize_t(c.head_dim)});
         float* out_data = out.mutable_data();
         const Device dev = parse_device(device);
@@ -1227,11 +1240,13 @@ void register_ops(py::module_& m) {
             const DeviceBuffer dq = upload(dev, q.data(), qbytes, stream.get());
             const DeviceBuffer dstarts = upload(dev, seq_starts.data(), size_t(S + 1) * 4, stream.get());
             const DeviceBuffer dpos = upload(dev, positions.data(), size_t(rows) * 4, stream.get());
-            const DeviceBuffer dtables = upload(dev, block_tables.data(), size_t(S * mb) * 4, stream.get());
+            const DeviceBuffer dtables = upload(dev, block_tables.data(), size_t(block_tables.size()) * 4, stream.get());
+            const DeviceBuffer drows = upload(dev, table_rows.data(), size_t(S) * 4, stream.get());
             DeviceBuffer dout(dev, qbytes);
             const AttentionBatch db{static_cast<const int32_t*>(dstarts.data()), int32_t(S),
                                     static_cast<const int32_t*>(dpos.data()),
-                                    static_cast<const int32_t*>(dtables.data()), mb};
+                                    static_cast<const int32_t*>(dtables.data()),
+                                    static_cast<const int32_t*>(drows.data()), mb};
             const float* dqp = static_cast<const float*>(dq.data());
             kernels::paged_attention(stream.get(), static_cast<float*>(dout.data()), dqp, heads, dc.kv, db, scale,
                                      chunk_size);
@@ -1252,13 +1267,14 @@ void register_ops(py::module_& m) {
         return std::move(out);
       },
       "paged_attention(q, k_cache, v_cache, dtype, seq_starts, positions, block_tables, scale, chunk_size=0, *,\n"
-      "k_scale=None, v_scale=None, device='cpu', repeat=0) -> out: attention of q (rows, heads, head_dim) over\n"
-      "the paged cache. device: cpu, cuda or cuda:N (the cache and inputs are uploaded). repeat=n > 0 also\n"
-      "runs the op n more times on the resident inputs and returns (out, seconds per run).",
+      "k_scale=None, v_scale=None, table_rows=None, device='cpu', repeat=0) -> out: attention of q (rows, heads,\n"
+      "head_dim) over the paged cache; sequence s reads row table_rows[s] of block_tables (default: row s).\n"
+      "device: cpu, cuda or cuda:N (the cache and inputs are uploaded). repeat=n > 0 also runs the op n more\n"
+      "times on the resident inputs and returns (out, seconds per run).",
       py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("dtype"), py::arg("seq_starts"),
       py::arg("positions"), py::arg("block_tables"), py::arg("scale"), py::arg("chunk_size") = 0, py::kw_only(),
-      py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none(), py::arg("device") = "cpu",
-      py::arg("repeat") = 0);
+      py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none(), py::arg("table_rows") = py::none(),
+      py::arg("device") = "cpu", py::arg("repeat") = 0);
 
   m.def(
       "attn_temperature_scale",

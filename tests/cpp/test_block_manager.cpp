@@ -1,5 +1,6 @@
 // BlockManager: page allocation, reference counts and copy-on-write, prefix-cache hits and
 // least-recently-used eviction, local groups releasing old chunks, and running out of pages.
+#include <map>
 #include <numeric>
 #include <set>
 #include <vector>
@@ -177,6 +178,53 @@ void out_of_blocks() {
   CHECK_THROWS(corral::InvalidInputError, make(4, {AttentionKind::Local}, 0), "chunk size");
 }
 
+// Replays take_table_changes() into per-row maps and checks they give every live table.
+struct ReplayedRows {
+  std::map<std::pair<int32_t, int32_t>, std::map<int32_t, int32_t>> rows;  // (group, row) -> block -> page
+  void check_against(BlockManager& bm) {
+    for (const corral::TableEntry& e : bm.take_table_changes()) rows[{e.group, e.row}][e.block] = e.page;
+    for (BlockManager::SeqId id : bm.sequences())
+      for (int64_t g = 0; g < bm.num_groups(); ++g) {
+        const std::vector<int32_t>& t = bm.table(id, g);
+        auto& row = rows[{int32_t(g), bm.row(id)}];
+        for (size_t b = 0; b < t.size(); ++b) CHECK(row.count(int32_t(b)) && row[int32_t(b)] == t[b]);
+      }
+  }
+};
+
+void table_rows_and_changes() {
+  BlockManager bm = make(16, {AttentionKind::Global, AttentionKind::Local}, 8);
+  ReplayedRows replay;
+  run_prompt(bm, 1, tokens(0, 10));
+  bm.fork(1, 2);
+  CHECK(bm.row(1) == 0 && bm.row(2) == 1 && bm.num_rows() == 2);
+  replay.check_against(bm);
+  std::vector<PageCopy> copies;
+  CHECK(bm.append(2, 1, &copies) && copies.size() == 2);  // copy-on-write in both groups
+  const int32_t t = 10;
+  bm.commit(2, &t, 1);
+  CHECK(bm.append(1, 7, &copies));  // a new block; the local group releases chunk 0's blocks
+  bm.commit(1, tokens(10, 7).data(), 7);
+  CHECK(bm.table(1, 1)[0] == -1);
+  replay.check_against(bm);
+  bm.free(1);
+  CHECK(bm.add(3, tokens(0, 9)) == 8);  // takes row 0 back, and the cached prefix
+  CHECK(bm.row(3) == 0 && bm.num_rows() == 2);
+  replay.check_against(bm);
+  CHECK(bm.take_table_changes().empty());
+  // A table longer than Options::max_blocks is refused (nothing taken).
+  BlockManager::Options o;
+  o.num_pages = 16;
+  o.block_size = kBlock;
+  o.groups = {AttentionKind::Global};
+  o.max_blocks = 2;
+  BlockManager small(o);
+  small.add(1, tokens(0, 1));
+  CHECK(small.append(1, 8, &copies));
+  CHECK_THROWS(corral::InvalidInputError, small.append(1, 1, &copies), "longer than the block tables");
+  CHECK(small.available_pages() == 14);
+}
+
 }  // namespace
 
 int main() {
@@ -186,5 +234,6 @@ int main() {
   eviction_least_recently_used();
   local_groups_release_old_chunks();
   out_of_blocks();
+  table_rows_and_changes();
   return check::result();
 }

@@ -87,6 +87,9 @@ struct EngineOptions {
   std::string dtype = "auto";
   std::string quantization;                  // "", "int8", "int4": 16/32-bit weights quantized at load
   bool enable_prefix_caching = true;
+  // On a GPU, decode steps (every sequence one new token) replay a CUDA graph captured for their
+  // batch size; true runs every step kernel by kernel (vLLM's name). Ignored on the CPU.
+  bool enforce_eager = false;
   int64_t max_model_len = 0;                 // 0: the config's max_position_embeddings
   int64_t max_num_seqs = 256;                // sequences in one step
   int64_t max_num_batched_tokens = 8192;     // tokens in one step (longer prompts go in pieces)

@@ -6,6 +6,10 @@
 // a page holds one block of every layer of one group, so all groups share one pool of pages.
 // Global groups keep every block of a sequence. Local groups (chunked attention) keep only the
 // blocks of the chunk of the sequence's next token: the others are released as it moves on.
+//
+// Each sequence also holds a row of the persistent block tables (BlockTables): the same row in
+// every group, from add / fork until free. Every change of a table entry is recorded, so that
+// the tables the kernels read are updated entry by entry rather than rebuilt each pass.
 #pragma once
 
 #include <cstdint>
@@ -23,6 +27,15 @@ struct PageCopy {
   int32_t dst = 0;
 };
 
+// One change of a block table: entry `block` of row `row` of group `group` now holds `page`
+// (-1: released).
+struct TableEntry {
+  int32_t group = 0;
+  int32_t row = 0;
+  int32_t block = 0;
+  int32_t page = 0;
+};
+
 class BlockManager {
  public:
   using SeqId = int64_t;
@@ -33,6 +46,7 @@ class BlockManager {
     std::vector<AttentionKind> groups;  // the kind of each layer group
     int64_t chunk_size = 0;             // attention chunk of the local groups
     bool prefix_caching = true;
+    int64_t max_blocks = 0;  // longest table (the block tables' width); 0: no limit
   };
 
   struct Stats {
@@ -80,6 +94,12 @@ class BlockManager {
   int64_t num_computed(SeqId id) const;  // tokens committed
   // Page of each block of `id` in `group`; -1 for blocks a local group released.
   const std::vector<int32_t>& table(SeqId id, int64_t group) const;
+  // The block-table row of `id` (rows are reused after free, lowest first), and how many rows
+  // have been handed out at most: the sequences held at once at their peak.
+  int32_t row(SeqId id) const { return seq(id).row; }
+  int32_t num_rows() const { return num_rows_; }
+  // The table changes since the last call, oldest first (a later one overrides an earlier one).
+  std::vector<TableEntry> take_table_changes();
   int64_t num_groups() const { return int64_t(o_.groups.size()); }
   AttentionKind group_kind(int64_t group) const { return o_.groups[group]; }
   int32_t block_size() const { return o_.block_size; }
@@ -97,6 +117,7 @@ class BlockManager {
     std::vector<int32_t> tokens;               // committed token ids
     std::vector<uint64_t> hashes;              // hash chain of the committed full blocks
     int64_t appended = 0;                      // tokens with room
+    int32_t row = -1;                          // its block-table row
   };
   struct CachedBlock {
     int32_t page;
@@ -113,6 +134,10 @@ class BlockManager {
   int32_t cached_page(int64_t group, uint64_t hash, uint64_t parent, const int32_t* tokens) const;
   int64_t first_local_block(int64_t next_position) const;
   void release_local_before(Seq& s, int64_t next_position);
+  // Sets entry `block` of s's table of `group` (block == size: appends), recording the change.
+  void set_entry(Seq& s, int64_t group, int64_t block, int32_t page);
+  int32_t take_row();
+  void check_blocks(int64_t blocks) const;  // InvalidInputError past Options::max_blocks
 
   Options o_;
   std::unordered_map<SeqId, Seq> seqs_;
@@ -125,6 +150,9 @@ class BlockManager {
   std::vector<std::list<int32_t>::iterator> lru_pos_;
   std::vector<std::unordered_map<uint64_t, CachedBlock>> cache_;  // per group: hash -> block
   int64_t prefix_hit_tokens_ = 0;
+  std::vector<int32_t> free_rows_;  // a min-heap of rows given back
+  int32_t num_rows_ = 0;
+  std::vector<TableEntry> changes_;
 };
 
 }  // namespace corral

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -117,5 +118,27 @@ const T* on_device(DeviceArray<T>& staging, const std::vector<T>& v, const Strea
 
 // Waits for the work queued on `stream` (nothing to wait for on the CPU).
 void synchronize(const Stream& stream);
+
+// A CUDA graph: the work a function queues on a GPU stream, recorded once and replayed as one
+// launch (the same kernels on the same addresses). Empty until captured; destroyed with it.
+class CudaGraph {
+ public:
+  CudaGraph() = default;
+  ~CudaGraph();
+  CudaGraph(CudaGraph&& other) noexcept;
+  CudaGraph& operator=(CudaGraph&& other) noexcept;
+  CudaGraph(const CudaGraph&) = delete;
+  CudaGraph& operator=(const CudaGraph&) = delete;
+
+  // Records what `record` queues on `stream` (a GPU's) without running it; the calling thread's
+  // other CUDA calls must not wait on the stream meanwhile. DeviceError when the capture fails;
+  // an exception of `record` ends the capture and passes on.
+  static CudaGraph capture(const Stream& stream, const std::function<void()>& record);
+  void launch(const Stream& stream) const;
+  explicit operator bool() const { return graph_ != nullptr; }
+
+ private:
+  void* graph_ = nullptr;
+};
 
 }  // namespace corral

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "corral/block_manager.h"
+#include "corral/block_tables.h"
 #include "corral/config.h"
 #include "corral/device.h"
 #include "corral/kernels/kv_cache.h"
@@ -46,8 +47,11 @@ class KvCache {
   // `bytes` of memory on the stream's device. On the CPU, 0 means half of what this process may
   // still use now (MemAvailable within its cgroup's memory limit; pages are committed as first
   // written); on a GPU, kGpuDefaultShare of its free memory now (after the weights), the rest
-  // left to activations and workspaces. Page copies (copy-on-write) run on `stream`.
-  KvCache(const KvLayout& layout, size_t bytes, bool prefix_caching, const Stream& stream = {});
+  // left to activations and workspaces. Page copies (copy-on-write) run on `stream`. The block
+  // tables hold sequences of up to max_len tokens, rows for max_seqs sequences at first (see
+  // BlockTables).
+  KvCache(const KvLayout& layout, size_t bytes, bool prefix_caching, int64_t max_len, int64_t max_seqs,
+          const Stream& stream = {});
   static constexpr double kGpuDefaultShare = 0.85;
   ~KvCache();
   KvCache(const KvCache&) = delete;
@@ -60,16 +64,23 @@ class KvCache {
   // Layer `layer`'s view of the pool (its group's pages, its slot in them).
   PagedKv layer(int64_t layer) const;
 
+  // The block tables the attention reads, rows as blocks().row(id) says; sync_tables() first
+  // writes the block manager's changes since the last call (ordered on the cache's stream).
+  const BlockTables& tables() const { return tables_; }
+  const BlockTables& sync_tables();
+
   // Makes room for n more tokens of a sequence, carrying out any copy-on-write; false when the
   // pool has too few pages (nothing taken).
   bool append(BlockManager::SeqId id, int64_t n);
 
  private:
   static int64_t pages_for(const KvLayout& layout, size_t bytes, Device device);
+  static int64_t table_width(const KvLayout& layout, int64_t num_pages, int64_t max_len);
   KvLayout layout_;
   Stream stream_;
   int64_t num_pages_;
   BlockManager blocks_;
+  BlockTables tables_;
   char* pool_ = nullptr;
   size_t mapped_ = 0;      // CPU: the anonymous mapping's size
   DeviceBuffer on_gpu_;    // GPU: the pool

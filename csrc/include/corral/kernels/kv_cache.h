@@ -44,5 +44,10 @@ void kv_cache_write(const Stream& stream, const PagedKv& cache, const float* k, 
 void kv_cache_copy_pages(const Stream& stream, void* pool, int64_t page_bytes, const int32_t* src,
                          const int32_t* dst, int64_t count);
 
+// Block-table entries from a list of (index, page) pairs with distinct indices:
+// tables[entries[2i]] = entries[2i + 1] for i < count. The block manager's changes, applied to
+// the persistent tables before a pass.
+void block_table_set(const Stream& stream, int32_t* tables, const int64_t* entries, int64_t count);
+
 }  // namespace kernels
 }  // namespace corral
