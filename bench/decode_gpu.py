@@ -2,7 +2,10 @@
 8 KV heads of 128, 16 experts of width 8192 top-1 plus a shared expert on every layer, vocab 202048,
 untied lm_head, chunked local attention (8192) with NoPE layers as Scout interleaves them, llama3
 RoPE scaling), random bf16 weights, a few layers (--layers, default 2: with fewer than 4 the last
-layer is the NoPE one, so both attention kinds run), run by corral.LLM(device="cuda").
+layer is the NoPE one, so both attention kinds run), run by corral.LLM(device="cuda"). With
+--weights fp8 the routed and shared experts are float8_e4m3 with float32 scales per output column,
+as an fbgemm_fp8 checkpoint stores them (Meta's FP8 recipe: attention, routers and lm_head stay
+bf16), and the roofline counts their bytes as such.
 
 Measures, in one run: decode tokens/s at batch 1, 8 and 64 (each request a 128-token prompt, 64
 decode steps timed as generate(max_tokens=65) minus generate(max_tokens=1) of the same prompts,
@@ -20,13 +23,17 @@ router matrices alone are fully random (tokens spread over the experts). The che
 /dev/shm when it has room, else $TMPDIR (or --dir), and is deleted at the end (also when a
 timeout's SIGTERM ends the run: what was measured by then is still printed).
 
+On a GPU, decode runs as CUDA graphs (one per batch size); --eager compare (the default there)
+loads the model a second time with enforce_eager=True and times both, round by round alternately,
+so the table has the graphs' gain side by side (--eager off: graphs only; --eager only: eager only).
+
 Without a usable CUDA device it says why and exits 0; with too little GPU memory or disk for the
 layer count it uses fewer layers. Prints each phase's time, a table and one summary line last;
 exits 1 if loading or a case failed. --budget-s bounds the measuring: cases share what is left
 after writing and loading and stop adding rounds when their share is spent (a case that starts
 runs one round at least; one that would start after the budget is skipped).
 
-    python bench/decode_gpu.py [--layers 2] [--batches 1,8,64] [--prompt 128] [--decode 64]
+    python bench/decode_gpu.py [--layers 2] [--batches 1,8,64] [--prompt 128] [--decode 64] [--eager compare]
     python bench/decode_gpu.py --device cpu --tiny    # the same, end to end, on a tiny CPU model
 """
 
@@ -100,10 +107,13 @@ def make_config(s: dict, layers: int) -> dict:
     )
 
 
-def tensor_plan(s: dict, layers: int) -> list[tuple[str, tuple[int, ...], str]]:
-    """(name, shape, fill) of every tensor, fill one of tiled, ones, router."""
+def tensor_plan(s: dict, layers: int, weights: str = "bf16") -> list[tuple[str, tuple[int, ...], str]]:
+    """(name, shape, fill) of every tensor, fill one of tiled, ones, router (bf16), fp8 (codes) and
+    scale (float32). weights "fp8": the experts' matrices fp8 with fbgemm_fp8's scale tensors."""
     H, V, E, I = s["hidden"], s["vocab"], s["experts"], s["inter"]
     q, kv = s["heads"] * s["head_dim"], s["kv_heads"] * s["head_dim"]
+    fp8 = weights == "fp8"
+    mlp = "fp8" if fp8 else "tiled"
     plan = [("model.embed_tokens.weight", (V, H), "tiled")]
     for i in range(layers):
         p = f"model.layers.{i}."
@@ -116,32 +126,48 @@ def tensor_plan(s: dict, layers: int) -> list[tuple[str, tuple[int, ...], str]]:
             (p + "self_attn.v_proj.weight", (kv, H), "tiled"),
             (p + "self_attn.o_proj.weight", (H, q), "tiled"),
             (f + "router.weight", (E, H), "router"),
-            (f + "experts.gate_up_proj", (E, H, 2 * I), "tiled"),
-            (f + "experts.down_proj", (E, I, H), "tiled"),
-            (f + "shared_expert.gate_proj.weight", (I, H), "tiled"),
-            (f + "shared_expert.up_proj.weight", (I, H), "tiled"),
-            (f + "shared_expert.down_proj.weight", (H, I), "tiled"),
+            (f + "experts.gate_up_proj", (E, H, 2 * I), mlp),
+            (f + "experts.down_proj", (E, I, H), mlp),
+            (f + "shared_expert.gate_proj.weight", (I, H), mlp),
+            (f + "shared_expert.up_proj.weight", (I, H), mlp),
+            (f + "shared_expert.down_proj.weight", (H, I), mlp),
         ]
+        if fp8:  # fbgemm_fp8's scales: one float32 per output column
+            plan += [(f + "experts.gate_up_proj_scale", (E, 1, 2 * I), "scale"),
+                     (f + "experts.down_proj_scale", (E, H, 1), "scale")]
+            plan += [(f + f"shared_expert.{m}_proj.weight_scale", (n, 1), "scale")
+                     for m, n in (("gate", I), ("up", I), ("down", H))]
     plan += [("model.norm.weight", (H,), "ones"), ("lm_head.weight", (V, H), "tiled")]
     return plan
 
 
-def checkpoint_bytes(s: dict, layers: int) -> int:
-    return sum(2 * int(np.prod(shape)) for _, shape, _ in tensor_plan(s, layers))
+# Bytes per element of each fill.
+FILL_BYTES = {"tiled": 2, "ones": 2, "router": 2, "fp8": 1, "scale": 4}
+FILL_DTYPE = {"tiled": "BF16", "ones": "BF16", "router": "BF16", "fp8": "F8_E4M3", "scale": "F32"}
+# fp8 weights' scale: codes of magnitude 2^-3 .. 2^1 (TiledBits) give weights of 2^-9 .. 2^-5.
+FP8_SCALE = 2.0**-6
+
+
+def checkpoint_bytes(s: dict, layers: int, weights: str = "bf16") -> int:
+    return sum(FILL_BYTES[fill] * int(np.prod(shape)) for _, shape, fill in tensor_plan(s, layers, weights))
 
 
 class TiledBits:
-    """An endless stream of bf16 bit patterns: one random block of `period` values repeated. The
-    period is odd, so tensors (whose sizes are multiples of large powers of two) and the experts
-    within one start at different phases of it and hold different values. Streams made with
-    with_phase share the block."""
+    """An endless stream of bf16 (or, fp8, float8_e4m3) bit patterns: one random block of `period`
+    values repeated. The period is odd, so tensors (whose sizes are multiples of large powers of
+    two) and the experts within one start at different phases of it and hold different values.
+    Streams made with with_phase share the block."""
 
-    def __init__(self, rng: np.random.Generator | None, period: int = (1 << 22) + 1):
+    def __init__(self, rng: np.random.Generator | None, period: int = (1 << 22) + 1, fp8: bool = False):
         if rng is None:
             return
         bits = rng.integers(0, 1 << 16, size=period, dtype=np.uint16)
-        exponent = (np.uint16(119) + ((bits >> np.uint16(7)) & np.uint16(3))) << np.uint16(7)  # 2^-8 .. 2^-5
-        tile = ((bits & np.uint16(0x807F)) | exponent).astype(np.uint16)  # random sign and mantissa
+        if fp8:  # sign, exponent field 4..7 (2^-3 .. 2^0, never the NaN codes), random mantissa
+            tile = ((bits & np.uint16(0x87)) | ((np.uint16(4) + ((bits >> np.uint16(8)) & np.uint16(3))) << np.uint16(3)))
+            tile = tile.astype(np.uint8)
+        else:
+            exponent = (np.uint16(119) + ((bits >> np.uint16(7)) & np.uint16(3))) << np.uint16(7)  # 2^-8 .. 2^-5
+            tile = ((bits & np.uint16(0x807F)) | exponent).astype(np.uint16)  # random sign and mantissa
         self.buf = np.concatenate([tile, tile])
         self.period = period
         self.phase = 0
@@ -167,17 +193,29 @@ def shard_of(name: str, layers: int) -> int:
     return 0 if name.startswith("model.embed_tokens") else layers + 1
 
 
-def write_checkpoint(path: Path, s: dict, layers: int, seed: int = 0, threads: int | None = None) -> dict:
+def fbgemm_fp8_config(layers: int) -> dict:
+    """The quantization_config of --weights fp8: every attention projection, router and lm_head
+    kept in bf16 (named one by one, as transformers' FbgemmFp8Config lists them)."""
+    keep = [f"model.layers.{i}.{m}" for i in range(layers)
+            for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                      "feed_forward.router")]
+    return {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0, "modules_to_not_convert": keep + ["lm_head"]}
+
+
+def write_checkpoint(path: Path, s: dict, layers: int, seed: int = 0, threads: int | None = None,
+                     weights: str = "bf16") -> dict:
     """A Llama4ForCausalLM checkpoint (config.json, safetensors shards and their index), written
     with one thread per shard at a time (file systems serialise the writes to one file)."""
     path.mkdir(parents=True, exist_ok=True)
     config = make_config(s, layers)
+    if weights == "fp8":
+        config["quantization_config"] = fbgemm_fp8_config(layers)
     (path / "config.json").write_text(json.dumps(config, indent=1))
     rng = np.random.default_rng(seed)
-    tiled = TiledBits(rng)
+    tiled, tiled8 = TiledBits(rng), TiledBits(rng, fp8=True)
     ones = bf16_bits(np.ones(s["hidden"], np.float32))
     shards: list[list] = [[] for _ in range(layers + 2)]
-    for name, shape, fill in tensor_plan(s, layers):
+    for name, shape, fill in tensor_plan(s, layers, weights):
         # The routers: every value drawn (std 0.02 as transformers initialises them), here, in order.
         data = bf16_bits(rng.standard_normal(shape, dtype=np.float32) * 0.02) if fill == "router" else None
         shards[shard_of(name, layers)].append((name, shape, fill, data))
@@ -185,19 +223,21 @@ def write_checkpoint(path: Path, s: dict, layers: int, seed: int = 0, threads: i
 
     def write_shard(i: int) -> int:
         header, offset = {}, 0
-        for name, shape, _, _ in shards[i]:
-            n = 2 * int(np.prod(shape))
-            header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        for name, shape, fill, _ in shards[i]:
+            n = FILL_BYTES[fill] * int(np.prod(shape))
+            header[name] = {"dtype": FILL_DTYPE[fill], "shape": list(shape), "data_offsets": [offset, offset + n]}
             offset += n
         raw = json.dumps(header).encode()
         raw += b" " * (-len(raw) % 8)
-        stream = tiled.with_phase(i * 1_000_003)
+        streams = {"tiled": tiled.with_phase(i * 1_000_003), "fp8": tiled8.with_phase(i * 1_000_003)}
         with open(path / files[i], "wb") as f:
             f.write(len(raw).to_bytes(8, "little"))
             f.write(raw)
             for _, shape, fill, data in shards[i]:
-                if fill == "tiled":
-                    stream.write(f, int(np.prod(shape)))
+                if fill in streams:
+                    streams[fill].write(f, int(np.prod(shape)))
+                elif fill == "scale":
+                    f.write(np.full(int(np.prod(shape)), FP8_SCALE, np.float32).data)
                 else:
                     f.write((ones if fill == "ones" else data).data)
         return offset
@@ -220,16 +260,19 @@ def expected_experts(experts: int, top_k: int, batch: int) -> float:
     return experts * (1.0 - (1.0 - top_k / experts) ** batch)
 
 
-def weight_bytes_per_step(s: dict, layers: int, batch: int, experts_touched: float | None = None) -> float:
-    """bf16 weight bytes one decode step of `batch` sequences reads: their embedding rows, per
-    layer the two norms, q/k/v/o, the router, the shared expert and the distinct routed experts
-    (expected, unless given), then the final norm and lm_head."""
+def weight_bytes_per_step(s: dict, layers: int, batch: int, experts_touched: float | None = None,
+                          weights: str = "bf16") -> float:
+    """Weight bytes one decode step of `batch` sequences reads: their embedding rows, per layer the
+    two norms, q/k/v/o, the router, the shared expert and the distinct routed experts (expected,
+    unless given), then the final norm and lm_head; bf16, except fp8 experts (1 byte per weight and
+    a float32 scale per output column) with weights "fp8"."""
     H, V, E, I = s["hidden"], s["vocab"], s["experts"], s["inter"]
     nh, nkv, hd = s["heads"], s["kv_heads"], s["head_dim"]
     if experts_touched is None:
         experts_touched = expected_experts(E, s["top_k"], batch)
-    per_layer = 2 * H + (nh + 2 * nkv) * hd * H + H * nh * hd + E * H + 3 * H * I
-    return 2.0 * (batch * H + H + V * H + layers * (per_layer + experts_touched * 3 * H * I))
+    expert = 3 * H * I * 2 if weights == "bf16" else 3 * H * I + 4 * (2 * I + H)  # one expert's bytes
+    per_layer = 2 * (2 * H + (nh + 2 * nkv) * hd * H + H * nh * hd + E * H) + expert
+    return 2.0 * (batch * H + H + V * H) + layers * (per_layer + experts_touched * expert)
 
 
 def kv_bytes_per_step(s: dict, flags: list[int], batch: int, prompt: int, steps: int, kv_elem: int = 2) -> float:
@@ -412,6 +455,11 @@ def main() -> int:
     ap.add_argument("--dir", help="folder for the checkpoint (default: /dev/shm if it has room, else $TMPDIR)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint (and print where it is)")
     ap.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu")
+    ap.add_argument("--weights", choices=("bf16", "fp8"), default="bf16",
+                    help="the experts' format: bf16, or fp8 as an fbgemm_fp8 checkpoint stores them")
+    ap.add_argument("--eager", choices=("compare", "off", "only"), default=None,
+                    help="decode with CUDA graphs and eagerly side by side (compare, the default on a GPU), "
+                         "graphs only (off) or eagerly only (only, the default on the CPU, which has no graphs)")
     ap.add_argument("--tiny", action="store_true", help="a toy-sized model and short runs (checks the script on a CPU)")
     args = ap.parse_args()
     start = time.perf_counter()
@@ -432,6 +480,10 @@ def main() -> int:
             print(f"decode_gpu: skipped: no usable CUDA device {want} (devices: {corral.devices()}; {why})")
             return 0
 
+    # The CPU has no graphs (enforce_eager changes nothing there): eager only, unless asked (a check
+    # of this script: both columns then time the same thing).
+    eager = args.eager or ("compare" if gpu else "only")
+    copies = 2 if eager == "compare" else 1  # models loaded side by side
     s = dict(TINY if args.tiny else SCOUT)
     batches = [int(b) for b in args.batches.split(",")]
     prompt_len, steps = args.prompt, args.decode
@@ -445,11 +497,11 @@ def main() -> int:
     info = device_info(int(want.partition(":")[2])) if gpu else {"name": "cpu"}
     layers = args.layers
     while True:
-        size = checkpoint_bytes(s, layers)
+        size = checkpoint_bytes(s, layers, args.weights)
         kv_cache = max(2**30, 3 * kv_tokens * layers * 2 * s["kv_heads"] * s["head_dim"] * 2)
         folder = pick_dir(args.dir, size)
         disk_free = shutil.disk_usage(folder).free
-        gpu_need = size + kv_cache + 8 * 2**30  # the weights, the KV cache, scratch of 8192-token steps
+        gpu_need = copies * (size + kv_cache) + 8 * 2**30  # weights and KV cache per model, scratch of 8192-token steps
         fits = disk_free > size + 2**30 and (not gpu or "free" not in info or gpu_need < info["free"])
         if fits or layers == 1:
             break
@@ -486,24 +538,28 @@ def main() -> int:
     rows, prefill, failures, notes = [], None, [], []
     signal.signal(signal.SIGTERM, _on_sigterm)  # from here on a SIGTERM unwinds: the checkpoint goes
     tmp = Path(tempfile.mkdtemp(prefix="corral-decode-gpu-", dir=folder))
-    llm = None
+    llms = {}  # label -> corral.LLM: "graphs" and/or "eager"
     try:
         # Phase 1: write the checkpoint.
         t0 = time.perf_counter()
-        write_checkpoint(tmp, s, layers)
+        write_checkpoint(tmp, s, layers, weights=args.weights)
         dt = time.perf_counter() - t0
         shape = {k: v for k, v in s.items() if k not in ("bos", "eos", "pad")}
-        print(f"model: {layers} layers (no_rope_layers {flags}), {shape}")
+        print(f"model: {layers} layers (no_rope_layers {flags}), {args.weights} experts, {shape}")
         print(f"write: {size / GB:.1f} GB to {tmp} in {dt:.1f} s ({size / GB / dt:.1f} GB/s)", flush=True)
 
         # Phase 2: load.
+        labels = {"compare": ["graphs", "eager"], "off": ["graphs"], "only": ["eager"]}[eager]
         t0 = time.perf_counter()
-        llm = corral.LLM(tmp, device=args.device, skip_tokenizer_init=True, kv_cache_bytes=int(kv_cache),
-                         enable_prefix_caching=False, max_model_len=longest + 16,
-                         max_num_seqs=max(256, max(batches), pre_seqs), max_num_batched_tokens=8192, seed=0)
+        for label in labels:
+            llms[label] = corral.LLM(tmp, device=args.device, skip_tokenizer_init=True, kv_cache_bytes=int(kv_cache),
+                                     enable_prefix_caching=False, max_model_len=longest + 16,
+                                     max_num_seqs=max(256, max(batches), pre_seqs), max_num_batched_tokens=8192,
+                                     seed=0, enforce_eager=label == "eager")
         dt = time.perf_counter() - t0
+        llm = llms[labels[0]]  # prefill is timed on this one
         st = llm.stats()
-        print(f"load: {dt:.1f} s ({st['weight_bytes'] / GB:.2f} GB of weights, {st['weight_format']}; KV cache "
+        print(f"load ({' and '.join(labels)}): {dt:.1f} s ({st['weight_bytes'] / GB:.2f} GB of weights, {st['weight_format']}; KV cache "
               f"{st['kv_blocks_total']} blocks of {st['kv_block_size']} tokens, {st['kv_bytes_per_token']} "
               f"bytes/token, computed {layers * 2 * s['kv_heads'] * s['head_dim'] * 2})", flush=True)
 
@@ -514,8 +570,9 @@ def main() -> int:
             return [rng.integers(low, high, size=length).tolist() for _ in range(n)]
 
         t0 = time.perf_counter()
-        run_generate(llm, corral, prompts(1, 16), 4, args.temperature)  # first call: kernels, libraries
-        print(f"warm-up: {time.perf_counter() - t0:.1f} s", flush=True)
+        for m in llms.values():
+            run_generate(m, corral, prompts(1, 16), 4, args.temperature)  # first call: kernels, libraries
+        print(f"warm-up: {time.perf_counter() - t0:.1f} s ({', '.join(llms)})", flush=True)
 
         # Phase 3: decode, per batch size, then prefill. Each case gets its share of the time left.
         cases = [("decode", b) for b in batches] + ([("prefill", pre_seqs)] if pre_seqs > 0 else [])
@@ -546,39 +603,49 @@ def main() -> int:
                                   f"({time.perf_counter() - case_t0:.1f} s)", flush=True)
                     continue
                 ps = prompts(batch, prompt_len)
-                run_generate(llm, corral, ps, 2, args.temperature)  # warm: this batch's shapes
-                firsts, fulls, snaps = [], [], []
+                for m in llms.values():
+                    run_generate(m, corral, ps, 2, args.temperature)  # warm: this batch's shapes (graph capture)
+                # Per model: times of 1-token and (steps + 1)-token runs, rounds alternating between models.
+                firsts = {k: [] for k in llms}
+                fulls = {k: [] for k in llms}
+                snaps = []
                 try:
-                    while len(fulls) < args.rounds:
+                    while len(fulls[labels[-1]]) < args.rounds:
                         t0 = time.perf_counter()
-                        first_round = not snaps
-                        if first_round:  # counters around the first round: what its decode steps computed
-                            snaps.append(llm.stats())
-                        firsts.append(run_generate(llm, corral, ps, 1, args.temperature))
-                        if first_round:
-                            snaps.append(llm.stats())
-                        fulls.append(run_generate(llm, corral, ps, steps + 1, args.temperature))
-                        if first_round:
-                            snaps.append(llm.stats())
-                            decoded = int(decode_only(snaps, "decode_tokens_computed"))
-                            if decoded != batch * steps:
-                                print(f"  note: batch {batch}: {decoded} decode tokens counted, "
-                                      f"{batch * steps} expected")
+                        for label, m in llms.items():
+                            first_round = label == labels[0] and not snaps
+                            if first_round:  # counters around the first round: what its decode steps computed
+                                snaps.append(m.stats())
+                            firsts[label].append(run_generate(m, corral, ps, 1, args.temperature))
+                            if first_round:
+                                snaps.append(m.stats())
+                            fulls[label].append(run_generate(m, corral, ps, steps + 1, args.temperature))
+                            if first_round:
+                                snaps.append(m.stats())
+                                decoded = int(decode_only(snaps, "decode_tokens_computed"))
+                                if decoded != batch * steps:
+                                    print(f"  note: batch {batch}: {decoded} decode tokens counted, "
+                                          f"{batch * steps} expected")
                         if time.perf_counter() + (time.perf_counter() - t0) > case_deadline:
                             break
                 finally:  # rounds done before a failure or a SIGTERM count too
                     # Decode steps only: the run of steps + 1 tokens minus the run of 1 (prefill, first token).
-                    step = (statistics.median(fulls) - statistics.median(firsts)) / steps if fulls else 0.0
-                    if fulls and step <= 0:
-                        print(f"  decode batch {batch}: {steps + 1} tokens took no longer than 1: not timed")
-                    if step > 0:
-                        rows.append(dict(batch=batch, step=step, rounds=len(fulls),
-                                         weights=weight_bytes_per_step(s, layers, batch),
+                    step = {k: (statistics.median(fulls[k]) - statistics.median(firsts[k])) / steps
+                            for k in llms if fulls[k] and firsts[k]}
+                    for k, t in list(step.items()):
+                        if t <= 0:
+                            print(f"  decode batch {batch} ({k}): {steps + 1} tokens took no longer than 1: not timed")
+                            del step[k]
+                    if labels[0] in step:
+                        rows.append(dict(batch=batch, step=step[labels[0]], rounds=len(fulls[labels[0]]),
+                                         eager=step.get("eager") if labels[0] == "graphs" else None,
+                                         weights=weight_bytes_per_step(s, layers, batch, weights=args.weights),
                                          kv=kv_bytes_per_step(s, flags, batch, prompt_len, steps),
                                          experts=expected_experts(s["experts"], s["top_k"], batch),
                                          observed=observed_experts(snaps, batch) if len(snaps) == 3 else None))
-                        print(f"  decode batch {batch}: {len(fulls)} rounds, step {step * 1e3:.2f} ms, "
-                              f"{batch / step:.1f} tok/s ({time.perf_counter() - case_t0:.1f} s)", flush=True)
+                        print(f"  decode batch {batch}: {len(fulls[labels[0]])} rounds, " + ", ".join(
+                            f"{k} step {t * 1e3:.2f} ms, {batch / t:.1f} tok/s" for k, t in step.items()) +
+                            f" ({time.perf_counter() - case_t0:.1f} s)", flush=True)
             except Terminated:
                 raise
             except Exception as e:  # noqa: BLE001 - report, measure the other cases
@@ -592,7 +659,8 @@ def main() -> int:
         print(f"decode_gpu: FAILED: {type(e).__name__}: {e}", flush=True)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        del llm
+        llm = None
+        llms.clear()
         t0 = time.perf_counter()
         if args.keep:
             print(f"checkpoint kept in {tmp}")
@@ -606,6 +674,9 @@ def main() -> int:
     parts = []
     if rows:
         parts.append("decode tok/s " + " ".join(f"b{r['batch']}={r['batch'] / r['step']:.0f}" for r in rows))
+        if any(r["eager"] for r in rows):
+            parts.append("graphs/eager " + " ".join(f"b{r['batch']}={r['eager'] / r['step']:.2f}x"
+                                                    for r in rows if r["eager"]))
         if peak:
             parts.append("roofline " + " ".join(f"b{r['batch']}={(r['weights'] + r['kv']) / r['step'] / peak:.0%}"
                                                 for r in rows))
@@ -613,7 +684,7 @@ def main() -> int:
         parts.append(f"prefill {prefill[0] * prefill[1] / prefill[2]:.0f} tok/s")
     if failures:
         parts.append(f"FAILED {len(failures)}: {failures[0][:60]}")
-    print(f"L={layers} " + "; ".join(parts) + f" ({time.perf_counter() - start:.0f} s)")
+    print(f"L={layers} {args.weights} " + "; ".join(parts) + f" ({time.perf_counter() - start:.0f} s)")
     return 1 if failures else 0
 
 
@@ -621,16 +692,19 @@ def report(rows, prefill, peak, nominal, peak_how, prompt_len, steps) -> None:
     if rows:
         print(f"\ndecode: {prompt_len}-token prompts, {steps} decode steps timed (context {prompt_len + 1} .. "
               f"{prompt_len + steps}); bytes per step: weights (experts in expectation) + K/V at the mean context")
-        print(f"{'batch':>5}{'rounds':>7}{'step ms':>9}{'tok/s':>10}{'experts':>8}{'seen':>6}{'weights GB':>11}"
-              f"{'KV MB':>8}{'GB/s':>8}{'of peak':>8}{'of nom.':>8}")
+        print(f"{'batch':>5}{'rounds':>7}{'step ms':>9}{'tok/s':>10}{'eager ms':>9}{'experts':>8}{'seen':>6}"
+              f"{'weights GB':>11}{'KV MB':>8}{'GB/s':>8}{'of peak':>8}{'of nom.':>8}")
         for r in rows:
             bw = (r["weights"] + r["kv"]) / r["step"]
             seen = f"{r['observed']:6.1f}" if r["observed"] is not None else "     -"
             of_peak = f"{bw / peak:8.2f}" if peak else "       -"
             of_nominal = f"{bw / nominal:8.2f}" if nominal else "       -"
-            print(f"{r['batch']:>5}{r['rounds']:>7}{r['step'] * 1e3:>9.2f}{r['batch'] / r['step']:>10.1f}"
+            eager_ms = f"{r['eager'] * 1e3:9.2f}" if r["eager"] else "        -"
+            print(f"{r['batch']:>5}{r['rounds']:>7}{r['step'] * 1e3:>9.2f}{r['batch'] / r['step']:>10.1f}{eager_ms}"
                   f"{r['experts']:>8.1f}{seen}{r['weights'] / GB:>11.2f}{r['kv'] / 1e6:>8.1f}{bw / GB:>8.0f}"
                   f"{of_peak}{of_nominal}")
+        print("step ms: decode with CUDA graphs on a GPU (eagerly on the CPU); eager ms: the same steps with "
+              "enforce_eager=True, timed in alternate rounds of the same run.")
         print(f"experts: distinct routed experts per layer a step reads, expected for even routing (used for the "
               f"bytes); seen: the same from the routing shares observed in the run. Peak: {peak_how}.")
     if prefill:
