@@ -134,6 +134,7 @@ void paged_attention(const Stream& s, float* out, const float* q, int64_t heads,
                      const PagedKv& cache, const AttentionBatch& batch, float scale,
                      int64_t chunk_size, AttentionPlan* plan) {
   CORRAL_ON_CUDA(s, paged_attention, out, q, heads, cache, batch, scale, chunk_size, plan);
+  (void)plan;  // the CPU plans nothing
   cpu::paged_attention(out, q, heads, cache, batch, scale, chunk_size);
 }
 
