@@ -7,8 +7,8 @@ Both backends compute the same thing by contract (kernels/linear.h): integer wei
 activations quantized per token and per block of 32 k to int8 with one rule (scale max|x| / 127,
 codes rounded to nearest even in float32), so each block's dot product is the same exact integer;
 fp8 weights multiply the same float32 (or fp8-rounded) activations. What may differ is the order in
-which float32 sums those block (or per-k) terms: CUDA splits k over 4 lanes per column and adds
-their sums at the end. For one product that bounds the difference by a few float32 ulps of the
+which float32 sums those block (or per-k) terms: CUDA splits k over 4 to 16 lanes per column and
+adds their sums at the end. For one product that bounds the difference by a few float32 ulps of the
 terms' magnitude, far below 1e-5 * max|y| for these sizes (the host emulation of the kernels
 measured at most 2e-7). A product that reads another product's output (the MLP's down projection,
 the experts') may see an activation code one apart where a float difference moves x * (1 / scale)
