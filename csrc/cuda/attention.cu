@@ -15,7 +15,6 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
-#include <atomic>
 #include <string>
 
 #include "attention_common.cuh"
@@ -25,6 +24,7 @@
 #include "corral/error.h"
 #include "ops.h"
 #include "scratch.h"
+#include "sm_count.h"
 
 namespace corral::cuda {
 
@@ -222,21 +222,6 @@ __global__ void attn_temperature_kernel(float* q, int64_t ld, int64_t width, con
 }
 
 // ---- host ----------------------------------------------------------------------------------------
-
-int sm_count() {
-  static std::atomic<int> cached[64] = {};
-  int dev = 0;
-  CORRAL_CUDA_CHECK(cudaGetDevice(&dev));
-  if (dev >= 0 && dev < 64) {
-    const int c = cached[dev].load(std::memory_order_relaxed);
-    if (c > 0) return c;
-  }
-  int n = 0;
-  CORRAL_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
-  n = std::max(n, 1);
-  if (dev >= 0 && dev < 64) cached[dev].store(n, std::memory_order_relaxed);
-  return n;
-}
 
 // Persistent grid of `kernel` (blocks of `threads` with `smem` dynamic bytes): as many blocks as
 // fit on the device at once.

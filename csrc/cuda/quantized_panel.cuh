@@ -16,6 +16,13 @@
 // panel. Each block reads its panel once for all rows of its tile: decode streams every weight
 // byte once, and many rows re-read it ceil(rows / 64) times. Activations are read from global
 // memory (L1) per row, no tensor cores: a prefill runs far below int8 mma rates.
+// A grid of fewer blocks than two per SM (decode of a matrix with few panels) cannot keep memory
+// busy, so launch splits k (SplitK): quantized_product<..., Partial = true> runs `splits` blocks per
+// (row tile, panel), blockIdx.z taking a fixed share of the kBlock units (split_units: whole units,
+// chosen from the shapes and the SM count alone), and writes each row's lane sums of all kCols
+// columns to scratch; quantized_split_sum then adds the splits in split order (deterministic), and
+// applies the epilogue (silu(gate) * up after the full sum) and the accumulate. Unsplit launches
+// run the Partial = false code as before.
 #pragma once
 
 #include <cstdint>
@@ -135,10 +142,35 @@ __device__ __forceinline__ void fp8_unit(float (&acc)[TR], const char* codes, in
   for (int r = 0; r < TR; ++r) acc[r] = fmaf(part[r], scale, acc[r]);
 }
 
-// The product of one row tile (at most TR rows) with one panel; see the top of the file.
-template <int Kind, bool Glu, int TR>
+// The float offset in split.partial of this block's (row tile, panel) for split `z`.
+__device__ __forceinline__ int64_t partial_offset(const SplitK& split, int64_t z) {
+  return ((z * gridDim.x + blockIdx.x) * gridDim.y + blockIdx.y) * split.rows * kCols;
+}
+
+// Column c's sums of the k lanes in red, added in lane order.
+template <int L, int R>
+__device__ __forceinline__ float lane_sum(const float (&red)[L][R][kCols], int i, int c) {
+  float v = red[0][i][c];
+  for (int l = 1; l < L; ++l) v += red[l][i][c];
+  return v;
+}
+
+// Stores (or adds, with accumulate) output column col of a row of op.c: the full sum v, or with
+// the PackedGlu epilogue silu(v) * up.
+template <bool Glu>
+__device__ __forceinline__ void store_output(const QuantOperand& op, int64_t row, int64_t col, float v, float up) {
+  if constexpr (Glu) v = moe_detail::silu(v) * up;
+  float* y = op.c + row * op.ldc + col;
+  *y = op.accumulate ? *y + v : v;
+}
+
+// The product of one row tile (at most TR rows) with one panel; see the top of the file. Partial:
+// the k split's first step, blockIdx.z taking its share of the units and writing its sums of
+// all kCols columns (gate and up of a PackedGlu) to split.partial; the epilogue waits for
+// quantized_split_sum.
+template <int Kind, bool Glu, int TR, bool Partial>
 __global__ void __launch_bounds__(kCols * lanes_for(TR)) quantized_product(moe_detail::Groups g, QuantOperand routed,
-                                                                          QuantOperand shared) {
+                                                                          QuantOperand shared, SplitK split) {
   constexpr int per = Glu ? kCols / 2 : kCols;  // outputs per panel
   constexpr int RC = TR < 16 ? TR : 16;         // rows per pass of the lane reduction
   constexpr int lanes = lanes_for(TR), threads = kCols * lanes;
@@ -152,11 +184,18 @@ __global__ void __launch_bounds__(kCols * lanes_for(TR)) quantized_product(moe_d
   const char* panel = static_cast<const char*>(op.w) + t.expert * op.w_stride + blockIdx.y * ps.groups * ps.group_bytes;
   const char* a = static_cast<const char*>(op.a) + t.row * op.lda;
   const int col = threadIdx.x % kCols, lane = threadIdx.x / kCols;
+  // The block's units [u0, u1): all, or split_units' share of blockIdx.z (maybe none).
+  int64_t u0 = 0, u1 = ps.groups * ps.units;
+  if constexpr (Partial) split_units(u1, split.splits, blockIdx.z, u0, u1);
   float acc[TR];
 #pragma unroll
   for (int r = 0; r < TR; ++r) acc[r] = 0.0f;
-  for (int64_t u = lane; u < ps.groups * ps.units; u += lanes) {
-    const int64_t grp = u / ps.units, j = u % ps.units, k0 = grp * op.q.group + j * kBlock;
+  for (int64_t u = u0 + lane; u < u1; u += lanes) {
+    // Partial divides in 32 bits (launch checks the units fit): a 64-bit division is a call, which
+    // made it spill the registers the call saves. The unsplit code stays as it was.
+    const int64_t grp = Partial ? int64_t(unsigned(u) / unsigned(ps.units)) : u / ps.units;
+    const int64_t j = Partial ? int64_t(unsigned(u) % unsigned(ps.units)) : u % ps.units;
+    const int64_t k0 = grp * op.q.group + j * kBlock;
     if (k0 >= op.k) continue;  // units past k in the last group
     const char* group = panel + grp * ps.group_bytes;
     const float scale = column_scale(group, op.q.scale_dtype, col);
@@ -172,27 +211,53 @@ __global__ void __launch_bounds__(kCols * lanes_for(TR)) quantized_product(moe_d
       int_unit<Kind, TR>(acc, codes + j * block_bytes, col, offset, scale, a, op.lda, u * kRecordBytes, t.rows);
     }
   }
-  // The lanes' sums, then the epilogue and the store, RC rows at a time.
+  // The lanes' sums, then the epilogue and the store (Partial: the sums alone), RC rows at a time.
 #pragma unroll
   for (int r0 = 0; r0 < TR; r0 += RC) {
     if (r0 >= t.rows) break;  // uniform over the block
 #pragma unroll
     for (int i = 0; i < RC; ++i) red[lane][i][col] = acc[r0 + i];
     __syncthreads();
-    for (int e = threadIdx.x; e < RC * per; e += threads) {
-      const int i = e / per, c = e % per;
-      if (r0 + i >= t.rows || c0 + c >= op.n) continue;
-      float v = red[0][i][c];
-      for (int l = 1; l < lanes; ++l) v += red[l][i][c];
-      if constexpr (Glu) {
-        float up = red[0][i][c + kCols / 2];
-        for (int l = 1; l < lanes; ++l) up += red[l][i][c + kCols / 2];
-        v = moe_detail::silu(v) * up;
+    if constexpr (Partial) {
+      float* part = split.partial + partial_offset(split, blockIdx.z) + int64_t(r0) * kCols;
+      for (int e = threadIdx.x; e < RC * kCols; e += threads) {
+        const int i = e / kCols, c = e % kCols;
+        if (r0 + i < t.rows) part[i * kCols + c] = lane_sum(red, i, c);
       }
-      float* y = op.c + (t.row + r0 + i) * op.ldc + c0 + c;
-      *y = op.accumulate ? *y + v : v;
+    } else {
+      for (int e = threadIdx.x; e < RC * per; e += threads) {
+        const int i = e / per, c = e % per;
+        if (r0 + i >= t.rows || c0 + c >= op.n) continue;
+        store_output<Glu>(op, t.row + r0 + i, c0 + c, lane_sum(red, i, c), Glu ? lane_sum(red, i, c + kCols / 2) : 0.0f);
+      }
     }
     __syncthreads();
+  }
+}
+
+// The k split's second step, per (row tile, panel) as quantized_product<..., true> left them: the
+// splits' partial sums added in split order, then the epilogue and the store.
+template <bool Glu>
+__global__ void __launch_bounds__(256) quantized_split_sum(moe_detail::Groups g, QuantOperand routed,
+                                                           QuantOperand shared, SplitK split) {
+  constexpr int per = Glu ? kCols / 2 : kCols;
+  moe_detail::Tile t;
+  if (!moe_detail::gemm_tile(g, blockIdx.x, t)) return;
+  const QuantOperand& op = t.shared ? shared : routed;
+  const int64_t c0 = int64_t(blockIdx.y) * per;
+  if (c0 >= op.n) return;
+  const float* p = split.partial + partial_offset(split, 0);
+  const int64_t stride = partial_offset(split, 1) - partial_offset(split, 0);  // from one split to the next
+  for (int e = threadIdx.x; e < t.rows * per; e += blockDim.x) {
+    const int i = e / per, c = e % per;
+    if (c0 + c >= op.n) continue;
+    const float* q = p + i * kCols + c;
+    float v = q[0], up = Glu ? q[kCols / 2] : 0.0f;
+    for (int z = 1; z < split.splits; ++z) {
+      v += q[z * stride];
+      if constexpr (Glu) up += q[z * stride + kCols / 2];
+    }
+    store_output<Glu>(op, t.row + i, c0 + c, v, up);
   }
 }
 

@@ -1,5 +1,5 @@
 // Launches of the quantized products (contract: quantized_product.cuh): the kernels' template
-// instances for each code kind, epilogue and row tile live here, once.
+// instances for each code kind, epilogue, row tile and k split (SplitK) live here, once.
 #include "quantized_product.cuh"
 
 #include <algorithm>
@@ -11,19 +11,42 @@
 #include "launch.cuh"
 #include "quantized_panel.cuh"
 #include "scratch.h"
+#include "sm_count.h"
 
 namespace corral::cuda::quant {
 
 namespace {
 
-template <int Kind, bool Glu>
+// Splits for `blocks` (row tiles x panels) over `units` units of k on `sms` SMs: 1 from 2 * sms
+// blocks on, else about 2 * sms blocks in all, at most one per unit (a fixed function of the
+// shapes and the device, never of the data).
+int split_count(int64_t units, int64_t blocks, int sms) {
+  if (blocks >= 2 * int64_t(sms) || units < 2) return 1;
+  const int64_t want = std::min(moe_detail::ceil_div(2 * int64_t(sms), blocks), units);
+  return int(moe_detail::ceil_div(units, moe_detail::ceil_div(units, want)));
+}
+
+template <int Kind, bool Glu, bool Partial>
 void launch_kind(cudaStream_t s, const moe_detail::Groups& g, const QuantOperand& routed, const QuantOperand& shared,
-                 int64_t max_rows, const dim3& grid) {
+                 int64_t max_rows, const dim3& grid, const SplitK& split) {
   // Row tiles of 1 (decode), 8 or kTileM rows: accumulators for no more rows than a tile can have.
   constexpr int kTile = moe_detail::kTileM;
-  if (max_rows <= 1) quantized_product<Kind, Glu, 1><<<grid, kCols * lanes_for(1), 0, s>>>(g, routed, shared);
-  else if (max_rows <= 8) quantized_product<Kind, Glu, 8><<<grid, kCols * lanes_for(8), 0, s>>>(g, routed, shared);
-  else quantized_product<Kind, Glu, kTile><<<grid, kCols * lanes_for(kTile), 0, s>>>(g, routed, shared);
+  if (max_rows <= 1)
+    quantized_product<Kind, Glu, 1, Partial><<<grid, kCols * lanes_for(1), 0, s>>>(g, routed, shared, split);
+  else if (max_rows <= 8)
+    quantized_product<Kind, Glu, 8, Partial><<<grid, kCols * lanes_for(8), 0, s>>>(g, routed, shared, split);
+  else quantized_product<Kind, Glu, kTile, Partial><<<grid, kCols * lanes_for(kTile), 0, s>>>(g, routed, shared, split);
+  CORRAL_CUDA_CHECK_LAUNCH();
+}
+
+template <int Kind, bool Glu>
+void launch_kind(cudaStream_t s, const moe_detail::Groups& g, const QuantOperand& routed, const QuantOperand& shared,
+                 int64_t max_rows, const dim3& grid, const SplitK& split) {
+  if (split.splits == 1) return launch_kind<Kind, Glu, false>(s, g, routed, shared, max_rows, grid, split);
+  launch_kind<Kind, Glu, true>(s, g, routed, shared, max_rows, grid, split);
+  const dim3 sums{grid.x, grid.y};
+  const int threads = int(std::min<int64_t>(256, moe_detail::ceil_div(max_rows * (Glu ? kCols / 2 : kCols), 32) * 32));
+  quantized_split_sum<Glu><<<sums, threads, 0, s>>>(g, routed, shared, split);
   CORRAL_CUDA_CHECK_LAUNCH();
 }
 
@@ -81,17 +104,34 @@ void launch(cudaStream_t s, const moe_detail::Groups& g, const QuantOperand& rou
   if (g.num_experts > 0) panels = moe_detail::ceil_div(routed.n, per);
   if (g.shared_rows > 0) panels = std::max(panels, moe_detail::ceil_div(shared.n, per));
   if (tiles < 1 || panels < 1) return;
-  if (tiles > 0x7fffffff || panels > 65535)
+  // The k split (SplitK) when the grid has fewer than two blocks per SM, over the units of k.
+  auto units_of = [kind](const QuantOperand& op) {
+    const PanelShape ps = panel_shape(kind, op.q, op.k);
+    return ps.groups * ps.units;
+  };
+  int64_t units = 0;
+  if (g.num_experts > 0) units = units_of(routed);
+  if (g.shared_rows > 0) units = std::max(units, units_of(shared));
+  if (tiles > 0x7fffffff || panels > 65535 || units > 0x7fffffff)
     throw ShapeError("quantized product: too large for one CUDA launch (" + std::to_string(tiles) + " row tiles x " +
-                     std::to_string(panels) + " panels)");
-  const dim3 grid{unsigned(tiles), unsigned(panels)};
+                     std::to_string(panels) + " panels, " + std::to_string(units) + " units of k)");
+  SplitK split;
+  split.splits = split_count(units, tiles * panels, sm_count());
+  Scratch sc(s);
+  if (split.splits > 1) {
+    split.rows = int(max_rows);
+    const size_t o = sc.reserve(size_t(split.splits * tiles * panels * max_rows * kCols) * sizeof(float));
+    sc.allocate();
+    split.partial = sc.at<float>(o);
+  }
+  const dim3 grid{unsigned(tiles), unsigned(panels), unsigned(split.splits)};
   switch (kind * 2 + (glu ? 1 : 0)) {
-    case kI8 * 2: return launch_kind<kI8, false>(s, g, routed, shared, max_rows, grid);
-    case kI8 * 2 + 1: return launch_kind<kI8, true>(s, g, routed, shared, max_rows, grid);
-    case kI4 * 2: return launch_kind<kI4, false>(s, g, routed, shared, max_rows, grid);
-    case kI4 * 2 + 1: return launch_kind<kI4, true>(s, g, routed, shared, max_rows, grid);
-    case kF8 * 2: return launch_kind<kF8, false>(s, g, routed, shared, max_rows, grid);
-    default: return launch_kind<kF8, true>(s, g, routed, shared, max_rows, grid);
+    case kI8 * 2: return launch_kind<kI8, false>(s, g, routed, shared, max_rows, grid, split);
+    case kI8 * 2 + 1: return launch_kind<kI8, true>(s, g, routed, shared, max_rows, grid, split);
+    case kI4 * 2: return launch_kind<kI4, false>(s, g, routed, shared, max_rows, grid, split);
+    case kI4 * 2 + 1: return launch_kind<kI4, true>(s, g, routed, shared, max_rows, grid, split);
+    case kF8 * 2: return launch_kind<kF8, false>(s, g, routed, shared, max_rows, grid, split);
+    default: return launch_kind<kF8, true>(s, g, routed, shared, max_rows, grid, split);
   }
 }
 

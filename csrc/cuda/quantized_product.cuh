@@ -1,5 +1,6 @@
-// The host side of the products with packed quantized weights (kernels: quantized_panel.cuh),
-// for kernels::linear and swiglu_mlp (linear.cu) and the MoE's quantized experts (moe.cu).
+// The host side of the products with packed quantized weights (kernels and the k split:
+// quantized_panel.cuh), for kernels::linear and swiglu_mlp (linear.cu) and the MoE's quantized
+// experts (moe.cu).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -54,6 +55,23 @@ __host__ __device__ inline PanelShape panel_shape(int kind, const QuantInfo& q, 
   return s;
 }
 
+// The k split of a launch with fewer (row tile, panel) blocks than two per SM: `splits` blocks
+// per pair (gridDim.z), each over whole units of kBlock k (split_units; a unit's products are
+// scaled and added on their own, so a unit boundary cuts no arithmetic), write float sums before
+// the epilogue; quantized_split_sum adds them in split order and finishes.
+struct SplitK {
+  float* partial = nullptr;  // [splits][tiles][panels][rows][kCols]
+  int splits = 1;
+  int rows = 0;  // rows per tile in partial (the launch's max_rows)
+};
+
+// Split z's units [u0, u1) of `units`: ceil(units / splits) each, the last ones maybe fewer or none.
+__host__ __device__ inline void split_units(int64_t units, int64_t splits, int64_t z, int64_t& u0, int64_t& u1) {
+  const int64_t each = unsigned(units + splits - 1) / unsigned(splits);  // 32 bits, as in the Partial loop
+  u0 = z * each < units ? z * each : units;
+  u1 = u0 + each < units ? u0 + each : units;
+}
+
 // The Kind of a packed quantized matrix in `layout`, after checking it (NotSupportedError for
 // other layouts, DTypeError / ShapeError / InvalidInputError naming `what`).
 int checked_kind(const MatrixRef& w, WeightLayout layout, const std::string& what);
@@ -68,8 +86,9 @@ int64_t prepared_bytes(int kind, const QuantInfo& q, int64_t k);
 Prepared prepare(cudaStream_t s, void* dst, const float* x, int64_t ldx, int64_t rows, int64_t k, int kind,
                  const QuantInfo& q);
 
-// One launch over `tiles` row tiles (moe_detail::gemm_tile) of both sides; no tile has more than
-// max_rows rows (at most moe_detail::kTileM).
+// One launch over `tiles` row tiles (moe_detail::gemm_tile; an upper bound for the MoE) of both
+// sides; no tile has more than max_rows rows (at most moe_detail::kTileM). When tiles x panels is
+// under twice the SM count, k is split (SplitK): two launches, partial sums in stream-ordered scratch.
 void launch(cudaStream_t s, const moe_detail::Groups& g, const QuantOperand& routed, const QuantOperand& shared,
             int kind, bool glu, int64_t max_rows, int64_t tiles);
 
