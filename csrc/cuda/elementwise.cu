@@ -52,12 +52,13 @@ __global__ void silu_mul_kernel(float* out, int64_t ld_out, const float* gate, c
   }
 }
 
-// Page src[p] to page dst[p] of the pool (blockIdx.y walks the pairs), in words of W bytes.
+// tables[entries[2 i]] = entries[2 i + 1]: the block tables' changed entries (each index once).
 __global__ void block_table_set_kernel(int32_t* tables, const int64_t* entries, int64_t count) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x)
     tables[entries[2 * i]] = int32_t(entries[2 * i + 1]);
 }
 
+// Page src[p] to page dst[p] of the pool (blockIdx.y walks the pairs), in words of W bytes.
 template <class W>
 __global__ void copy_pages_kernel(unsigned char* pool, int64_t page_bytes, const int32_t* src, const int32_t* dst,
                                   int64_t count) {
