@@ -153,8 +153,7 @@ KvCache::KvCache(const KvLayout& layout, size_t bytes, bool prefix_caching, int6
       num_pages_(pages_for(layout, bytes, stream.device)),
       blocks_(BlockManager::Options{num_pages_, layout.block_size, layout.group_kind, layout.chunk_size,
                                     prefix_caching, table_width(layout, num_pages_, max_len)}),
-      tables_(int64_t(layout.group_kind.size()), table_width(layout, num_pages_, max_len), 2 * max_seqs,
-              stream.device),
+      tables_(int64_t(layout.group_kind.size()), blocks_.max_blocks(), 2 * max_seqs, stream.device),
       copies_(stream.device) {
   const size_t size = size_t(num_pages_) * size_t(layout_.page_bytes);
   if (stream.device.type == DeviceType::CUDA) {

@@ -103,6 +103,7 @@ class BlockManager {
   int64_t num_groups() const { return int64_t(o_.groups.size()); }
   AttentionKind group_kind(int64_t group) const { return o_.groups[group]; }
   int32_t block_size() const { return o_.block_size; }
+  int64_t max_blocks() const { return o_.max_blocks; }  // longest table; 0: no limit
 
   int64_t available_pages() const { return int64_t(free_.size() + evictable_.size()); }
   // Of a page in [0, num_pages): InvalidInputError otherwise.
