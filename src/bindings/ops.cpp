@@ -280,6 +280,12 @@ class OnDevice {
 
 size_t nbytes(const py::array& a) { return size_t(a.nbytes()); }
 
+// A packed matrix with its bytes copied, as they are, into d.
+MatrixRef put_packed(OnDevice& d, MatrixRef w) {
+  w.data = d.put(w.data, size_t(kernels::packed_size(w)));
+  return w;
+}
+
 // "native" (bf16 weights: bf16-rounded activations) or "float32" (exact products).
 kernels::Activations parse_activations(const std::string& act) {
   if (act == "native") return kernels::Activations::Native;
@@ -381,8 +387,8 @@ void moe_on_device(const std::string& device, const PackedMoe& p, float* op, int
   w.router = MatrixRef{d.put(p.router.data(), p.router.size() * 4), DType::F32, WeightLayout::OutIn, H, E};
   w.gate_up = d.put(p.w.gate_up, size_t(p.gate_up_bytes));
   w.down = d.put(p.w.down, size_t(p.down_bytes));
-  w.shared_gate.data = d.put(p.w.shared_gate.data, size_t(kernels::packed_size(p.w.shared_gate)));
-  w.shared_down.data = d.put(p.w.shared_down.data, size_t(kernels::packed_size(p.w.shared_down)));
+  w.shared_gate = put_packed(d, p.w.shared_gate);
+  w.shared_down = put_packed(d, p.w.shared_down);
   const size_t ob = size_t(T * H) * 4, cb = size_t(E) * 8;
   float* dout = d.put<float>(op, ob);
   int64_t* dcounts = d.put<int64_t>(cp, cb);
@@ -496,9 +502,7 @@ void register_ops(py::module_& m) {
         const int64_t rows = x.shape(0);
         py::gil_scoped_release release;
         OnDevice d(device);
-        MatrixRef gu = gate_up.w, dn = down.w;
-        gu.data = d.put(gu.data, size_t(kernels::packed_size(gu)));
-        dn.data = d.put(dn.data, size_t(kernels::packed_size(dn)));
+        const MatrixRef gu = put_packed(d, gate_up.w), dn = put_packed(d, down.w);
         float* dout = d.put<float>(nullptr, bytes);
         fill_zero(dout, bytes, d.stream());
         kernels::swiglu_mlp(d.stream(), dout, d.put<const float>(xp, nbytes(x)), rows, gu, dn);
@@ -535,8 +539,7 @@ void register_ops(py::module_& m) {
         }
         // A GPU gets the packed bytes as they are (its products read unpacked weights: NotSupportedError).
         OnDevice d(device);
-        MatrixRef w = p.w;
-        w.data = d.put(p.w.data, size_t(kernels::packed_size(p.w)));
+        const MatrixRef w = put_packed(d, p.w);
         float* dy = d.put<float>(nullptr, ybytes);
         kernels::linear(d.stream(), dy, p.w.out, d.put<const float>(xp, xbytes), p.w.in, rows, w, false, a);
         d.get(yp, dy, ybytes);
