@@ -22,9 +22,9 @@
 #include "attention_tc.cuh"
 #include "check.h"
 #include "corral/error.h"
+#include "device_limits.h"
 #include "ops.h"
 #include "scratch.h"
-#include "sm_count.h"
 
 namespace corral::cuda {
 
@@ -227,15 +227,7 @@ __global__ void attn_temperature_kernel(float* q, int64_t ld, int64_t width, con
 // fit on the device at once.
 template <class K>
 unsigned persistent_grid(K kernel, int threads, size_t smem) {
-  if (smem > 48 * 1024) {
-    int dev = 0, optin = 0;
-    CORRAL_CUDA_CHECK(cudaGetDevice(&dev));
-    CORRAL_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    if (smem > size_t(optin))
-      throw NotSupportedError("paged_attention: this head_dim / block_size / dtype needs " + std::to_string(smem) +
-                              " bytes of shared memory per block, more than this GPU's " + std::to_string(optin));
-    CORRAL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  }
+  allow_shared_memory(kernel, smem, "paged_attention (this head_dim / block_size / dtype)");
   int per_sm = 0;
   CORRAL_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
   if (per_sm < 1) throw NotSupportedError("paged_attention: a kernel does not fit on this GPU (" +

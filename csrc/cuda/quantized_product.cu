@@ -7,11 +7,11 @@
 
 #include "check.h"
 #include "corral/error.h"
+#include "device_limits.h"
 #include "grouped_product.cuh"
 #include "launch.cuh"
 #include "quantized_panel.cuh"
 #include "scratch.h"
-#include "sm_count.h"
 
 namespace corral::cuda::quant {
 

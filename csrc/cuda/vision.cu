@@ -16,6 +16,7 @@
 #include "check.h"
 #include "convert.cuh"
 #include "corral/error.h"
+#include "device_limits.h"
 #include "launch.cuh"
 #include "ops.h"
 #include "rope.cuh"
@@ -23,19 +24,6 @@
 namespace corral::cuda {
 
 namespace {
-
-// Lets `kernel` take `smem` bytes of dynamic shared memory (beyond 48 KB: the device's opt-in).
-template <class K>
-void allow_shared_memory(K kernel, size_t smem, const char* op) {
-  if (smem <= 48 * 1024) return;
-  int dev = 0, optin = 0;
-  CORRAL_CUDA_CHECK(cudaGetDevice(&dev));
-  CORRAL_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  if (smem > size_t(optin))
-    throw NotSupportedError(std::string(op) + ": needs " + std::to_string(smem) +
-                            " bytes of shared memory per block, more than this GPU's " + std::to_string(optin));
-  CORRAL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-}
 
 // ---- LayerNorm -----------------------------------------------------------------------------------
 
