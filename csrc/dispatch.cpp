@@ -58,6 +58,15 @@ std::string cuda_blas_status() {
 #endif
 }
 
+bool cuda_fp8_tensor_products(int64_t rows, int64_t in, int64_t out) {
+#if CORRAL_WITH_CUDA
+  return cuda::fp8_tensor_products(rows, in, out);
+#else
+  (void)rows, (void)in, (void)out;
+  return false;
+#endif
+}
+
 void rms_norm(const Stream& s, void* y, const void* x, DType act, const void* w, DType w_dtype,
               int64_t rows, int64_t dim, float eps) {
   CORRAL_ON_CUDA(s, rms_norm, y, x, act, w, w_dtype, rows, dim, eps);

@@ -9,8 +9,6 @@ loads; test_without_cublaslt reruns this file's GPU cases on Corral's own kernel
 """
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,6 +16,7 @@ import pytest
 import corral
 from corral import _core, cuda_libs
 from numerics import FLOAT_DTYPES, from_bits, rel_err, rounded, to_bits
+from without_cublaslt import rerun_without_cublaslt
 
 ops = _core.ops
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
@@ -174,14 +173,4 @@ def test_cublaslt_loads_from_pip():
 def test_without_cublaslt():
     """This file's GPU cases again, in a process where cuBLASLt is switched off: Corral's own
     kernels (GEMV, tensor cores) serve the 16-bit native products there."""
-    if os.environ.get(cuda_libs.CUBLASLT_VARIABLE) == "none":
-        pytest.skip("already running without cuBLASLt")
-    env = dict(os.environ, **{cuda_libs.CUBLASLT_VARIABLE: "none"})
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", __file__],
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    rerun_without_cublaslt(__file__, "-m", "cuda")

@@ -62,7 +62,7 @@ if step build 420 python3 -m pip install --no-build-isolation --no-deps -v . \
     -C cmake.define.CORRAL_CUDA=ON -C "cmake.define.CMAKE_CUDA_ARCHITECTURES=$arch" "${json_flag[@]}"; then
   # The tests' references come from this image's torch and transformers (the project pins
   # transformers >= 5.24; an older one here is a lead if the model tests fail).
-  step info 30 python3 -c "import corral, corral._core as c, torch, transformers; print('backend', c.cuda_backend_built(), '|', c.cuda_status(), '|', c.cuda_blas_status(), '| torch', torch.__version__, '| transformers', transformers.__version__)"
+  step info 30 python3 -c "import corral, corral._core as c, torch, transformers; print('backend', c.cuda_backend_built(), '|', c.cuda_status(), '|', c.cuda_blas_status(), '| fp8 prefill on tensor cores', c.cuda_fp8_tensor_products(512, 5120, 16384), '| torch', torch.__version__, '| transformers', transformers.__version__)"
   # The cuda tests, one pytest per file: a kernel fault (a sticky CUDA error, a crash) spoils its
   # own file only. Each log's last line is the counts; the slowest tests are listed above it.
   for t in $(grep -l "pytest.mark.cuda" tests/test_*.py); do

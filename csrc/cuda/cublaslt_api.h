@@ -22,11 +22,20 @@ enum cublasComputeType_t : int { CUBLAS_COMPUTE_32F = 68 };
 
 enum cublasOperation_t : int { CUBLAS_OP_N = 0, CUBLAS_OP_T = 1 };
 
-// Attributes set on a matmul descriptor (cublasLtMatmulDescSetAttribute): both take int32_t.
+// Attributes set on a matmul descriptor (cublasLtMatmulDescSetAttribute): TRANSA / TRANSB and the
+// SCALE_MODEs take int32_t, the SCALE_POINTERs a device pointer (const void*).
 enum cublasLtMatmulDescAttributes_t : int {
   CUBLASLT_MATMUL_DESC_TRANSA = 3,
   CUBLASLT_MATMUL_DESC_TRANSB = 4,
+  CUBLASLT_MATMUL_DESC_A_SCALE_POINTER = 17,
+  CUBLASLT_MATMUL_DESC_B_SCALE_POINTER = 18,
+  CUBLASLT_MATMUL_DESC_A_SCALE_MODE = 31,  // recent cuBLAS only: older ones refuse it
+  CUBLASLT_MATMUL_DESC_B_SCALE_MODE = 32,
 };
+
+// How a SCALE_POINTER is read. OUTER_VEC_32F (cuBLAS 12.9 on): float32 vectors of M elements for A
+// and N for B, D[i, j] = scale_a[i] * scale_b[j] * (op(A) . B)[i, j].
+enum cublasLtMatmulMatrixScale_t : int { CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F = 3 };
 
 // Heuristic preferences: MAX_WORKSPACE_BYTES takes uint64_t, the MIN_ALIGNMENT_* uint32_t (bytes;
 // cuBLASLt assumes 256 unless told).

@@ -42,6 +42,7 @@ CORRAL_REAL(cublasComputeType_t, ::cublasComputeType_t);
 CORRAL_REAL(cublasOperation_t, ::cublasOperation_t);
 CORRAL_REAL(cublasLtMatmulDescAttributes_t, ::cublasLtMatmulDescAttributes_t);
 CORRAL_REAL(cublasLtMatmulPreferenceAttributes_t, ::cublasLtMatmulPreferenceAttributes_t);
+CORRAL_REAL(cublasLtMatmulMatrixScale_t, ::cublasLtMatmulMatrixScale_t);
 CORRAL_REAL(cublasLtContext, ::cublasLtContext);
 CORRAL_REAL(cublasLtMatmulDescOpaque, ::cublasLtMatmulDescOpaque_t);
 CORRAL_REAL(cublasLtMatrixLayoutOpaque, ::cublasLtMatrixLayoutOpaque_t);
@@ -74,6 +75,12 @@ CORRAL_SAME_VALUE(CUBLAS_COMPUTE_32F);
 CORRAL_SAME_VALUE(CUBLAS_OP_N);
 CORRAL_SAME_VALUE(CUBLAS_OP_T);
 CORRAL_SAME_VALUE(CUBLASLT_MATMUL_DESC_TRANSA);
+CORRAL_SAME_VALUE(CUBLASLT_MATMUL_DESC_TRANSB);
+CORRAL_SAME_VALUE(CUBLASLT_MATMUL_DESC_A_SCALE_POINTER);
+CORRAL_SAME_VALUE(CUBLASLT_MATMUL_DESC_B_SCALE_POINTER);
+CORRAL_SAME_VALUE(CUBLASLT_MATMUL_DESC_A_SCALE_MODE);
+CORRAL_SAME_VALUE(CUBLASLT_MATMUL_DESC_B_SCALE_MODE);
+CORRAL_SAME_VALUE(CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F);
 CORRAL_SAME_VALUE(CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES);
 CORRAL_SAME_VALUE(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES);
 CORRAL_SAME_VALUE(CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES);
@@ -86,7 +93,8 @@ constexpr bool same_size() {
   return sizeof(Ours) == sizeof(real_t<Ours>) && alignof(Ours) == alignof(real_t<Ours>);
 }
 static_assert(same_size<cublasStatus_t>() && same_size<cublasComputeType_t>() && same_size<cublasOperation_t>() &&
-                  same_size<cublasLtMatmulDescAttributes_t>() && same_size<cublasLtMatmulPreferenceAttributes_t>(),
+                  same_size<cublasLtMatmulDescAttributes_t>() && same_size<cublasLtMatmulPreferenceAttributes_t>() &&
+                  same_size<cublasLtMatmulMatrixScale_t>(),
               "enum sizes");
 static_assert(same_size<cublasLtMatmulAlgo_t>() && same_size<cublasLtMatmulHeuristicResult_t>(), "struct sizes");
 

@@ -38,21 +38,32 @@ uint32_t alignment(const void* p) {
 // What a plan depends on: device, dtype, layout, rows, in, out, ldw, ldx, ldy, alignment of w and y.
 using Key = std::array<int64_t, 11>;
 
+// A matmul descriptor, destroyed with it.
+struct Desc {
+  const CublasLt* api = nullptr;
+  lt::cublasLtMatmulDesc_t desc = nullptr;
+  explicit Desc(const CublasLt* api) : api(api) {}
+  Desc(const Desc&) = delete;
+  Desc& operator=(const Desc&) = delete;
+  ~Desc() {
+    if (desc) api->matmul_desc_destroy(desc);
+  }
+};
+
 }  // namespace
 
 struct MatmulPlan {
   const CublasLt* api = nullptr;
   lt::cublasLtHandle_t handle = nullptr;
-  lt::cublasLtMatmulDesc_t desc = nullptr;
+  Desc desc;
   lt::cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
   lt::cublasLtMatmulAlgo_t algo{};
   size_t workspace = 0;
 
-  MatmulPlan(const CublasLt* api, lt::cublasLtHandle_t handle) : api(api), handle(handle) {}
+  MatmulPlan(const CublasLt* api, lt::cublasLtHandle_t handle) : api(api), handle(handle), desc(api) {}
   MatmulPlan(const MatmulPlan&) = delete;
   MatmulPlan& operator=(const MatmulPlan&) = delete;
   ~MatmulPlan() {
-    if (desc) api->matmul_desc_destroy(desc);
     for (lt::cublasLtMatrixLayout_t l : {a, b, c})
       if (l) api->layout_destroy(l);
   }
@@ -76,15 +87,36 @@ struct Preference {
   }
 };
 
+template <class T>
+lt::cublasStatus_t set(const CublasLt& api, const Desc& d, lt::cublasLtMatmulDescAttributes_t attr, T value) {
+  return api.matmul_desc_set(d.desc, attr, &value, sizeof(T));
+}
+
+// Fills d for m: float32 compute, W transposed when OutIn, and for fp8 the scale vectors (their
+// pointers are part of the descriptor, so each fp8 call makes its own). False when cuBLASLt
+// refuses the fp8 scale mode (cuBLAS before 12.9).
+bool describe(const CublasLt& api, const Matmul& m, Desc& d) {
+  check(api, api.matmul_desc_create(&d.desc, lt::CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate");
+  const int32_t transa = m.layout == WeightLayout::OutIn ? lt::CUBLAS_OP_T : lt::CUBLAS_OP_N;  // transb: N
+  check(api, set(api, d, lt::CUBLASLT_MATMUL_DESC_TRANSA, transa), "cublasLtMatmulDescSetAttribute");
+  if (m.dtype != DType::F8_E4M3) return true;
+  const int32_t mode = lt::CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F;
+  if (set(api, d, lt::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, mode) != lt::CUBLAS_STATUS_SUCCESS ||
+      set(api, d, lt::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, mode) != lt::CUBLAS_STATUS_SUCCESS)
+    return false;
+  check(api, set(api, d, lt::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, static_cast<const void*>(m.w_scale)),
+        "cublasLtMatmulDescSetAttribute");
+  check(api, set(api, d, lt::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, static_cast<const void*>(m.x_scale)),
+        "cublasLtMatmulDescSetAttribute");
+  return true;
+}
+
 // A new plan for m, or null when cuBLASLt has no algorithm for it.
 std::shared_ptr<const MatmulPlan> make_plan(const CublasLt& api, lt::cublasLtHandle_t handle, const Matmul& m) {
   auto p = std::make_shared<MatmulPlan>(&api, handle);
-  const cudaDataType_t t = m.dtype == DType::BF16 ? CUDA_R_16BF : CUDA_R_16F;
+  const cudaDataType_t t = m.dtype == DType::BF16 ? CUDA_R_16BF : m.dtype == DType::F16 ? CUDA_R_16F : CUDA_R_8F_E4M3;
   const bool out_in = m.layout == WeightLayout::OutIn;
-  check(api, api.matmul_desc_create(&p->desc, lt::CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate");
-  const int32_t transa = out_in ? lt::CUBLAS_OP_T : lt::CUBLAS_OP_N;  // transb stays CUBLAS_OP_N, the default
-  check(api, api.matmul_desc_set(p->desc, lt::CUBLASLT_MATMUL_DESC_TRANSA, &transa, sizeof(transa)),
-        "cublasLtMatmulDescSetAttribute");
+  if (!describe(api, m, p->desc)) return nullptr;
   // Layouts describe the matrices as stored (before op()), column-major (the default order).
   check(api, api.layout_create(&p->a, t, out_in ? m.in : m.out, out_in ? m.out : m.in, m.ldw),
         "cublasLtMatrixLayoutCreate");
@@ -100,8 +132,10 @@ std::shared_ptr<const MatmulPlan> make_plan(const CublasLt& api, lt::cublasLtHan
   lt::cublasLtMatmulHeuristicResult_t result{};
   int found = 0;
   const lt::cublasStatus_t status =
-      api.heuristic(handle, p->desc, p->a, p->b, p->c, p->c, pref.pref, 1, &result, &found);
-  if (status == lt::CUBLAS_STATUS_NOT_SUPPORTED) return nullptr;
+      api.heuristic(handle, p->desc.desc, p->a, p->b, p->c, p->c, pref.pref, 1, &result, &found);
+  // fp8 shapes and scale modes cuBLASLt lacks may come back as other errors than NOT_SUPPORTED.
+  if (status == lt::CUBLAS_STATUS_NOT_SUPPORTED || (m.dtype == DType::F8_E4M3 && status != lt::CUBLAS_STATUS_SUCCESS))
+    return nullptr;
   check(api, status, "cublasLtMatmulAlgoGetHeuristic");
   if (found < 1 || result.state != lt::CUBLAS_STATUS_SUCCESS) return nullptr;
   p->algo = result.algo;
@@ -145,8 +179,12 @@ size_t workspace_bytes(const MatmulPlan& plan) { return plan.workspace; }
 
 void run_matmul(const MatmulPlan& p, const Matmul& m, void* workspace, cudaStream_t stream) {
   const float alpha = 1.0f, beta = m.accumulate ? 1.0f : 0.0f;  // host scalars of the scale type (float32)
+  Desc own(p.api);  // fp8: this call's scale pointers (the plan's descriptor has the first call's)
+  if (m.dtype == DType::F8_E4M3 && !describe(*p.api, m, own))
+    throw DeviceError("cuBLASLt: the fp8 scale mode was accepted when planning, refused now");
+  const Desc& d = m.dtype == DType::F8_E4M3 ? own : p.desc;
   check(*p.api,
-        p.api->matmul(p.handle, p.desc, &alpha, m.w, p.a, m.x, p.b, &beta, m.y, p.c, m.y, p.c, &p.algo, workspace,
+        p.api->matmul(p.handle, d.desc, &alpha, m.w, p.a, m.x, p.b, &beta, m.y, p.c, m.y, p.c, &p.algo, workspace,
                       p.workspace, stream),
         "cublasLtMatmul");
 }

@@ -86,5 +86,7 @@ void linear(void* stream, float* y, int64_t ldy, const float* x, int64_t ldx, in
             bool accumulate, kernels::Activations act);
 void swiglu_mlp(void* stream, float* out, const float* x, int64_t rows, const MatrixRef& gate_up,
                 const MatrixRef& down, kernels::Activations act);
+// kernels::cuda_fp8_tensor_products (csrc/cuda/quantized_product.cu).
+bool fp8_tensor_products(int64_t rows, int64_t in, int64_t out);
 
 }  // namespace corral::cuda

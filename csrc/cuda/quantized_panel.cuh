@@ -67,9 +67,13 @@ __global__ void __launch_bounds__(256) quantize_rows(char* dst, int64_t ld_dst, 
 }
 
 // x rounded to fp8 per row and run of `group` k, scaled by the run's max|x| / 448 (the CPU's
-// round_fp8, csrc/cpu/linear.cpp), into dst (rows k floats apart): a block per (row, run).
-__global__ void __launch_bounds__(256) round_fp8_rows(float* dst, const float* x, int64_t ldx, int64_t rows,
-                                                      int64_t k, int64_t group) {
+// round_fp8, csrc/cpu/linear.cpp): a block per (row, run). Codes = false: the rounded values into
+// dst as float32 (rows k floats apart). Codes = true (group >= k: one run per row): the e4m3 codes
+// into dst (rows ld bytes apart, zero from k to ld) and each row's max|x| / 448 into scales, as
+// cuBLASLt's fp8 product reads them (quantized_product.cu).
+template <bool Codes>
+__global__ void __launch_bounds__(256) round_fp8_rows(void* dst, int64_t ld, float* scales, const float* x,
+                                                      int64_t ldx, int64_t rows, int64_t k, int64_t group) {
   __shared__ float scratch[kMaxWarps];
   const int64_t runs = (k + group - 1) / group;
   for (int64_t item = blockIdx.x; item < rows * runs; item += gridDim.x) {
@@ -79,8 +83,50 @@ __global__ void __launch_bounds__(256) round_fp8_rows(float* dst, const float* x
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x) amax = fmaxf(amax, fabsf(src[i]));
     amax = block_reduce(amax, scratch, MaxF{});
     const float s = amax / 448.0f;
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
-      dst[r * k + k0 + i] = amax > 0.0f ? __fmul_rn(fp8_to_f32(f32_to_fp8(src[i] / s)), s) : 0.0f;
+    if constexpr (Codes) {
+      unsigned char* row = static_cast<unsigned char*>(dst) + r * ld;
+      for (int64_t i = threadIdx.x; i < ld; i += blockDim.x)
+        row[i] = i < k && amax > 0.0f ? (unsigned char)f32_to_fp8(src[i] / s) : 0;
+      if (threadIdx.x == 0) scales[r] = s;
+    } else {
+      for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
+        static_cast<float*>(dst)[r * k + k0 + i] = amax > 0.0f ? __fmul_rn(fp8_to_f32(f32_to_fp8(src[i] / s)), s) : 0.0f;
+    }
+  }
+}
+
+// The fp8 codes of a packed matrix of one group (a scale per output) as plain OutIn rows, as
+// cuBLASLt's fp8 product reads them: dst [rows, ld] e4m3 (zero from k to ld), scales [rows]
+// float32. Panel p's column c is output row p * 64 + c, or with Glu (columns 0..31 gates, 32..63 ups
+// of outputs p * 32 + c) gate rows [0, n) and up rows [n, 2n). A block per (64 k, panel): the codes
+// ([k][64 columns] in the panel) are transposed through shared memory, read and written in runs.
+template <bool Glu>
+__global__ void __launch_bounds__(256) unpack_fp8_rows(unsigned char* dst, int64_t ld, float* scales, const char* w,
+                                                       int64_t panel_bytes, int64_t header, DType scale_dtype, int64_t k,
+                                                       int64_t n) {
+  __shared__ unsigned char tile[64][kCols + 4];
+  const char* panel = w + int64_t(blockIdx.y) * panel_bytes;
+  const unsigned char* codes = reinterpret_cast<const unsigned char*>(panel + header);
+  const int64_t k0 = int64_t(blockIdx.x) * 64;
+  // The output row of panel column c, or -1 past the matrix.
+  auto row_of = [&](int c) -> int64_t {
+    const int64_t per = Glu ? kCols / 2 : kCols, o = int64_t(blockIdx.y) * per + c % per;
+    if (o >= n) return -1;
+    return Glu && c >= per ? n + o : o;
+  };
+  for (int e = threadIdx.x; e < 64 * kCols; e += blockDim.x) {
+    const int kk = e / kCols, c = e % kCols;
+    tile[kk][c] = k0 + kk < k ? __ldg(codes + (k0 + kk) * kCols + c) : 0;
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < kCols * 64; e += blockDim.x) {
+    const int c = e / 64, kk = e % 64;
+    const int64_t row = row_of(c);
+    if (row >= 0 && k0 + kk < ld) dst[row * ld + k0 + kk] = tile[kk][c];
+  }
+  if (blockIdx.x == 0 && threadIdx.x < kCols) {
+    const int64_t row = row_of(threadIdx.x);
+    if (row >= 0) scales[row] = column_scale(panel, scale_dtype, threadIdx.x);
   }
 }
 

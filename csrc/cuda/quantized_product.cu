@@ -7,9 +7,11 @@
 
 #include "check.h"
 #include "corral/error.h"
+#include "cublaslt_matmul.h"
 #include "device_limits.h"
 #include "grouped_product.cuh"
 #include "launch.cuh"
+#include "ops.h"
 #include "quantized_panel.cuh"
 #include "scratch.h"
 
@@ -50,6 +52,52 @@ void launch_kind(cudaStream_t s, const moe_detail::Groups& g, const QuantOperand
   CORRAL_CUDA_CHECK_LAUNCH();
 }
 
+// Bytes of an fp8 row of k codes as cuBLASLt reads them: whole 16-byte pieces, zero-padded.
+int64_t fp8_row_bytes(int64_t k) { return moe_detail::round_up(k, 16); }
+
+// fp8_tensor_product's cuBLASLt product of rows x [in -> out] into y, before the operands in
+// scratch are known (null, and scratch is 256-byte aligned: the plan's alignments hold).
+Matmul fp8_matmul(int64_t rows, int64_t in, int64_t out, float* y, int64_t ldy, bool accumulate) {
+  const int64_t kp = fp8_row_bytes(in);
+  return Matmul{DType::F8_E4M3, WeightLayout::OutIn, rows, kp, out, nullptr, kp, nullptr, kp, y, ldy, accumulate};
+}
+
+// The fp8 product on tensor cores (see product): false, with nothing enqueued, when cuBLASLt has no
+// plan for it.
+bool fp8_tensor_product(cudaStream_t s, float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows,
+                        const MatrixRef& w, bool accumulate) {
+  const bool glu = w.layout == WeightLayout::PackedGlu;
+  const int64_t n = glu ? w.out / 2 : w.out, kp = fp8_row_bytes(w.in);
+  // With the SwiGLU epilogue cuBLASLt writes gate and up ([rows, out]) to scratch, then silu_mul.
+  Matmul m = fp8_matmul(rows, w.in, w.out, glu ? nullptr : y, glu ? w.out : ldy, accumulate);
+  const std::shared_ptr<const MatmulPlan> plan = plan_matmul(m);
+  if (!plan) return false;
+  const PanelShape ps = panel_shape(kF8, w.quant, w.in);
+  const int64_t panels = moe_detail::ceil_div(n, glu ? kCols / 2 : kCols);
+  Scratch sc(s);
+  const size_t o_w = sc.reserve(size_t(w.out * kp)), o_ws = sc.reserve(size_t(w.out) * sizeof(float)),
+               o_x = sc.reserve(size_t(rows * kp)), o_xs = sc.reserve(size_t(rows) * sizeof(float)),
+               o_h = sc.reserve(glu ? size_t(rows * w.out) * sizeof(float) : 0),
+               o_work = sc.reserve(workspace_bytes(*plan));
+  sc.allocate();
+  m.w = sc.at<char>(o_w);
+  m.w_scale = sc.at<float>(o_ws);
+  m.x = sc.at<char>(o_x);
+  m.x_scale = sc.at<float>(o_xs);
+  if (glu) m.y = sc.at<float>(o_h);
+  const dim3 unpack_grid{unsigned(moe_detail::ceil_div(kp, 64)), unsigned(panels)};
+  const auto unpack = glu ? unpack_fp8_rows<true> : unpack_fp8_rows<false>;
+  unpack<<<unpack_grid, 256, 0, s>>>(sc.at<unsigned char>(o_w), kp, sc.at<float>(o_ws), static_cast<const char*>(w.data),
+                                     ps.groups * ps.group_bytes, ps.header, w.quant.scale_dtype, w.in, n);
+  CORRAL_CUDA_CHECK_LAUNCH();
+  round_fp8_rows<true><<<blocks_for(rows), 256, 0, s>>>(sc.at<char>(o_x), kp, sc.at<float>(o_xs), x, ldx, rows,
+                                                         w.in, w.in);
+  CORRAL_CUDA_CHECK_LAUNCH();
+  run_matmul(*plan, m, sc.at<char>(o_work), s);
+  if (glu) silu_mul(s, y, ldy, m.y, m.y + n, w.out, rows, n);
+  return true;
+}
+
 }  // namespace
 
 int checked_kind(const MatrixRef& w, WeightLayout layout, const std::string& what) {
@@ -87,8 +135,8 @@ Prepared prepare(cudaStream_t s, void* dst, const float* x, int64_t ldx, int64_t
   const int64_t ld = prepared_bytes(kind, q, k);
   if (ld == 0) return {x, ldx * int64_t(sizeof(float))};
   if (kind == kF8) {
-    round_fp8_rows<<<blocks_for(rows * ((k + q.act_group - 1) / q.act_group)), 256, 0, s>>>(
-        static_cast<float*>(dst), x, ldx, rows, k, q.act_group);
+    round_fp8_rows<false><<<blocks_for(rows * ((k + q.act_group - 1) / q.act_group)), 256, 0, s>>>(
+        dst, 0, nullptr, x, ldx, rows, k, q.act_group);
   } else {
     quantize_rows<<<blocks_for(moe_detail::ceil_div(rows * moe_detail::ceil_div(k, kBlock), 8)), 256, 0, s>>>(
         static_cast<char*>(dst), ld, x, ldx, rows, k);
@@ -138,6 +186,8 @@ void launch(cudaStream_t s, const moe_detail::Groups& g, const QuantOperand& rou
 void product(cudaStream_t s, float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, const MatrixRef& w,
              int kind, bool accumulate) {
   const bool glu = w.layout == WeightLayout::PackedGlu;
+  if (fp8_on_tensor_cores(kind, w.quant, w.in, rows) && fp8_tensor_product(s, y, ldy, x, ldx, rows, w, accumulate))
+    return;
   Scratch sc(s);
   const size_t o_a = sc.reserve(size_t(rows * prepared_bytes(kind, w.quant, w.in)));
   sc.allocate();
@@ -150,3 +200,11 @@ void product(cudaStream_t s, float* y, int64_t ldy, const float* x, int64_t ldx,
 }
 
 }  // namespace corral::cuda::quant
+
+namespace corral::cuda {
+
+bool fp8_tensor_products(int64_t rows, int64_t in, int64_t out) {
+  return rows >= quant::kFp8TensorRows && plan_matmul(quant::fp8_matmul(rows, in, out, nullptr, out, false)) != nullptr;
+}
+
+}  // namespace corral::cuda

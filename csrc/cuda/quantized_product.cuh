@@ -92,8 +92,24 @@ Prepared prepare(cudaStream_t s, void* dst, const float* x, int64_t ldx, int64_t
 void launch(cudaStream_t s, const moe_detail::Groups& g, const QuantOperand& routed, const QuantOperand& shared,
             int kind, bool glu, int64_t max_rows, int64_t tiles);
 
+// Rows from which an fp8 product whose weights have a scale per output and whose activations are
+// rounded per token (fbgemm_fp8; compressed-tensors' channel strategy with dynamic token
+// activations: Llama 4's published FP8 checkpoints) runs on fp8 tensor cores through cuBLASLt. It
+// unpacks the codes to plain rows first (one more read and write of the matrix: against 64 rows'
+// multiply-adds on CUDA cores that is cheap; decode keeps the panels, read once).
+constexpr int64_t kFp8TensorRows = 64;
+
+// Whether product sends this one to cuBLASLt (when that has a plan for it).
+inline bool fp8_on_tensor_cores(int kind, const QuantInfo& q, int64_t k, int64_t rows) {
+  return kind == kF8 && rows >= kFp8TensorRows && q.group >= k && q.act_group >= k;
+}
+
 // y = x . w (y += with accumulate; PackedGlu: silu(gate) * up, w.out / 2 columns) for a checked
-// packed quantized w: activations prepared, then one launch.
+// packed quantized w: activations prepared, then one launch; or, where fp8_on_tensor_cores and
+// cuBLASLt has an fp8 plan (OUTER_VEC scales: cuBLAS 12.9 on, Hopper or newer), the codes unpacked
+// to plain rows, x rounded to fp8 codes with a scale per row (the same rounding), and cuBLASLt's
+// product with both scale vectors (SwiGLU after it). The same arithmetic as the CPU's but for the
+// order of float32 sums, and the tensor cores' accumulation between cuBLASLt's float32 promotions.
 void product(cudaStream_t s, float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, const MatrixRef& w,
              int kind, bool accumulate);
 

@@ -116,7 +116,9 @@ enum class Activations : uint8_t { Native, Float32 };
 // InOut (any ld), float32, bfloat16 or float16, or quantized (I8, I4, F8_E4M3) in the CPU's Packed
 // layout (pack_quantized's bytes copied to the device, 16-byte aligned; packed float weights:
 // NotSupportedError). Quantized products compute what the CPU's do (the activation quantization
-// above, exact block dot products), only their float32 sums in another order.
+// above, exact block dot products), only their float32 sums in another order; fp8 prefill with
+// per-output scales and per-token activations multiplies on fp8 tensor cores where cuBLASLt can
+// (cuda_fp8_tensor_products), the same values accumulated as the tensor cores do.
 // Sums are float32. Native with bfloat16 or float16 weights rounds the activations to the weight
 // dtype (float16 too, unlike the CPU) and multiplies on cuBLASLt, or on Corral's own kernels where
 // cuBLASLt is not loaded (cuda_blas_status); the other products (float32 activations or weights)
@@ -125,9 +127,16 @@ enum class Activations : uint8_t { Native, Float32 };
 void linear(const Stream& stream, float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows,
             const MatrixRef& w, bool accumulate = false, Activations act = Activations::Native);
 
-// The library behind CUDA's products of 16-bit weights: "cuBLASLt 131000 from <path>", why it
-// is not loaded (csrc/cuda/cublaslt.h lists where it is looked for), or "not built". Loads it.
+// The library behind CUDA's products of 16-bit weights and fp8 prefill: "cuBLASLt 131000 from
+// <path>", why it is not loaded (csrc/cuda/cublaslt.h lists where it is looked for), or "not
+// built". Loads it.
 std::string cuda_blas_status();
+
+// Whether CUDA's fp8 products of `rows` x [in -> out] with a scale per output and activations
+// rounded per token (fbgemm_fp8's; see linear) run on fp8 tensor cores here: from 64 rows on, where
+// cuBLASLt (12.9 or newer, for its per-row and per-column scale vectors) has a plan for the shape
+// on the current device. False without CUDA. For tests and tools.
+bool cuda_fp8_tensor_products(int64_t rows, int64_t in, int64_t out);
 
 // y[r, 0:n] += src[r % src_rows, 0:n] for r < rows (y rows ldy floats apart; src [src_rows, n]
 // of `dtype`): a bias when src_rows is 1, a table of position embeddings when it is the rows of
