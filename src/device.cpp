@@ -191,6 +191,58 @@ void CudaGraph::launch(const Stream& stream) const {
 #endif
 }
 
+HostStaging::~HostStaging() { reset(); }
+
+HostStaging::HostStaging(HostStaging&& o) noexcept
+    : host_(std::exchange(o.host_, nullptr)), size_(std::exchange(o.size_, 0)), copied_(std::exchange(o.copied_, nullptr)) {}
+
+HostStaging& HostStaging::operator=(HostStaging&& o) noexcept {
+  if (this != &o) {
+    reset();
+    host_ = std::exchange(o.host_, nullptr);
+    size_ = std::exchange(o.size_, 0);
+    copied_ = std::exchange(o.copied_, nullptr);
+  }
+  return *this;
+}
+
+void HostStaging::reset() noexcept {
+#if CORRAL_WITH_CUDA
+  if (copied_) {
+    try {
+      cuda::wait_event(copied_);  // a copy may still read host_
+    } catch (const DeviceError&) {  // the device failed: nothing reads host_ any more
+    }
+    cuda::destroy_event(copied_);
+  }
+  if (host_) cuda::free_host(host_);
+#endif
+  host_ = copied_ = nullptr;
+  size_ = 0;
+}
+
+void HostStaging::upload(void* dst, const void* src, size_t bytes, const Stream& stream) {
+  if (stream.device.type != DeviceType::CUDA) throw DeviceError("HostStaging uploads to a GPU stream");
+#if CORRAL_WITH_CUDA
+  if (bytes == 0) return;
+  if (copied_) cuda::wait_event(copied_);  // the previous copy from host_ is done
+  else copied_ = cuda::create_event();
+  if (bytes > size_) {
+    if (host_) cuda::free_host(std::exchange(host_, nullptr));
+    size_t size = 4096;
+    while (size < bytes) size *= 2;
+    host_ = cuda::malloc_host(size);
+    size_ = size;
+  }
+  std::memcpy(host_, src, bytes);
+  cuda::copy_2d_async(dst, bytes, host_, bytes, bytes, 1, stream.handle);
+  cuda::record_event(copied_, stream.handle);
+#else
+  (void)dst, (void)src, (void)bytes;
+  no_backend();
+#endif
+}
+
 namespace {
 void check_copy(const DeviceBuffer& b, size_t bytes) {
   if (bytes > b.size())

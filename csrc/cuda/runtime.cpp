@@ -42,6 +42,28 @@ void memset_async(void* dst, int value, size_t bytes, void* stream) {
   CORRAL_CUDA_CHECK(cudaMemsetAsync(dst, value, bytes, static_cast<cudaStream_t>(stream)));
 }
 
+void* malloc_host(size_t bytes) {
+  void* p = nullptr;
+  CORRAL_CUDA_CHECK(cudaHostAlloc(&p, bytes, cudaHostAllocPortable));
+  return p;
+}
+
+void free_host(void* ptr) noexcept { cudaFreeHost(ptr); }
+
+void* create_event() {
+  cudaEvent_t e = nullptr;
+  CORRAL_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+  return e;
+}
+
+void destroy_event(void* event) noexcept { cudaEventDestroy(static_cast<cudaEvent_t>(event)); }
+
+void record_event(void* event, void* stream) {
+  CORRAL_CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(event), static_cast<cudaStream_t>(stream)));
+}
+
+void wait_event(void* event) { CORRAL_CUDA_CHECK(cudaEventSynchronize(static_cast<cudaEvent_t>(event))); }
+
 void memory_info(size_t* free, size_t* total) { CORRAL_CUDA_CHECK(cudaMemGetInfo(free, total)); }
 
 void* create_stream() {

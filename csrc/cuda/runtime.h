@@ -17,6 +17,16 @@ void free_device(void* ptr) noexcept;
 // (unified addressing tells which).
 void copy_2d_async(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width, size_t rows, void* stream);
 void memset_async(void* dst, int value, size_t bytes, void* stream);
+// Page-locked host memory: a GPU copies from it asynchronously (from pageable memory the driver
+// stages the copy and may wait for the stream first).
+void* malloc_host(size_t bytes);
+void free_host(void* ptr) noexcept;
+// Events (no timing) marking the point a stream has reached: record_event at the work queued so
+// far, wait_event until it is done (the host waits; errors of that work are reported).
+void* create_event();
+void destroy_event(void* event) noexcept;
+void record_event(void* event, void* stream);
+void wait_event(void* event);
 // The current device's free and total memory in bytes.
 void memory_info(size_t* free, size_t* total);
 void* create_stream();

@@ -84,6 +84,31 @@ inline void copy(void* dst, const void* src, size_t bytes, const Stream& stream)
   copy_rows(dst, bytes, src, bytes, bytes, 1, stream);
 }
 
+// Page-locked host memory that uploads to a GPU pass through: a copy from it runs asynchronously,
+// while one from pageable memory may make the driver wait for the stream (each step's uploads of
+// token ids, positions, slots and sampling settings would wait for the work queued before them).
+// Before it is written again it waits for its previous copy (an event, long done by then: a step
+// ends by waiting for its sampled tokens). Allocated on first use, grown by powers of two.
+class HostStaging {
+ public:
+  HostStaging() = default;
+  ~HostStaging();
+  HostStaging(HostStaging&& other) noexcept;
+  HostStaging& operator=(HostStaging&& other) noexcept;
+  HostStaging(const HostStaging&) = delete;
+  HostStaging& operator=(const HostStaging&) = delete;
+
+  // dst (memory of the GPU stream's device) = `bytes` bytes at src, ordered on `stream`; src may be
+  // reused as soon as this returns.
+  void upload(void* dst, const void* src, size_t bytes, const Stream& stream);
+
+ private:
+  void reset() noexcept;
+  void* host_ = nullptr;
+  size_t size_ = 0;
+  void* copied_ = nullptr;  // the event recorded after the last copy from host_
+};
+
 // An array in one device's memory that grows on demand (its contents are not kept when it does):
 // a forward pass's activations, the same code on the CPU and on a GPU.
 template <class T>
@@ -96,16 +121,20 @@ class DeviceArray {
     return data();
   }
   T* data() const { return static_cast<T*>(buffer_.data()); }
-  // Grows to hold `values` and copies them in, ordered on `stream`; returns the data.
+  // Grows to hold `values` and copies them in, ordered on `stream` (on a GPU through page-locked
+  // memory; values may be reused at once); returns the data.
   T* assign(const T* values, size_t n, const Stream& stream) {
     reserve(n);
-    if (n) copy(data(), values, n * sizeof(T), stream);
+    if (n == 0) return data();
+    if (stream.device.type == DeviceType::CPU) copy(data(), values, n * sizeof(T), stream);
+    else staging_.upload(data(), values, n * sizeof(T), stream);
     return data();
   }
 
  private:
   Device device_;
   DeviceBuffer buffer_;
+  HostStaging staging_;
 };
 
 // Host values as kernels on `stream` read them: v.data() itself on the CPU, else a copy in
