@@ -480,3 +480,13 @@ def test_attn_temperature_scale_on_device(device, rng):
     factor = 1.0 + float(np.float32(0.1)) * np.log1p(steps)
     np.testing.assert_allclose(out, q.astype(np.float64) * factor[:, None], rtol=1e-6, atol=0)
     np.testing.assert_array_equal(out[:2], q[:2])  # p + 1 < floor_scale: factor 1
+
+
+def test_fp8_tensor_products_probe():
+    """The probe of fp8 prefill on tensor cores answers, never raises: no without a usable GPU
+    (whatever the build), and never below 64 rows (decode stays on Corral's kernels)."""
+    got = _core.cuda_fp8_tensor_products(512, 5120, 16384)
+    assert isinstance(got, bool)
+    if _core.cuda_device_count() == 0:
+        assert got is False
+    assert _core.cuda_fp8_tensor_products(63, 5120, 16384) is False

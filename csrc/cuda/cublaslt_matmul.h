@@ -1,8 +1,9 @@
 // Dense products y = x . W on cuBLASLt (csrc/cuda/cublaslt.h loads it): bfloat16 or float16 W and
 // x, or float8_e4m3 W and x with float32 scales per output and per row (the OUTER_VEC scale mode;
-// fp8 needs W OutIn, "TN" in cuBLAS's terms); float32 sums (CUBLAS_COMPUTE_32F) and float32 y. cuBLASLt is column-major; Corral's operands
-// are row-major, and a row-major [r, c] matrix with row stride ld is the column-major [c, r] one
-// with leading dimension ld. So, with m = out, n = rows, k = in:
+// fp8 needs W OutIn, "TN" in cuBLAS's terms); float32 sums (CUBLAS_COMPUTE_32F) and float32 y.
+// cuBLASLt is column-major; Corral's operands are row-major, and a row-major [r, c] matrix with
+// row stride ld is the column-major [c, r] one with leading dimension ld. So, with m = out,
+// n = rows, k = in:
 //   y [rows, out], stride ldy       = D [out, rows], ld ldy (C = D: accumulating reads y);
 //   x [rows, in], stride ldx        = B [in, rows], ld ldx, used as is (transb = N);
 //   W OutIn [out, in], stride ldw   = A [in, out], ld ldw, transposed (transa = T);

@@ -204,7 +204,13 @@ void product(cudaStream_t s, float* y, int64_t ldy, const float* x, int64_t ldx,
 namespace corral::cuda {
 
 bool fp8_tensor_products(int64_t rows, int64_t in, int64_t out) {
-  return rows >= quant::kFp8TensorRows && plan_matmul(quant::fp8_matmul(rows, in, out, nullptr, out, false)) != nullptr;
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess) {
+    cudaGetLastError();  // no driver: clear the error, nothing runs on CUDA here
+    return false;
+  }
+  return devices > 0 && rows >= quant::kFp8TensorRows &&
+         plan_matmul(quant::fp8_matmul(rows, in, out, nullptr, out, false)) != nullptr;
 }
 
 }  // namespace corral::cuda

@@ -135,7 +135,7 @@ std::string cuda_blas_status();
 // Whether CUDA's fp8 products of `rows` x [in -> out] with a scale per output and activations
 // rounded per token (fbgemm_fp8's; see linear) run on fp8 tensor cores here: from 64 rows on, where
 // cuBLASLt (12.9 or newer, for its per-row and per-column scale vectors) has a plan for the shape
-// on the current device. False without CUDA. For tests and tools.
+// on the current device. False without CUDA (or a GPU). For tests and tools.
 bool cuda_fp8_tensor_products(int64_t rows, int64_t in, int64_t out);
 
 // y[r, 0:n] += src[r % src_rows, 0:n] for r < rows (y rows ldy floats apart; src [src_rows, n]
