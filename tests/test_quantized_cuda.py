@@ -141,7 +141,26 @@ def test_fp8_prefill_on_tensor_cores_cuda(rows, rng):
 def test_quantized_products_without_cublaslt_cuda():
     """This file's product tests again in a process where cuBLASLt is switched off: fp8 prefill on
     Corral's own kernels, at their tighter bounds."""
-    rerun_without_cublaslt(__file__, "-k", "linear_quantized or swiglu_quantized or tensor_cores")
+    rerun_without_cublaslt(__file__, "-k", "linear_quantized or swiglu_quantized or moe_quantized or tensor_cores")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("tokens", [1, 6, 90])
+def test_moe_quantized_cuda(fmt, tokens, rng):
+    """Quantized experts (and shared expert) through CUDA's routing and grouped quantized
+    products: the CPU's output and per-expert token counts."""
+    E, H, I, top_k = 4, 128, 96, 2
+    router = (rng.standard_normal((E, H)) / np.sqrt(H)).astype(np.float32)
+    gate_up = [packed(rng, fmt, I, H, glu=True) for _ in range(E)]
+    down = [packed(rng, fmt, H, I) for _ in range(E)]
+    moe = ops.pack_moe_quantized(router, gate_up, down, packed(rng, fmt, I, H, glu=True), packed(rng, fmt, H, I))
+    x = rng.standard_normal((tokens, H)).astype(np.float32)
+    out_cpu, counts_cpu = ops.moe_packed(x, moe, top_k, device="cpu")
+    out_gpu, counts_gpu = ops.moe_packed(x, moe, top_k, device="cuda")
+    assert counts_gpu.tolist() == counts_cpu.tolist()
+    # The shared expert is a dense SwiGLU MLP over every token (fp8 tensor cores from 64 on).
+    tol = tol_for(1e-4, (tokens, H, 2 * I), (tokens, I, H)) if fmt == "fp8-row-act" else 1e-4
+    assert close(out_gpu, out_cpu, tol)
 
 
 def test_quantized_refusals_cuda(rng):
