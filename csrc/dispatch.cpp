@@ -113,6 +113,12 @@ void apply_penalties(const Stream& s, float* logits, int64_t rows, int64_t vocab
   cpu::apply_penalties(logits, rows, vocab, offsets, token_ids, output_counts, penalties);
 }
 
+void apply_token_mask(const Stream& s, float* logits, int64_t vocab, int64_t count, const int32_t* rows,
+                      const uint32_t* mask) {
+  CORRAL_ON_CUDA(s, apply_token_mask, logits, vocab, count, rows, mask);
+  cpu::apply_token_mask(logits, vocab, count, rows, mask);
+}
+
 void logprobs(const Stream& s, const float* logits, int64_t rows, int64_t vocab, const int32_t* chosen,
               float* chosen_logprob, int64_t top_n, int32_t* top_ids, float* top_logprobs) {
   if (rows > 0 && (vocab < 1 || top_n < 0 || top_n > vocab))

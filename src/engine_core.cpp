@@ -58,24 +58,22 @@ DType parse_kv_dtype(const std::string& name, DType weights) {
 // What a matcher's mask left of a logits row.
 enum class Allowed { Some, OnlyStops, Nothing };
 
-// Sets the logits of the tokens a matcher forbids to -inf; a mask allowing no token allows the
-// stop tokens (a grammar at a dead end, or complete, ends the sample rather than draw from
-// nothing). Nothing: no token, and the request has no stop token either.
-Allowed apply_constraint(TokenConstraint& matcher, const std::vector<int32_t>& stops, float* row, int64_t vocab) {
+// The tokens a matcher allows, as a bitmask of `vocab` bits (mask holds ceil(vocab / 32) words,
+// set by the caller to allow everything); a mask allowing no token allows the stop tokens (a
+// grammar at a dead end, or complete, ends the sample rather than draw from nothing). Nothing: no
+// token, and the request has no stop token either (mask left as it was).
+Allowed constraint_mask(TokenConstraint& matcher, const std::vector<int32_t>& stops, uint32_t* mask, int64_t vocab) {
   const int64_t words = (vocab + 31) / 32;
-  thread_local std::vector<uint32_t> mask, stop_mask;
-  mask.assign(size_t(words), 0u);
-  matcher.fill_bitmask(mask.data(), words);
-  if (vocab % 32) mask.back() &= (1u << (vocab % 32)) - 1u;  // bits past the vocabulary
+  thread_local std::vector<uint32_t> allowed, stop_mask;
+  allowed.assign(size_t(words), 0u);
+  matcher.fill_bitmask(allowed.data(), words);
+  if (vocab % 32) allowed.back() &= (1u << (vocab % 32)) - 1u;  // bits past the vocabulary
   stop_mask.assign(size_t(words), 0u);
   for (int32_t t : stops) stop_mask[size_t(t >> 5)] |= 1u << (t & 31);
   bool only_stops = true;
-  for (int64_t w = 0; w < words; ++w) only_stops = only_stops && (mask[size_t(w)] & ~stop_mask[size_t(w)]) == 0;
+  for (int64_t w = 0; w < words; ++w) only_stops = only_stops && (allowed[size_t(w)] & ~stop_mask[size_t(w)]) == 0;
   if (only_stops && stops.empty()) return Allowed::Nothing;
-  if (only_stops)
-    for (int64_t w = 0; w < words; ++w) mask[size_t(w)] |= stop_mask[size_t(w)];
-  for (int64_t t = 0; t < vocab; ++t)
-    if (!((mask[size_t(t >> 5)] >> (t & 31)) & 1u)) row[t] = -INFINITY;
+  for (int64_t w = 0; w < words; ++w) mask[w] = only_stops ? allowed[size_t(w)] | stop_mask[size_t(w)] : allowed[size_t(w)];
   return only_stops ? Allowed::OnlyStops : Allowed::Some;
 }
 
@@ -376,7 +374,11 @@ void EngineCore::sample(const float* logits_in, const std::vector<Sequence*>& se
   std::vector<float> uniform(static_cast<size_t>(D));
   std::vector<std::string> failed(static_cast<size_t>(D));  // a matcher's exception ends its sample
   std::vector<Allowed> allowed(static_cast<size_t>(D), Allowed::Some);  // by the grammar
-  std::vector<float> host_row;  // on a GPU, the host's copy of a row it edits
+  // Rows a grammar or min_tokens restricts, and their masks of allowed tokens (built here, applied
+  // on the device: no row comes to the host).
+  const int64_t words = (vocab + 31) / 32;
+  std::vector<int32_t> mask_rows;
+  std::vector<uint32_t> masks;
   for (int64_t d = 0; d < D; ++d) {
     const Sequence& s = *seqs[d];
     const SamplingParams& p = s.request->params;
@@ -387,29 +389,28 @@ void EngineCore::sample(const float* logits_in, const std::vector<Sequence*>& se
     offsets.push_back(int64_t(ids.size()));
     penalties[d] = {p.repetition_penalty, p.presence_penalty, p.frequency_penalty};
     const bool constrained = !s.request->constraints.empty(), banned = s.generated() < p.min_tokens;
-    if (constrained || banned) {  // edited on the host: in place on the CPU, through a copy on a GPU
-      float* row = edited + d * vocab;
-      if (gpu) {
-        host_row.resize(size_t(vocab));
-        copy(host_row.data(), row, row_bytes, stream);
-        synchronize(stream);
-        row = host_row.data();
-      }
+    if (constrained || banned) {
+      mask_rows.push_back(int32_t(d));
+      masks.resize(masks.size() + size_t(words), ~0u);  // everything allowed, then restricted
+      uint32_t* mask = masks.data() + masks.size() - size_t(words);
       if (constrained) {
         try {
-          allowed[size_t(d)] = apply_constraint(*s.request->constraints[size_t(s.index)], s.request->stop_ids, row, vocab);
+          allowed[size_t(d)] =
+              constraint_mask(*s.request->constraints[size_t(s.index)], s.request->stop_ids, mask, vocab);
         } catch (const std::exception& e) {
           failed[size_t(d)] = std::string("structured output: ") + e.what();
         }
       }
       // min_tokens bans the stop tokens, unless the grammar allows nothing else.
       if (banned && allowed[size_t(d)] == Allowed::Some)
-        for (int32_t t : s.request->stop_ids) row[t] = -INFINITY;
-      if (gpu) copy(edited + d * vocab, row, row_bytes, stream);
+        for (int32_t t : s.request->stop_ids) mask[t >> 5] &= ~(1u << (t & 31));
     }
     settings[d] = {p.temperature, int32_t(std::min<int64_t>(p.top_k, vocab)), p.top_p, p.min_p};
     uniform[d] = std::uniform_real_distribution<float>(0.f, 1.f)(seqs[d]->rng);
   }
+  if (!mask_rows.empty())
+    kernels::apply_token_mask(stream, edited, vocab, int64_t(mask_rows.size()),
+                              on_device(staging_.mask_rows, mask_rows, stream), on_device(staging_.masks, masks, stream));
   if (!ids.empty())
     kernels::apply_penalties(stream, edited, D, vocab, on_device(staging_.offsets, offsets, stream),
                              on_device(staging_.ids, ids, stream), on_device(staging_.counts, counts, stream),

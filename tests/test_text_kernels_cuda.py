@@ -1,5 +1,5 @@
 """The text model's element-wise kernels (embedding, rope_interleaved, silu_mul, kv_cache_copy_pages,
-argmax) and the sampling side's apply_penalties and logprobs against independent float64 numpy
+argmax) and the sampling side's apply_penalties, apply_token_mask and logprobs against independent float64 numpy
 references; the CUDA sample against the CPU's (whose own tests are in test_kernels.py).
 
 Every test body runs on the CPU and, with the `cuda` marker, on a GPU (tools/gpu_check.sh runs
@@ -323,6 +323,38 @@ def test_apply_penalties_no_rows(device):
     got = ops.apply_penalties(np.zeros((0, 7), np.float32), np.zeros(1, np.int64), np.zeros(0, np.int64),
                               np.zeros(0, np.int32), empty, empty, empty, device=device)
     assert got.shape == (0, 7)
+
+
+# ---- apply_token_mask ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows, vocab, masked", [(1, 1, [0]), (5, 33, [4, 0, 2]), (3, 202048, [1, 2]), (300, 64, None)])
+def test_apply_token_mask(device, rows, vocab, masked, rng):
+    """Listed rows keep exactly the tokens whose bit is set (numpy unpacks the words), the others
+    are untouched; bits past the vocabulary are ignored."""
+    logits = (rng.standard_normal((rows, vocab)) * 3).astype(np.float32)
+    masked = np.array(masked if masked is not None else rng.permutation(rows)[: rows // 2], np.int64)
+    words = -(-vocab // 32)
+    mask = rng.integers(0, 2**32, size=(masked.size, words), dtype=np.uint64).astype(np.uint32)
+    if masked.size > 1:
+        mask[1] = 0  # a row allowing nothing
+    got = ops.apply_token_mask(logits, masked, mask, device=device)
+    bits = np.unpackbits(mask.view(np.uint8), axis=1, bitorder="little")[:, :vocab].astype(bool)
+    want = logits.copy()
+    for i, r in enumerate(masked):
+        want[r, ~bits[i]] = -np.inf
+    np.testing.assert_array_equal(got, want)
+
+
+def test_apply_token_mask_refuses_bad_input():
+    logits = np.zeros((3, 40), np.float32)
+    with pytest.raises(corral.ShapeError, match="mask must be"):
+        ops.apply_token_mask(logits, np.array([0]), np.zeros((1, 1), np.uint32))
+    with pytest.raises(corral.ShapeError, match="distinct rows"):
+        ops.apply_token_mask(logits, np.array([1, 1]), np.zeros((2, 2), np.uint32))
+    with pytest.raises(corral.ShapeError, match="distinct rows"):
+        ops.apply_token_mask(logits, np.array([3]), np.zeros((1, 2), np.uint32))
 
 
 # ---- logprobs ------------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ void sample(int32_t* out, const float* logits, int64_t rows, int64_t vocab, cons
             const float* uniform);
 void apply_penalties(float* logits, int64_t rows, int64_t vocab, const int64_t* offsets, const int32_t* token_ids,
                      const int32_t* output_counts, const PenaltyRow* penalties);
+void apply_token_mask(float* logits, int64_t vocab, int64_t count, const int32_t* rows, const uint32_t* mask);
 void logprobs(const float* logits, int64_t rows, int64_t vocab, const int32_t* chosen, float* chosen_logprob,
               int64_t top_n, int32_t* top_ids, float* top_logprobs);
 void kv_cache_write(const PagedKv& cache, const float* k, const float* v, int64_t ld,

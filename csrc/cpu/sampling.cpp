@@ -101,6 +101,16 @@ void apply_penalties(float* logits, int64_t rows, int64_t vocab, const int64_t* 
   }
 }
 
+void apply_token_mask(float* logits, int64_t vocab, int64_t count, const int32_t* rows, const uint32_t* mask) {
+  const int64_t words = (vocab + 31) / 32;
+  for (int64_t i = 0; i < count; ++i) {
+    float* l = logits + int64_t(rows[i]) * vocab;
+    const uint32_t* m = mask + i * words;
+    for (int64_t t = 0; t < vocab; ++t)
+      if (!((m[t >> 5] >> (t & 31)) & 1u)) l[t] = -INFINITY;
+  }
+}
+
 void logprobs(const float* logits, int64_t rows, int64_t vocab, const int32_t* chosen, float* chosen_logprob,
               int64_t top_n, int32_t* top_ids, float* top_logprobs) {
   parallel_for(rows, vocab * 4, [&](int64_t r) {

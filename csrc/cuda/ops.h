@@ -46,8 +46,8 @@ void unfold_patches(void* stream, float* out, const float* pixels, int64_t tiles
 void pixel_shuffle(void* stream, float* out, const float* x, int64_t tiles, int64_t tile_rows, int64_t grid,
                    int64_t dim, int64_t s);
 
-// The text model's element-wise ops (csrc/cuda/elementwise.cu), argmax, apply_penalties and
-// logprobs (csrc/cuda/sampling.cu) and sample (csrc/cuda/sample.cu);
+// The text model's element-wise ops (csrc/cuda/elementwise.cu), argmax, apply_penalties,
+// apply_token_mask and logprobs (csrc/cuda/sampling.cu) and sample (csrc/cuda/sample.cu);
 // every pointer is a device pointer. embedding cannot throw for an id outside [0, vocab) (the ids
 // are on the device): it writes that token's row as zeros, reading nothing outside the table
 // (callers validate ids beforehand, as the CPU's InvalidInputError contract asks).
@@ -70,6 +70,8 @@ void sample(void* stream, int32_t* out, const float* logits, int64_t rows, int64
 // [0, vocab) is skipped. Entries repeating a token within a row (outside the contract) race.
 void apply_penalties(void* stream, float* logits, int64_t rows, int64_t vocab, const int64_t* offsets,
                      const int32_t* token_ids, const int32_t* output_counts, const PenaltyRow* penalties);
+void apply_token_mask(void* stream, float* logits, int64_t vocab, int64_t count, const int32_t* rows,
+                      const uint32_t* mask);
 // top_n up to kernels::kMaxDeviceLogprobs (NotSupportedError beyond) and at most vocab
 // (InvalidInputError); a chosen id outside [0, vocab) gets a NaN log-probability.
 void logprobs(void* stream, const float* logits, int64_t rows, int64_t vocab, const int32_t* chosen,

@@ -1,4 +1,4 @@
-// argmax, apply_penalties and logprobs on CUDA (contract: corral/kernels/sampling.h; CPU code:
+// argmax, apply_penalties, apply_token_mask and logprobs on CUDA (contract: corral/kernels/sampling.h; CPU code:
 // csrc/cpu/sampling.cpp); sample is in sample.cu. argmax gives the CPU's answer for every row
 // (token_order.cuh's block_argmax).
 #include <cuda_runtime_api.h>
@@ -54,6 +54,19 @@ __global__ void apply_penalties_kernel(float* logits, int64_t rows, int64_t voca
       }
       l[t] = x;
     }
+  }
+}
+
+// ---- apply_token_mask --------------------------------------------------------------------------
+// A block per masked row (grid-stride), its threads over the row's tokens.
+__global__ void apply_token_mask_kernel(float* logits, int64_t vocab, int64_t count, const int32_t* rows,
+                                        const uint32_t* mask) {
+  const int64_t words = (vocab + 31) / 32;
+  for (int64_t i = blockIdx.x; i < count; i += gridDim.x) {
+    float* l = logits + int64_t(rows[i]) * vocab;
+    const uint32_t* m = mask + i * words;
+    for (int64_t t = threadIdx.x; t < vocab; t += blockDim.x)
+      if (!((m[t >> 5] >> (t & 31)) & 1u)) l[t] = -INFINITY;
   }
 }
 
@@ -129,6 +142,15 @@ void apply_penalties(void* stream, float* logits, int64_t rows, int64_t vocab, c
   if (!logits || !offsets || !penalties) throw InvalidInputError("apply_penalties: a pointer is null");
   apply_penalties_kernel<<<blocks_for(rows), 256, 0, static_cast<cudaStream_t>(stream)>>>(
       logits, rows, vocab, offsets, token_ids, output_counts, penalties);
+  CORRAL_CUDA_CHECK_LAUNCH();
+}
+
+void apply_token_mask(void* stream, float* logits, int64_t vocab, int64_t count, const int32_t* rows,
+                      const uint32_t* mask) {
+  if (count <= 0 || vocab <= 0) return;
+  if (!logits || !rows || !mask) throw InvalidInputError("apply_token_mask: a pointer is null");
+  apply_token_mask_kernel<<<blocks_for(count), 256, 0, static_cast<cudaStream_t>(stream)>>>(logits, vocab, count,
+                                                                                          rows, mask);
   CORRAL_CUDA_CHECK_LAUNCH();
 }
 

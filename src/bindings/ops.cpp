@@ -1109,6 +1109,37 @@ void register_ops(py::module_& m) {
       py::arg("presence"), py::arg("frequency"), py::kw_only(), py::arg("device") = "cpu");
 
   m.def(
+      "apply_token_mask",
+      [](F32 logits, const py::array& row_ids, const py::array_t<uint32_t, py::array::c_style>& mask,
+         const std::string& device) {
+        expect(logits.ndim() == 2, "logits must be 2-D, got " + shape_of(logits));
+        const int64_t rows = logits.shape(0), vocab = logits.shape(1), words = (vocab + 31) / 32;
+        const I32 ids = token_ids(row_ids, "rows");
+        const int64_t count = ids.size();
+        expect(mask.ndim() == 2 && mask.shape(0) == count && mask.shape(1) == words,
+               "mask must be (" + std::to_string(count) + ", " + std::to_string(words) + ") uint32, got " +
+                   shape_of(mask));
+        std::vector<bool> seen(size_t(rows), false);
+        for (int64_t i = 0; i < count; ++i) {
+          const int32_t r = ids.data()[i];
+          expect(r >= 0 && r < rows && !seen[size_t(r)], "rows must be distinct rows of logits");
+          seen[size_t(r)] = true;
+        }
+        F32 out({rows, vocab});
+        OnDevice d(device);
+        float* dl = d.put<float>(logits.data(), nbytes(logits));
+        const int32_t* dr = d.put<const int32_t>(ids.data(), nbytes(ids));
+        const uint32_t* dm = d.put<const uint32_t>(mask.data(), nbytes(mask));
+        kernels::apply_token_mask(d.stream(), dl, vocab, count, dr, dm);
+        d.get(out.mutable_data(), dl, nbytes(out));
+        return out;
+      },
+      "apply_token_mask(logits, rows, mask, *, device='cpu') -> logits where row rows[i] keeps the tokens whose "
+      "bit is set in mask[i] (uint32 words, bit t % 32 of word t / 32) and the others are -inf "
+      "(corral/kernels/sampling.h).",
+      py::arg("logits"), py::arg("rows"), py::arg("mask"), py::kw_only(), py::arg("device") = "cpu");
+
+  m.def(
       "logprobs",
       [](F32 logits, const py::array& chosen_ids, int64_t top_n, const std::string& device) {
         expect(logits.ndim() == 2, "logits must be 2-D, got " + shape_of(logits));

@@ -101,10 +101,11 @@ class EngineCore {
   // the host computes (log-probabilities of more than kMaxDeviceLogprobs tokens).
   struct SamplingArrays {
     explicit SamplingArrays(Device d = {})
-        : offsets(d), ids(d), counts(d), next(d), top_ids(d), penalties(d), settings(d), uniform(d), chosen_lp(d),
-          top_lp(d) {}
+        : offsets(d), ids(d), counts(d), next(d), top_ids(d), mask_rows(d), masks(d), penalties(d), settings(d),
+          uniform(d), chosen_lp(d), top_lp(d) {}
     DeviceArray<int64_t> offsets;
-    DeviceArray<int32_t> ids, counts, next, top_ids;
+    DeviceArray<int32_t> ids, counts, next, top_ids, mask_rows;
+    DeviceArray<uint32_t> masks;
     DeviceArray<PenaltyRow> penalties;
     DeviceArray<SamplerRow> settings;
     DeviceArray<float> uniform, chosen_lp, top_lp;

@@ -41,6 +41,12 @@ void sample(const Stream& stream, int32_t* out, const float* logits, int64_t row
 void apply_penalties(const Stream& stream, float* logits, int64_t rows, int64_t vocab, const int64_t* offsets,
                      const int32_t* token_ids, const int32_t* output_counts, const PenaltyRow* penalties);
 
+// Token masks (a grammar's allowed tokens, min_tokens' bans), in place: for i < count, row rows[i]
+// of logits [*, vocab] keeps the tokens whose bit is set in mask[i] (bit t % 32 of word t / 32,
+// ceil(vocab / 32) words per mask) and the others become -inf. The rows are distinct.
+void apply_token_mask(const Stream& stream, float* logits, int64_t vocab, int64_t count, const int32_t* rows,
+                      const uint32_t* mask);
+
 // Log-probabilities of row r of log_softmax(logits): the chosen token's, chosen_logprob[r], and
 // the top_n largest, top_ids[r, :top_n] / top_logprobs[r, :top_n] in descending order (ties:
 // lower id first). Computed in float64, stored as float32. top_n in [0, vocab] (InvalidInputError
