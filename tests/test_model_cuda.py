@@ -2,6 +2,8 @@
 the CPU's own tokens). Every test here needs a usable CUDA device; without one they are skipped
 (conftest), never passed."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -79,6 +81,29 @@ def test_demo_model_greedy_cuda_equals_cpu():
     cpu = [o.outputs[0].token_ids for o in corral.LLM().generate(prompts, params)]
     gpu = [o.outputs[0].token_ids for o in corral.LLM(device="cuda").generate(prompts, params)]
     assert gpu == cpu
+
+
+def test_structured_output_and_min_tokens_cuda_equal_cpu():
+    """A JSON schema's grammar and min_tokens' bans, applied on the device as bitmasks: greedy and
+    seeded tokens equal the CPU's, the texts are valid JSON, and a stop token greedy would draw
+    second waits for min_tokens."""
+    schema = {"type": "object", "required": ["name", "age"],
+              "properties": {"name": {"type": "string", "maxLength": 12},
+                             "age": {"type": "integer", "minimum": 0, "maximum": 150}}}
+    cpu_llm, gpu_llm = corral.LLM(), corral.LLM(device="cuda")
+    second = cpu_llm.generate(["The file object"], corral.SamplingParams(max_tokens=2, ignore_eos=True))
+    stop = second[0].outputs[0].token_ids[1]
+    params = [
+        corral.SamplingParams(max_tokens=48, json_schema=schema),
+        corral.SamplingParams(max_tokens=48, temperature=1.0, seed=3, json_schema=schema),
+        corral.SamplingParams(max_tokens=12, min_tokens=6, stop_token_ids=[stop]),
+    ]
+    prompts = ["A person as JSON:", "Another person:", "The file object"]
+    cpu, gpu = cpu_llm.generate(prompts, params), gpu_llm.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in gpu] == [o.outputs[0].token_ids for o in cpu]
+    for o in gpu[:2]:
+        assert set(json.loads(o.outputs[0].text)) == {"name", "age"}
+    assert len(gpu[2].outputs[0].token_ids) >= 6
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
