@@ -43,9 +43,7 @@ bool same_plan(const Linear& a, const Linear& b) {
   if (a.quantized != b.quantized) return false;
   if (!a.quantized) return a.plain.dtype == b.plain.dtype;
   const QuantPlan &p = a.plan, &q = b.plan;
-  return p.dense == q.dense && (p.dense || (p.dtype == q.dtype && p.group == q.group &&
-                                            p.scale_dtype == q.scale_dtype && p.offsets == q.offsets &&
-                                            p.act_group == q.act_group));
+  return p.dense == q.dense && (p.dense || (p.dtype == q.dtype && p.info() == q.info()));
 }
 
 struct Binder {

@@ -580,9 +580,7 @@ void register_ops(py::module_& m) {
         expect(d0.quantized() && d0.layout == WeightLayout::Packed && d0.in == I && d0.out == H && d0.dtype == g0.dtype,
                "down must be quantized matrices (" + std::to_string(H) + ", " + std::to_string(I) + ") of gate_up's dtype");
         const auto same = [](const MatrixRef& a, const MatrixRef& b) {
-          return a.layout == b.layout && a.dtype == b.dtype && a.in == b.in && a.out == b.out &&
-                 a.quant.group == b.quant.group && a.quant.scale_dtype == b.quant.scale_dtype &&
-                 a.quant.offsets == b.quant.offsets && a.quant.act_group == b.quant.act_group;
+          return a.layout == b.layout && a.dtype == b.dtype && a.in == b.in && a.out == b.out && a.quant == b.quant;
         };
         for (int64_t e = 0; e < E; ++e)
           expect(same(gate_up[e]->w, g0) && same(down[e]->w, d0), "every expert must have one shape and format");

@@ -29,6 +29,10 @@ struct QuantInfo {
   int64_t act_group = 0;
 };
 
+inline bool operator==(const QuantInfo& a, const QuantInfo& b) {
+  return a.group == b.group && a.scale_dtype == b.scale_dtype && a.offsets == b.offsets && a.act_group == b.act_group;
+}
+
 // A weight matrix in memory: `in` x `out` logical size, elements of `dtype`. Stored rows ([out]
 // rows of `in` for OutIn, [in] rows of `out` for InOut) are `ld` elements apart; 0 means dense,
 // and a larger ld views a slice of a wider matrix (e.g. the gate half of a fused gate_up).
