@@ -235,7 +235,7 @@ void HostStaging::upload(void* dst, const void* src, size_t bytes, const Stream&
     size_ = size;
   }
   std::memcpy(host_, src, bytes);
-  cuda::copy_2d_async(dst, bytes, host_, bytes, bytes, 1, stream.handle);
+  copy(dst, host_, bytes, stream);
   cuda::record_event(copied_, stream.handle);
 #else
   (void)dst, (void)src, (void)bytes;
