@@ -56,7 +56,7 @@ void launch_kind(cudaStream_t s, const moe_detail::Groups& g, const QuantOperand
 int64_t fp8_row_bytes(int64_t k) { return moe_detail::round_up(k, 16); }
 
 // fp8_tensor_product's cuBLASLt product of rows x [in -> out] into y, before the operands in
-// scratch are known (null, and scratch is 256-byte aligned: the plan's alignments hold).
+// scratch are known (null: scratch is 256-byte aligned, as the plan assumes).
 Matmul fp8_matmul(int64_t rows, int64_t in, int64_t out, float* y, int64_t ldy, bool accumulate) {
   const int64_t kp = fp8_row_bytes(in);
   return Matmul{DType::F8_E4M3, WeightLayout::OutIn, rows, kp, out, nullptr, kp, nullptr, kp, y, ldy, accumulate};
@@ -68,8 +68,9 @@ bool fp8_tensor_product(cudaStream_t s, float* y, int64_t ldy, const float* x, i
                         const MatrixRef& w, bool accumulate) {
   const bool glu = w.layout == WeightLayout::PackedGlu;
   const int64_t n = glu ? w.out / 2 : w.out, kp = fp8_row_bytes(w.in);
-  // With the SwiGLU epilogue cuBLASLt writes gate and up ([rows, out]) to scratch, then silu_mul.
-  Matmul m = fp8_matmul(rows, w.in, w.out, glu ? nullptr : y, glu ? w.out : ldy, accumulate);
+  // With the SwiGLU epilogue cuBLASLt writes gate and up (w.out columns of y, see product), then
+  // silu_mul makes the first half silu(gate) * up in place.
+  Matmul m = fp8_matmul(rows, w.in, w.out, y, ldy, accumulate);
   const std::shared_ptr<const MatmulPlan> plan = plan_matmul(m);
   if (!plan) return false;
   const PanelShape ps = panel_shape(kF8, w.quant, w.in);
@@ -77,14 +78,12 @@ bool fp8_tensor_product(cudaStream_t s, float* y, int64_t ldy, const float* x, i
   Scratch sc(s);
   const size_t o_w = sc.reserve(size_t(w.out * kp)), o_ws = sc.reserve(size_t(w.out) * sizeof(float)),
                o_x = sc.reserve(size_t(rows * kp)), o_xs = sc.reserve(size_t(rows) * sizeof(float)),
-               o_h = sc.reserve(glu ? size_t(rows * w.out) * sizeof(float) : 0),
                o_work = sc.reserve(workspace_bytes(*plan));
   sc.allocate();
   m.w = sc.at<char>(o_w);
   m.w_scale = sc.at<float>(o_ws);
   m.x = sc.at<char>(o_x);
   m.x_scale = sc.at<float>(o_xs);
-  if (glu) m.y = sc.at<float>(o_h);
   const dim3 unpack_grid{unsigned(moe_detail::ceil_div(kp, 64)), unsigned(panels)};
   const auto unpack = glu ? unpack_fp8_rows<true> : unpack_fp8_rows<false>;
   unpack<<<unpack_grid, 256, 0, s>>>(sc.at<unsigned char>(o_w), kp, sc.at<float>(o_ws), static_cast<const char*>(w.data),
@@ -94,7 +93,7 @@ bool fp8_tensor_product(cudaStream_t s, float* y, int64_t ldy, const float* x, i
                                                          w.in, w.in);
   CORRAL_CUDA_CHECK_LAUNCH();
   run_matmul(*plan, m, sc.at<char>(o_work), s);
-  if (glu) silu_mul(s, y, ldy, m.y, m.y + n, w.out, rows, n);
+  if (glu) silu_mul(s, y, ldy, y, y + n, ldy, rows, n);
   return true;
 }
 
@@ -186,6 +185,9 @@ void launch(cudaStream_t s, const moe_detail::Groups& g, const QuantOperand& rou
 void product(cudaStream_t s, float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, const MatrixRef& w,
              int kind, bool accumulate) {
   const bool glu = w.layout == WeightLayout::PackedGlu;
+  if (glu && ldy < w.out)
+    throw InvalidInputError("quantized product: a PackedGlu product's y needs room for gate and up (" +
+                            std::to_string(w.out) + " columns), got ldy " + std::to_string(ldy));
   if (fp8_on_tensor_cores(kind, w.quant, w.in, rows) && fp8_tensor_product(s, y, ldy, x, ldx, rows, w, accumulate))
     return;
   Scratch sc(s);

@@ -104,7 +104,8 @@ inline bool fp8_on_tensor_cores(int kind, const QuantInfo& q, int64_t k, int64_t
   return kind == kF8 && rows >= kFp8TensorRows && q.group >= k && q.act_group >= k;
 }
 
-// y = x . w (y += with accumulate; PackedGlu: silu(gate) * up, w.out / 2 columns) for a checked
+// y = x . w (y += with accumulate; PackedGlu: silu(gate) * up into the first w.out / 2 columns of
+// y, whose rows have room for w.out, the rest scratch: swiglu_mlp's [rows, 2 * inter]) for a checked
 // packed quantized w: activations prepared, then one launch; or, where fp8_on_tensor_cores and
 // cuBLASLt has an fp8 plan (OUTER_VEC scales: cuBLAS 12.9 on, Hopper or newer), the codes unpacked
 // to plain rows, x rounded to fp8 codes with a scale per row (the same rounding), and cuBLASLt's
